@@ -28,7 +28,7 @@ TRITON_WARPS = 8
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Torch reference
-def _perturb_torch(tensors, streams, terms, dist, rounding_seed):
+def _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay=1.0):
     """``terms`` is a list of ``(seed, scale)``. Works on any device; chunks keep temporaries in cache."""
     for t, stream in zip(tensors, streams):
         flat = t.view(-1)
@@ -36,8 +36,12 @@ def _perturb_torch(tensors, streams, terms, dist, rounding_seed):
         for s in range(0, n, TORCH_CHUNK):
             e = min(n, s + TORCH_CHUNK)
             y = flat[s:e] if t.dtype == torch.float32 else flat[s:e].float()
+            if decay != 1.0:
+                y.mul_(decay)
             for seed, scale in terms:
-                y.add_(rng.noise(dist, seed, stream, s, e - s, device=t.device), alpha=scale)
+                # multiply, then add (two roundings): add_(alpha=) fuses into an FMA only on vectorised spans, which
+                # would make an element's result depend on where the chunk boundary falls.
+                y.add_(rng.noise(dist, seed, stream, s, e - s, device=t.device).mul_(scale))
             if t.dtype == torch.float32:
                 continue
             if rounding_seed is None:
@@ -54,12 +58,12 @@ if _common.triton_available():
     import triton.language as tl
 
     from zokernels.rng import noise_tl, seed_key_tl, uniform_words_tl
-    from zokernels.rounding import stochastic_round_tl
+    from zokernels.rounding import round_nearest_bf16_tl, stochastic_round_tl
 
     @triton.jit(do_not_specialize=["a0", "a1", "a2", "a3", "scale_a", "b0", "b1", "b2", "b3", "scale_b",
-                                   "r0", "r1", "r2", "r3"])
+                                   "r0", "r1", "r2", "r3", "decay"])
     def _perturb_kernel(base_ptr, table_ptr,
-                        a0, a1, a2, a3, scale_a, b0, b1, b2, b3, scale_b, r0, r1, r2, r3,
+                        a0, a1, a2, a3, scale_a, b0, b1, b2, b3, scale_b, r0, r1, r2, r3, decay,
                         BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, TWO: tl.constexpr, ROUND: tl.constexpr,
                         FAST: tl.constexpr, VEC: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
@@ -71,7 +75,7 @@ if _common.triton_available():
         idx = start + tl.arange(0, BLOCK)
         mask = idx < numel
         ptrs = base_ptr + offset + idx
-        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * decay
         k0, k1 = seed_key_tl(a0, a1, a2, a3)
         y = y + scale_a * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
         if TWO:
@@ -80,10 +84,12 @@ if _common.triton_available():
         if ROUND > 0:
             k0, k1 = seed_key_tl(r0, r1, r2, r3)
             y = stochastic_round_tl(y, uniform_words_tl(k0, k1, stream, start, BLOCK, 1), ROUND == 1)
+        elif base_ptr.dtype.element_ty == tl.bfloat16:
+            y = round_nearest_bf16_tl(y)
         tl.store(ptrs, y.to(base_ptr.dtype.element_ty), mask=mask)
 
 
-def _perturb_triton(tensors, streams, terms, dist, rounding_seed, block=TRITON_BLOCK):
+def _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay=1.0, block=TRITON_BLOCK):
     (seed_a, scale_a), *rest = terms
     seed_b, scale_b = rest[0] if rest else (0, 0.0)
     for dtype, (ts, ss) in _common.group_by_dtype(tensors, streams).items():
@@ -91,7 +97,7 @@ def _perturb_triton(tensors, streams, terms, dist, rounding_seed, block=TRITON_B
         rounding = 0 if rounding_seed is None or dtype == torch.float32 else (1 if dtype == torch.bfloat16 else 2)
         _perturb_kernel[(table.shape[0],)](
             ts[0], table, *_common.seed_pieces(seed_a), scale_a, *_common.seed_pieces(seed_b), scale_b,
-            *_common.seed_pieces(rounding_seed or 0),
+            *_common.seed_pieces(rounding_seed or 0), decay,
             BLOCK=block, GAUSSIAN=dist == "gaussian", TWO=bool(rest), ROUND=rounding,
             FAST=_common.fast_math(ts[0].device), VEC=16 // ts[0].element_size() if aligned else 1,
             num_warps=TRITON_WARPS)
@@ -99,12 +105,13 @@ def _perturb_triton(tensors, streams, terms, dist, rounding_seed, block=TRITON_B
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Public ops
-def _run(tensors, terms, dist, streams, rounding_seed, impl, block):
+def _run(tensors, terms, dist, streams, rounding_seed, impl, block, decay):
     tensors = _common.as_tensor_list(tensors)
     _common.check_float_tensors(tensors)
-    terms = [(rng.check_seed(seed, f"seed{tag}"), _common.check_scale(scale, f"scale{tag}"))
-             for seed, scale, tag in terms]
+    terms = [(rng.check_seed(seed, seed_name), _common.check_scale(scale, scale_name))
+             for seed, scale, seed_name, scale_name in terms]
     _common.check_dist(dist)
+    decay = _common.check_scale(decay, "decay")
     streams = _common.check_streams(streams, len(tensors))
     if rounding_seed is not None:
         rng.check_seed(rounding_seed, "rounding_seed")
@@ -114,14 +121,15 @@ def _run(tensors, terms, dist, streams, rounding_seed, impl, block):
         raise ValueError(f"block must be a power of two and a multiple of 128, got {block}")
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            _perturb_triton(tensors, streams, terms, dist, rounding_seed, block or TRITON_BLOCK)
+            _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay, block or TRITON_BLOCK)
         else:
-            _perturb_torch(tensors, streams, terms, dist, rounding_seed)
+            _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay)
 
 
 def perturb_(tensors, seed: int, scale: float, *, dist: str = "gaussian", streams=None,
-             rounding_seed: int | None = None, impl: str = "auto", block: int | None = None) -> None:
-    """In place: ``w += scale * z(seed, stream, index)`` for every element of every tensor.
+             rounding_seed: int | None = None, decay: float = 1.0, impl: str = "auto",
+             block: int | None = None) -> None:
+    """In place: ``w = decay * w + scale * z(seed, stream, index)`` for every element of every tensor.
 
     Args:
         tensors: one tensor or a list; float32, bfloat16 or float16, contiguous, all on one device, any size
@@ -133,20 +141,23 @@ def perturb_(tensors, seed: int, scale: float, *, dist: str = "gaussian", stream
             A tensor's z depends on its stream, not on its position in the list.
         rounding_seed: ``None`` stores bf16/fp16 results rounded to nearest; an integer stores them with seeded,
             exactly unbiased stochastic rounding (:mod:`zokernels.rounding`). float32 tensors ignore it.
+        decay: multiplies the weights first (``1 - lr * weight_decay`` fuses decoupled weight decay into a pass).
         impl: ``"auto"`` (Triton on CUDA, the torch reference elsewhere), ``"triton"`` or ``"torch"``.
         block: Triton elements per program (tests use it to show the result does not depend on it).
 
     Arithmetic is float32; a list is one launch per dtype.
     """
-    _run(tensors, [(seed, scale, "")], dist, streams, rounding_seed, impl, block)
+    _run(tensors, [(seed, scale, "seed", "scale")], dist, streams, rounding_seed, impl, block, decay)
 
 
 def perturb2_(tensors, seed_a: int, a: float, seed_b: int, b: float, *, dist: str = "gaussian", streams=None,
-              rounding_seed: int | None = None, impl: str = "auto", block: int | None = None) -> None:
-    """In place, one pass: ``w += a * z(seed_a) + b * z(seed_b)``. Same arguments as :func:`perturb_`.
+              rounding_seed: int | None = None, decay: float = 1.0, impl: str = "auto",
+              block: int | None = None) -> None:
+    """In place, one pass: ``w = decay * w + a * z(seed_a) + b * z(seed_b)``. Same arguments as :func:`perturb_`.
 
     Used to fuse SPSA's restore (``+eps z``) with the update (``-lr g z``), or the restore-and-update of one step
     with the next step's ``+eps z'``. The result equals two :func:`perturb_` calls up to one rounding of the
     sum in float32 (and one instead of two roundings to bf16/fp16).
     """
-    _run(tensors, [(seed_a, a, "_a"), (seed_b, b, "_b")], dist, streams, rounding_seed, impl, block)
+    _run(tensors, [(seed_a, a, "seed_a", "a"), (seed_b, b, "seed_b", "b")], dist, streams, rounding_seed, impl, block,
+         decay)

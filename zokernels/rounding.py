@@ -66,3 +66,15 @@ if triton is not None:
             out = (q.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
         finite = (y == y) & (tl.abs(y) < float("inf"))
         return tl.where(finite, out, y)
+
+    @triton.jit
+    def round_nearest_bf16_tl(y):
+        """float32 -> nearest bf16 value (ties to even), kept in float32.
+
+        Written out because the Triton interpreter truncates on its float32 -> bfloat16 cast while compiled code
+        rounds to nearest even; with this, both paths store the same bits. Non-finite values pass through.
+        """
+        bits = y.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        finite = (y == y) & (tl.abs(y) < float("inf"))
+        return tl.where(finite, rounded, y)

@@ -193,3 +193,10 @@ def test_auto_uses_the_torch_reference_on_cpu(monkeypatch):
     w = torch.zeros(10)
     perturb_(w, 1, 1.0)
     assert torch.equal(w, rng.gaussian(1, 0, 0, 10))
+
+
+def test_decay_scales_the_weights_first(impl, device):
+    w = _weights(5000, torch.float32, device)
+    expected = reference(w * 0.75, 8, 0.1, "rademacher")
+    perturb_(w, 8, 0.1, dist="rademacher", decay=0.75, impl=impl)
+    assert torch.equal(w.cpu(), expected)
