@@ -1,0 +1,414 @@
+"""Guided perturbations: noise mixed with per-tensor guide directions, generated inside the kernels.
+
+ZOPrO's targeted direction for one tensor is ``z = d*prev + c*(xi - alpha*vhat)`` with ``xi`` the seeded noise,
+``prev`` and ``vhat`` two guides of the tensor's shape, ``alpha = vhat . xi`` and ``c`` fixed by ``|xi - alpha*vhat|``.
+Two ops make that affordable without any parameter-sized temporary:
+
+* :func:`guide_dot` — one reduction pass that regenerates ``xi`` and reads one guide: per tensor
+  ``(sum guide*xi, sum xi*xi)``, in float64, deterministically (block partials are combined in a fixed order, so a
+  replayed run reproduces them bit for bit on the same device).
+* :func:`guided_perturb_` — one in-place pass over the weights:
+  ``w = decay[t]*w + sum_k x_k[t]*xi(seed_k) + sum_g c_g[t]*guide_g`` with per-tensor coefficients ``[t]``.
+
+A guide is a dense tensor of the weight's shape (any float dtype: bf16 halves its traffic) or a :class:`LowRank`
+``U @ V.T`` whose elements the kernel rebuilds on the fly (k multiply-adds per element, k*(m+n) numbers stored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zokernels import _common, rng
+
+TORCH_CHUNK = 1 << 18  # elements per chunk of the torch reference (see perturb.TORCH_CHUNK for the measurement)
+TRITON_BLOCK = 2048
+TRITON_WARPS = 8
+MAX_NOISE = 2
+MAX_GUIDES = 2
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A matrix stored as ``u @ v.T`` (``u``: ``(m, k)``, ``v``: ``(n, k)``); its singular values live in ``u``."""
+
+    u: torch.Tensor
+    v: torch.Tensor
+
+    def __post_init__(self):
+        if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
+            raise ValueError(f"LowRank needs u (m, k) and v (n, k), got {tuple(self.u.shape)} and {tuple(self.v.shape)}")
+        if self.u.dtype != self.v.dtype or self.u.device != self.v.device:
+            raise ValueError("LowRank u and v must share dtype and device")
+        if not (self.u.is_contiguous() and self.v.is_contiguous()):
+            raise ValueError("LowRank u and v must be contiguous")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.u.shape[0], self.v.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def numel(self) -> int:
+        return self.u.shape[0] * self.v.shape[0]
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0 .. r1-1`` of the dense matrix, float32."""
+        return self.u[r0:r1].float() @ self.v.float().T
+
+    def dense(self) -> torch.Tensor:
+        return self.rows(0, self.u.shape[0])
+
+    def sq_norm(self) -> torch.Tensor:
+        """``|u v^T|_F^2 = trace((u^T u)(v^T v))`` without forming the matrix (float64 scalar tensor)."""
+        u, v = self.u.double(), self.v.double()
+        return ((u.T @ u) * (v.T @ v)).sum()
+
+    def scaled(self, factor: float) -> LowRank:
+        return LowRank((self.u.float() * factor).to(self.u.dtype).contiguous(), self.v)
+
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, rank: int, *, seed: int = 0, niter: int = 4,
+                    dtype: torch.dtype | None = None) -> LowRank:
+        """Best rank-``rank`` approximation by randomised SVD (``torch.svd_lowrank``), seeded locally.
+
+        ``svd_lowrank`` draws its sketch from torch's global generator; it runs inside ``fork_rng`` so the caller's
+        generator state is left as it was.
+        """
+        if matrix.dim() != 2:
+            raise ValueError(f"LowRank.from_matrix needs a matrix, got shape {tuple(matrix.shape)}")
+        rank = min(rank, *matrix.shape)
+        m = matrix.detach().float()
+        devices = [m.device] if m.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if rank == min(m.shape):
+                u, s, v = torch.linalg.svd(m, full_matrices=False)
+                v = v.T
+            else:
+                u, s, v = torch.svd_lowrank(m, q=min(rank + 8, min(m.shape)), niter=niter)
+        dtype = dtype or matrix.dtype
+        return cls((u[:, :rank] * s[:rank]).to(dtype).contiguous(), v[:, :rank].to(dtype).contiguous())
+
+
+def _check_guides(guides, tensors, name):
+    """Each guide is None, a tensor of its weight's shape, or a LowRank of its (2-D) weight's shape."""
+    if len(guides) != len(tensors):
+        raise ValueError(f"{name} has {len(guides)} entries for {len(tensors)} tensors")
+    kinds = set()
+    for i, (g, w) in enumerate(zip(guides, tensors)):
+        if g is None:
+            continue
+        if isinstance(g, LowRank):
+            if w.dim() != 2 or tuple(w.shape) != g.shape:
+                raise ValueError(f"{name}[{i}] is LowRank of shape {g.shape} but its tensor has shape {tuple(w.shape)}")
+            kinds.add("lowrank")
+            if g.u.device != w.device:
+                raise ValueError(f"{name}[{i}] is on {g.u.device} but its tensor is on {w.device}")
+        elif isinstance(g, torch.Tensor):
+            if g.shape != w.shape:
+                raise ValueError(f"{name}[{i}] has shape {tuple(g.shape)} but its tensor has {tuple(w.shape)}")
+            if g.dtype not in _common.FLOAT_DTYPES or g.device != w.device or not g.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be a contiguous float tensor on {w.device}")
+            kinds.add("dense")
+        else:
+            raise TypeError(f"{name}[{i}] must be None, a tensor or a LowRank, got {type(g).__name__}")
+    if len(kinds) > 1:
+        raise ValueError(f"{name} mixes dense and LowRank guides; pass one kind per call")
+
+
+def _check_coef(coef, n, name):
+    if not isinstance(coef, torch.Tensor) or coef.dim() != 1 or coef.numel() != n or not coef.is_floating_point():
+        raise ValueError(f"{name} must be a 1-D float tensor with one coefficient per tensor ({n})")
+    return coef
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Torch reference
+def _chunks(w: torch.Tensor, guides):
+    """(start, end) element ranges; for LowRank guides they are whole rows, so the guide chunk is ``rows(r0, r1)``."""
+    n = w.numel()
+    if any(isinstance(g, LowRank) for g in guides) and n:
+        cols = w.shape[1]
+        rows = max(1, TORCH_CHUNK // cols)
+        return [(r * cols, min(n, (r + rows) * cols)) for r in range(0, w.shape[0], rows)]
+    return [(s, min(n, s + TORCH_CHUNK)) for s in range(0, n, TORCH_CHUNK)]
+
+
+def _guide_chunk(g, w, s, e):
+    if isinstance(g, LowRank):
+        cols = w.shape[1]
+        return g.rows(s // cols, e // cols).reshape(-1)
+    return g.reshape(-1)[s:e].float()
+
+
+def _guide_dot_torch(tensors, guides, seed, dist, streams):
+    out = torch.zeros(len(tensors), 2, dtype=torch.float64)
+    for t, (w, g, stream) in enumerate(zip(tensors, guides, streams)):
+        for s, e in _chunks(w, [g]):
+            xi = rng.noise(dist, seed, stream, s, e - s, device=w.device)
+            if g is not None:
+                out[t, 0] += (_guide_chunk(g, w, s, e).double() * xi.double()).sum().cpu()
+            out[t, 1] += (xi.double() ** 2).sum().cpu()
+    return out
+
+
+def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dist):
+    decay = decay.tolist()
+    noise_terms = [(seed, coef.tolist()) for seed, coef in noise_terms]
+    guide_terms = [(guides, coef.tolist()) for guides, coef in guide_terms]
+    for t, (w, stream) in enumerate(zip(tensors, streams)):
+        flat = w.view(-1)
+        for s, e in _chunks(w, [gs[t] for gs, _ in guide_terms]):
+            y = flat[s:e] if w.dtype == torch.float32 else flat[s:e].float()
+            if decay[t] != 1.0:
+                y.mul_(decay[t])
+            for seed, coef in noise_terms:
+                y.add_(rng.noise(dist, seed, stream, s, e - s, device=w.device).mul_(coef[t]))
+            for guides, coef in guide_terms:
+                if guides[t] is not None:
+                    y.add_(_guide_chunk(guides[t], w, s, e) * coef[t])  # a float32 guide chunk is a view: no mul_
+            if w.dtype != torch.float32:
+                flat[s:e] = y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# Table columns (int64), one row per program: weight offset, numel, stream, block index, tensor index, then for each
+# of the two guides: has-guide flag, offset (dense: the guide; LowRank: u), offset of v, rank; then the column count.
+_COLS = 14
+
+if _common.triton_available():
+    import triton
+    import triton.language as tl
+
+    from zokernels.rng import noise_tl, seed_key_tl
+    from zokernels.rounding import round_nearest_bf16_tl
+
+    _COLS_TL = tl.constexpr(_COLS)
+    # LowRank guides rebuild an element from k products, KC ranks at a time: a (BLOCK, KC) tile instead of
+    # (BLOCK, k) keeps the registers of a 2048-element block bounded whatever the rank.
+    _KC = 4
+
+    @triton.jit
+    def _guide_tl(gbase, row, G: tl.constexpr, idx, mask, ncols, LOWRANK: tl.constexpr, KP: tl.constexpr):
+        has = tl.load(row + 5 + 4 * G)
+        off = tl.load(row + 6 + 4 * G)
+        m = mask & ((tl.zeros(idx.shape, tl.int64) + has) != 0)
+        if LOWRANK:
+            v_off = tl.load(row + 7 + 4 * G)
+            k = tl.load(row + 8 + 4 * G)
+            i = idx // ncols
+            j = idx - i * ncols
+            acc = tl.zeros(idx.shape, tl.float32)
+            for c in tl.static_range(0, KP, _KC):
+                kk = c + tl.arange(0, _KC)[None, :]
+                mk = m[:, None] & (kk < k)
+                u = tl.load(gbase + off + i[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
+                v = tl.load(gbase + v_off + j[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
+                acc += tl.sum(u * v, axis=1)
+            return acc
+        else:
+            return tl.load(gbase + off + idx, mask=m, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _block_start(table_ptr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = table_ptr + pid * _COLS_TL
+        start = tl.load(row + 3) * BLOCK
+        idx = start + tl.arange(0, BLOCK)
+        return pid, row, start, idx, idx < tl.load(row + 1)
+
+    @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
+    def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
+                          BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
+                          LOWRANK: tl.constexpr, KP: tl.constexpr):
+        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+        stream = tl.load(row + 2)
+        ncols = tl.load(row + 13)
+        k0, k1 = seed_key_tl(s0, s1, s2, s3)
+        xi = tl.where(mask, noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST), 0.0)
+        g = _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
+        tl.store(partial_ptr + pid * 2, tl.sum(g * xi, axis=0))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(xi * xi, axis=0))
+
+    @triton.jit(do_not_specialize=["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"])
+    def _guided_perturb_kernel(wbase, gbase, table_ptr, coef_ptr, a0, a1, a2, a3, b0, b1, b2, b3,
+                               BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
+                               N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
+                               KP: tl.constexpr, VEC: tl.constexpr):
+        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+        offset = tl.multiple_of(tl.load(row), VEC)
+        stream = tl.load(row + 2)
+        coef = coef_ptr + tl.load(row + 4) * (1 + N_NOISE + N_GUIDES)
+        ncols = tl.load(row + 13)
+        ptrs = wbase + offset + idx
+        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(coef)
+        if N_NOISE >= 1:
+            k0, k1 = seed_key_tl(a0, a1, a2, a3)
+            y = y + tl.load(coef + 1) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+        if N_NOISE >= 2:
+            k0, k1 = seed_key_tl(b0, b1, b2, b3)
+            y = y + tl.load(coef + 2) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+        if N_GUIDES >= 1:
+            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
+        if N_GUIDES >= 2:
+            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, idx, mask, ncols, LOWRANK, KP)
+        if wbase.dtype.element_ty == tl.bfloat16:
+            y = round_nearest_bf16_tl(y)
+        tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
+
+
+def _guide_storage(guide_lists):
+    """(base tensor, offsets function, rank padded to a power of two, lowrank?) for every guide in ``guide_lists``."""
+    flat = [g for gs in guide_lists for g in gs if g is not None]
+    if not flat:
+        return None, False, 1
+    lowrank = isinstance(flat[0], LowRank)
+    parts = [p for g in flat for p in ((g.u, g.v) if lowrank else (g,))]
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) > 1:
+        raise ValueError(f"the Triton path needs all guides of one call in one dtype, got {sorted(map(str, dtypes))}")
+    kp = max(_KC, triton.next_power_of_2(max(g.rank for g in flat))) if lowrank else 1
+    return parts[0], lowrank, kp
+
+
+def _triton_table(tensors, streams, guide_lists, gbase, block):
+    """Rows of ``_COLS`` int64 per block; tensors of one dtype (the caller groups them)."""
+    wbase = tensors[0]
+    rows = []
+    for t, (w, stream) in enumerate(zip(tensors, streams)):
+        w_off = (w.data_ptr() - wbase.data_ptr()) // w.element_size()
+        guide_cols = []
+        for gs in list(guide_lists) + [[None] * len(tensors)] * (MAX_GUIDES - len(guide_lists)):
+            g = gs[t]
+            if g is None:
+                guide_cols += [0, 0, 0, 0]
+            elif isinstance(g, LowRank):
+                size = g.u.element_size()
+                guide_cols += [1, (g.u.data_ptr() - gbase.data_ptr()) // size,
+                               (g.v.data_ptr() - gbase.data_ptr()) // size, g.rank]
+            else:
+                guide_cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
+        ncols = w.shape[-1] if w.dim() >= 1 else 1
+        for b in range((w.numel() + block - 1) // block):
+            rows.append([w_off, w.numel(), stream, b, t, *guide_cols, ncols])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS).to(wbase.device)
+
+
+def _guide_dot_triton(tensors, guides, seed, dist, streams, block=TRITON_BLOCK):
+    keep = [i for i, w in enumerate(tensors) if w.numel()]
+    out = torch.zeros(len(tensors), 2, dtype=torch.float64, device=tensors[0].device)
+    if not keep:
+        return out.cpu()
+    ts, gs, ss = [tensors[i] for i in keep], [guides[i] for i in keep], [streams[i] for i in keep]
+    gbase, lowrank, kp = _guide_storage([gs])
+    table = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
+    partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
+    _guide_dot_kernel[(table.shape[0],)](
+        gbase if gbase is not None else ts[0], table, partial, *_common.seed_pieces(seed),
+        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank, KP=kp,
+        num_warps=TRITON_WARPS)
+    # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
+    # and differences at segment ends avoid atomics, whose order changes from run to run.
+    counts = torch.tensor([(w.numel() + block - 1) // block for w in ts])
+    ends = counts.cumsum(0)
+    prefix = torch.cat([torch.zeros(1, 2, dtype=torch.float64, device=partial.device),
+                        partial.double().cumsum(0)])
+    sums = prefix[ends.to(partial.device)] - prefix[(ends - counts).to(partial.device)]
+    out[torch.tensor(keep, device=out.device)] = sums
+    return out.cpu()
+
+
+def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, dist, block=TRITON_BLOCK):
+    coef_cols = [decay] + [c for _, c in noise_terms] + [c for _, c in guide_terms]
+    seeds = [s for s, _ in noise_terms] + [0] * (MAX_NOISE - len(noise_terms))
+    guide_lists = [g for g, _ in guide_terms]
+    by_dtype: dict = {}
+    for t, w in enumerate(tensors):
+        if w.numel():
+            by_dtype.setdefault(w.dtype, []).append(t)
+    for idx in by_dtype.values():
+        ts = [tensors[i] for i in idx]
+        gl = [[gs[i] for i in idx] for gs in guide_lists]
+        gbase, lowrank, kp = _guide_storage(gl)
+        table = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], block)
+        coef = torch.stack([c.float()[idx] for c in coef_cols], dim=1).contiguous().to(ts[0].device)
+        aligned = all(w.data_ptr() % 16 == 0 for w in ts)
+        _guided_perturb_kernel[(table.shape[0],)](
+            ts[0], gbase if gbase is not None else ts[0], table, coef,
+            *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
+            BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
+            N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank, KP=kp,
+            VEC=16 // ts[0].element_size() if aligned else 1, num_warps=TRITON_WARPS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public ops
+def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=None, impl: str = "auto",
+              block: int | None = None) -> torch.Tensor:
+    """Per tensor ``(sum guide * xi, sum xi * xi)`` with ``xi = noise(dist, seed, stream, index)``.
+
+    Args:
+        tensors: the weights (only their shapes, dtypes and device are used: they are not read or modified).
+        guides: one entry per tensor: None (first column is 0), a dense tensor of the weight's shape, or a
+            :class:`LowRank` of the (2-D) weight's shape.
+    Returns a CPU float64 tensor ``(len(tensors), 2)``; deterministic for a given device and impl.
+    """
+    tensors = _common.as_tensor_list(tensors)
+    _common.check_float_tensors(tensors)
+    guides = list(guides)
+    _check_guides(guides, tensors, "guides")
+    seed = rng.check_seed(seed)
+    _common.check_dist(dist)
+    streams = _common.check_streams(streams, len(tensors))
+    if not tensors:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    with torch.no_grad():
+        if _common.resolve_impl(impl, tensors[0].device) == "triton":
+            return _guide_dot_triton(tensors, guides, seed, dist, streams, block or TRITON_BLOCK)
+        return _guide_dot_torch(tensors, guides, seed, dist, streams)
+
+
+def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "gaussian", streams=None,
+                    impl: str = "auto", block: int | None = None) -> None:
+    """In place: ``w[t] = decay[t]*w[t] + sum_k x_k[t]*xi(seed_k)[t] + sum_g c_g[t]*guide_g[t]``.
+
+    Args:
+        tensors: float32/bf16/fp16 contiguous weights on one device; modified in place (bf16/fp16 rounded to
+            nearest once).
+        noise: up to two ``(seed, x)`` pairs, ``x`` a 1-D float tensor with one coefficient per tensor.
+        guides: up to two ``(guide_list, c)`` pairs; ``guide_list`` has one entry per tensor (None, a dense tensor
+            of the weight's shape, or a :class:`LowRank`); ``c`` one coefficient per tensor.
+        decay: per-tensor multipliers applied to the weights first (default all ones).
+    Nothing is modified if any argument is rejected.
+    """
+    tensors = _common.as_tensor_list(tensors)
+    _common.check_float_tensors(tensors)
+    n = len(tensors)
+    noise, guides = list(noise), list(guides)
+    if len(noise) > MAX_NOISE or len(guides) > MAX_GUIDES:
+        raise ValueError(f"at most {MAX_NOISE} noise terms and {MAX_GUIDES} guide terms per pass")
+    noise = [(rng.check_seed(s, f"noise[{k}] seed"), _check_coef(c, n, f"noise[{k}] coefficients"))
+             for k, (s, c) in enumerate(noise)]
+    for k, (gs, c) in enumerate(guides):
+        _check_guides(list(gs), tensors, f"guides[{k}]")
+        _check_coef(c, n, f"guides[{k}] coefficients")
+    guides = [(list(gs), c) for gs, c in guides]
+    decay = torch.ones(n) if decay is None else _check_coef(decay, n, "decay")
+    for name, c in [("decay", decay)] + [(f"noise[{k}]", c) for k, (_, c) in enumerate(noise)] + \
+            [(f"guides[{k}]", c) for k, (_, c) in enumerate(guides)]:
+        if not torch.isfinite(c).all():
+            raise ValueError(f"{name} coefficients must be finite")
+    _common.check_dist(dist)
+    streams = _common.check_streams(streams, n)
+    if not tensors:
+        return
+    with torch.no_grad():
+        if _common.resolve_impl(impl, tensors[0].device) == "triton":
+            _guided_perturb_triton(tensors, streams, noise, guides, decay, dist, block or TRITON_BLOCK)
+        else:
+            _guided_perturb_torch(tensors, streams, noise, guides, decay, dist)
