@@ -1,0 +1,253 @@
+"""Direction samplers for :class:`zopro.optim.ZOOptimizer`: every direction is generated inside the kernels.
+
+A sampler turns a seed into a direction ``z`` per tensor and applies ``w = decay*w + sum_k coef_k * z(seed_k)`` with
+per-tensor coefficients, in one pass over the weights. ``prepare(seed)`` runs before a seed's first use (Targeted
+needs one reduction pass then); ``advance()`` moves schedules on after each update.
+
+* :class:`Isotropic` — MeZO: ``z = xi`` (Gaussian or Rademacher). No extra pass, no buffer.
+* :class:`Targeted` — ZOPrO: ``z = d*prev + c*(xi - (vhat . xi) vhat)`` per tensor, ``c = sqrt(1-d^2)|prev|/|xi_perp|``,
+  ``prev`` the policy's previous-iteration update and ``vhat`` the unit reward-model update. A step costs the
+  optimiser's weight passes plus one reduction pass per direction that regenerates ``xi`` and reads ``vhat``
+  (no weight traffic); each weight pass also reads both guides.
+* :class:`RankGuided` — Targeted with both guides held as rank-k factors (``LowRank``): k*(m+n) numbers per matrix
+  instead of m*n; at full rank it equals Targeted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from zokernels import perturb2_, perturb_
+from zokernels.guided import LowRank, guide_dot, guided_perturb_
+
+SCHEDULES = ("exp", "linear", "constant")
+
+
+class Isotropic:
+    """MeZO's isotropic direction ``z = xi``; ``dist`` is ``"gaussian"`` or ``"rademacher"``."""
+
+    name = "isotropic"
+
+    def __init__(self, dist: str = "gaussian", impl: str = "auto"):
+        if dist not in ("gaussian", "rademacher"):
+            raise ValueError(f"dist must be 'gaussian' or 'rademacher', got {dist!r}")
+        self.dist, self.impl = dist, impl
+
+    def bind(self, names: list[str], params: list[torch.Tensor]) -> None:
+        """Called once by the optimiser with its parameter names and tensors."""
+
+    def prepare(self, seed: int) -> None:
+        """Nothing to precompute for isotropic noise."""
+
+    def advance(self) -> None:
+        """No schedule."""
+
+    def apply(self, params, streams, terms, decay: torch.Tensor) -> None:
+        """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter.
+
+        Parameters sharing the same (decay, coefficients) go in one launch; with weight decay there are two groups.
+        """
+        groups: dict = {}
+        for i in range(len(params)):
+            key = (float(decay[i]),) + tuple(float(c[i]) for _, c in terms)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            ts, ss = [params[i] for i in idx], [streams[i] for i in idx]
+            if len(terms) == 1:
+                perturb_(ts, terms[0][0], key[1], dist=self.dist, streams=ss, decay=key[0], impl=self.impl)
+            else:
+                perturb2_(ts, terms[0][0], key[1], terms[1][0], key[2], dist=self.dist, streams=ss, decay=key[0],
+                          impl=self.impl)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "dist": self.dist}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_name(self, state)
+
+
+def _check_name(sampler, state):
+    if state.get("name") != sampler.name:
+        raise ValueError(f"state is for sampler {state.get('name')!r}, not {sampler.name!r}")
+
+
+class Targeted(Isotropic):
+    """ZOPrO's targeted direction (see the module docstring), per tensor, from two guides mapped by name.
+
+    Args:
+        prev: ``{name: previous-iteration update of that parameter}`` (new - old weights).
+        reward_delta: ``{name: reward model's update over the previous iteration}``, same names; normalised here.
+        d0: starting mixing weight (paper: 1 - 1e-3).
+        schedule: ``"exp"`` (``d = d0 * exp(-t / tau)``, the paper's with tau = 1), ``"linear"``
+            (``d = d0 - t / total_steps``, floored at 0) or ``"constant"``; ``t`` counts updates.
+        rescale: multiply each tensor's z by ``sqrt(numel) / |prev|`` so its norm matches an isotropic Gaussian's
+            (then eps and lr mean the same as for :class:`Isotropic`); off by default, as in the paper.
+        guide_dtype: storage of the guides (bf16 halves what every weight pass reads).
+    Tensors without a ``prev`` guide, or whose ``prev`` is all zeros, use isotropic noise; a tensor with ``prev``
+    but no ``reward_delta`` skips the projection.
+    """
+
+    name = "targeted"
+
+    def __init__(self, prev: Mapping[str, torch.Tensor], reward_delta: Mapping[str, torch.Tensor] | None = None, *,
+                 d0: float = 1 - 1e-3, schedule: str = "exp", tau: float = 1.0, total_steps: int | None = None,
+                 rescale: bool = False, guide_dtype: torch.dtype | None = None, dist: str = "gaussian",
+                 impl: str = "auto"):
+        super().__init__(dist, impl)
+        if not 0.0 <= d0 <= 1.0:
+            raise ValueError(f"d0 must be in [0, 1], got {d0}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule == "linear" and not total_steps:
+            raise ValueError("schedule='linear' needs total_steps")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.prev_src, self.delta_src = dict(prev), dict(reward_delta or {})
+        self.d0, self.schedule, self.tau, self.total_steps = d0, schedule, tau, total_steps
+        self.rescale, self.guide_dtype = rescale, guide_dtype
+        self.t = 0
+        self._cache: dict = {}
+
+    # ---- guides -------------------------------------------------------------------------------------------------
+    def _make_guide(self, tensor: torch.Tensor, param: torch.Tensor):
+        return tensor.detach().to(device=param.device, dtype=self.guide_dtype or param.dtype).contiguous()
+
+    def _sq_norm(self, guide) -> float:
+        return float(guide.sq_norm()) if isinstance(guide, LowRank) else float(guide.double().pow(2).sum())
+
+    def bind(self, names, params):
+        unknown = sorted((set(self.prev_src) | set(self.delta_src)) - set(names))
+        if unknown:
+            raise ValueError(f"guides name parameters the optimiser does not have: {unknown[:5]}")
+        self.names = list(names)
+        self.prev, self.delta, self.prev_norm, self.delta_sq = [], [], [], []
+        for name, p in zip(names, params):
+            prev, delta = self.prev_src.get(name), self.delta_src.get(name)
+            for what, g in (("prev", prev), ("reward_delta", delta)):
+                if g is not None and tuple(g.shape) != tuple(p.shape):
+                    raise ValueError(f"{what}[{name!r}] has shape {tuple(g.shape)}, parameter has {tuple(p.shape)}")
+            prev = self._make_guide(prev, p) if prev is not None else None
+            pn = math.sqrt(self._sq_norm(prev)) if prev is not None else 0.0
+            if pn == 0.0:  # no usable guide: isotropic for this tensor
+                prev, delta = None, None
+            delta = self._make_guide(delta, p) if delta is not None else None
+            dsq = self._sq_norm(delta) if delta is not None else 0.0
+            if dsq == 0.0:
+                delta = None
+            self.prev.append(prev)
+            self.delta.append(delta)
+            self.prev_norm.append(pn)
+            self.delta_sq.append(dsq)
+        self.numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+        self.guided = [g is not None for g in self.prev]
+        self._params = params
+        self._group_cache = None
+        del self.prev_src, self.delta_src  # the caller's full-size tensors need not stay alive through us
+
+    def guide_numbers(self) -> int:
+        """How many numbers the guides hold (memory accounting for benchmarks and tests)."""
+        def count(g):
+            return 0 if g is None else (g.u.numel() + g.v.numel() if isinstance(g, LowRank) else g.numel())
+        return sum(count(g) for g in self.prev) + sum(count(g) for g in self.delta)
+
+    # ---- schedule -----------------------------------------------------------------------------------------------
+    def mixing(self, t: int | None = None) -> float:
+        t = self.t if t is None else t
+        if self.schedule == "exp":
+            return self.d0 * math.exp(-t / self.tau)
+        if self.schedule == "linear":
+            return max(0.0, self.d0 - t / self.total_steps)
+        return self.d0
+
+    def advance(self) -> None:
+        self.t += 1
+
+    # ---- per-seed coefficients --------------------------------------------------------------------------------
+    def prepare(self, seed: int) -> None:
+        """One reduction pass: per tensor ``delta . xi`` and ``|xi|^2``; caches this seed's coefficients."""
+        dots = torch.zeros(len(self._params), 2, dtype=torch.float64)
+        for idx, _, _ in self._groups():  # one kind of guide per call
+            dots[idx] = guide_dot([self._params[i] for i in idx], [self.delta[i] for i in idx], seed,
+                                  dist=self.dist, streams=idx.tolist(), impl=self.impl)
+        d = self.mixing()
+        dot, xi_sq = dots[:, 0], dots[:, 1]
+        delta_sq = torch.tensor(self.delta_sq, dtype=torch.float64)
+        prev_norm = torch.tensor(self.prev_norm, dtype=torch.float64)
+        beta = torch.where(delta_sq > 0, dot / delta_sq.clamp(min=1e-300), torch.zeros_like(dot))
+        perp_sq = (xi_sq - beta * dot).clamp(min=1e-30)  # |xi - (vhat.xi) vhat|^2 = |xi|^2 - (delta.xi)^2/|delta|^2
+        guided = torch.tensor(self.guided)
+        c = torch.where(guided, math.sqrt(max(0.0, 1 - d * d)) * prev_norm / perp_sq.sqrt(), torch.ones_like(dot))
+        a = torch.where(guided, torch.full_like(dot, d), torch.zeros_like(dot))
+        if self.rescale:
+            r = torch.where(guided, self.numel.sqrt() / prev_norm.clamp(min=1e-300), torch.ones_like(dot))
+            c, a = c * r, a * r
+        # z = a*prev + c*xi - c*beta*delta
+        self._cache = {k: v for k, v in self._cache.items() if k != seed}
+        if len(self._cache) >= 2:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[seed] = (a, c, -c * beta)
+
+    def apply(self, params, streams, terms, decay):
+        prev_c = sum(coef * self._cache[s][0] for s, coef in terms)
+        noise = [(s, coef * self._cache[s][1]) for s, coef in terms]
+        delta_c = sum(coef * self._cache[s][2] for s, coef in terms)
+        groups = self._groups()
+        for idx, has_prev, has_delta in groups:
+            ts, ss = [params[i] for i in idx], [streams[i] for i in idx]
+            guides = []
+            if has_prev:
+                guides.append(([self.prev[i] for i in idx], prev_c[idx].float()))
+            if has_delta:
+                guides.append(([self.delta[i] for i in idx], delta_c[idx].float()))
+            guided_perturb_(ts, noise=[(s, c[idx].float()) for s, c in noise], guides=guides,
+                            decay=decay[idx].float(), dist=self.dist, streams=ss, impl=self.impl)
+
+    def _groups(self):
+        """Launch groups: guides of one kind per call (dense vs LowRank), unguided tensors on their own."""
+        if self._group_cache is None:
+            self._group_cache = self._make_groups()
+        return self._group_cache
+
+    def _make_groups(self):
+        kinds: dict = {}
+        for i, (p, d) in enumerate(zip(self.prev, self.delta)):
+            kind = "none" if p is None else ("lowrank" if isinstance(p, LowRank) else "dense")
+            kinds.setdefault((kind, d is not None), []).append(i)
+        return [(torch.tensor(idx), kind != "none", has_d) for (kind, has_d), idx in kinds.items()]
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "dist": self.dist, "t": self.t, "d0": self.d0, "schedule": self.schedule}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_name(self, state)
+        self.t = int(state["t"])
+
+
+class RankGuided(Targeted):
+    """:class:`Targeted` with guides held as rank-``rank`` factors of each matrix (``torch.svd_lowrank``, seeded).
+
+    Factors are computed once, when the optimiser binds the sampler; a guide then costs ``rank*(m+n)`` numbers
+    instead of ``m*n``. Vectors (biases, norms) keep dense guides: they are small. At full rank this is Targeted
+    up to the SVD's rounding.
+    """
+
+    name = "rank_guided"
+
+    def __init__(self, prev, reward_delta=None, *, rank: int = 8, svd_seed: int = 0, **kwargs):
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        super().__init__(prev, reward_delta, **kwargs)
+        self.rank, self.svd_seed = rank, svd_seed
+
+    def _make_guide(self, tensor, param):
+        if tensor.dim() != 2:
+            return super()._make_guide(tensor, param)
+        lr = LowRank.from_matrix(tensor.to(param.device), self.rank, seed=self.svd_seed,
+                                 dtype=self.guide_dtype or param.dtype)
+        return lr
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "rank": self.rank}
