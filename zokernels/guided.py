@@ -38,7 +38,8 @@ class LowRank:
 
     def __post_init__(self):
         if self.u.dim() != 2 or self.v.dim() != 2 or self.u.shape[1] != self.v.shape[1]:
-            raise ValueError(f"LowRank needs u (m, k) and v (n, k), got {tuple(self.u.shape)} and {tuple(self.v.shape)}")
+            raise ValueError(f"LowRank needs u (m, k) and v (n, k), got {tuple(self.u.shape)} and "
+                             f"{tuple(self.v.shape)}")
         if self.u.dtype != self.v.dtype or self.u.device != self.v.device:
             raise ValueError("LowRank u and v must share dtype and device")
         if not (self.u.is_contiguous() and self.v.is_contiguous()):

@@ -129,7 +129,7 @@ def test_bad_input_is_rejected_before_anything_changes():
             guided_perturb_([w], **kwargs)
         assert not w.any()
     with pytest.raises(ValueError, match="mixes dense and LowRank"):
-        guided_perturb_([w, torch.zeros(4, 6)], guides=[([torch.ones(4, 6), LowRank(torch.ones(4, 1), torch.ones(6, 1))],
-                                                          torch.ones(2))])
+        mixed = [torch.ones(4, 6), LowRank(torch.ones(4, 1), torch.ones(6, 1))]
+        guided_perturb_([w, torch.zeros(4, 6)], guides=[(mixed, torch.ones(2))])
     with pytest.raises(ValueError, match="u .m, k. and v .n, k."):
         LowRank(torch.zeros(4, 2), torch.zeros(6, 3))

@@ -1,0 +1,211 @@
+"""zopro.losses against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zopro.losses import (
+    bradley_terry_loss,
+    kl_penalised_rewards,
+    masked_logprob_sums,
+    ppo_clip_loss_sequence,
+    ppo_clip_loss_token,
+    rloo_advantages,
+)
+
+F64 = torch.float64
+
+
+# --- RLOO -----------------------------------------------------------------------------------------------------------
+
+
+def test_rloo_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 6.0], [0.0, 0.0, 3.0]], dtype=F64)
+    # Row 0: 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5. Row 1: 0 - 1.5, 0 - 1.5, 3 - 0.
+    expected = torch.tensor([[-3.0, -1.5, 4.5], [-1.5, -1.5, 3.0]], dtype=F64)
+    torch.testing.assert_close(rloo_advantages(rewards), expected, rtol=0, atol=0)
+
+
+def test_rloo_advantages_k2_is_difference():
+    rewards = torch.tensor([[0.5, -0.5], [3.0, 1.0]])
+    torch.testing.assert_close(rloo_advantages(rewards), torch.tensor([[1.0, -1.0], [2.0, -2.0]]), rtol=0, atol=0)
+
+
+def test_rloo_advantages_errors():
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.ones(4, 1))
+    with pytest.raises(ValueError, match="rewards"):
+        rloo_advantages(torch.ones(4))
+    with pytest.raises(TypeError, match="rewards"):
+        rloo_advantages([[1.0, 2.0]])
+
+
+# --- KL-penalised reward --------------------------------------------------------------------------------------------
+
+
+def test_kl_penalised_rewards_hand_computed():
+    scores = torch.tensor([[1.0, 2.0]], dtype=F64)
+    policy = torch.tensor([[-3.0, -5.0]], dtype=F64)
+    ref = torch.tensor([[-4.0, -4.0]], dtype=F64)
+    rewards, kl = kl_penalised_rewards(scores, policy, ref, kl_coef=0.5)
+    torch.testing.assert_close(kl, torch.tensor([[1.0, -1.0]], dtype=F64), rtol=0, atol=0)
+    # 1 - 0.5*1 = 0.5; 2 - 0.5*(-1) = 2.5
+    torch.testing.assert_close(rewards, torch.tensor([[0.5, 2.5]], dtype=F64), rtol=0, atol=0)
+
+
+def test_kl_penalised_rewards_errors():
+    x = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="ref_logprob_sums"):
+        kl_penalised_rewards(x, x, torch.zeros(2, 3), 0.1)
+    with pytest.raises(ValueError, match="kl_coef"):
+        kl_penalised_rewards(x, x, x, -0.1)
+    with pytest.raises(TypeError, match="kl_coef"):
+        kl_penalised_rewards(x, x, x, "0.1")
+
+
+# --- PPO clip, sequence level ---------------------------------------------------------------------------------------
+
+# (ratio, advantage, per-item loss with clip 0.2), each worked out by hand:
+PPO_CASES = [
+    (1.5, 1.0, -1.2),  # A > 0, ratio above 1.2: clipped, max(-1.5, -1.2) = -1.2
+    (0.5, -1.0, 0.8),  # A < 0, ratio below 0.8: clipped, max(0.5, 0.8) = 0.8
+    (0.5, 1.0, -0.5),  # A > 0, ratio below 0.8: unclipped wins, max(-0.5, -0.8) = -0.5
+    (1.5, -1.0, 1.5),  # A < 0, ratio above 1.2: unclipped wins, max(1.5, 1.2) = 1.5
+    (1.1, -3.0, 3.3),  # inside the band: both equal, 3.3
+    (1.0, 2.0, -2.0),  # ratio 1: -A
+]
+
+
+def test_ppo_clip_loss_sequence_hand_computed():
+    ratio = torch.tensor([c[0] for c in PPO_CASES], dtype=F64)
+    adv = torch.tensor([c[1] for c in PPO_CASES], dtype=F64)
+    old = torch.tensor([-2.0, -7.0, -1.0, -3.0, -4.0, -5.0], dtype=F64)
+    new = (old + ratio.log()).requires_grad_(True)
+    loss = ppo_clip_loss_sequence(new, old, adv, clip=0.2)
+    expected = sum(c[2] for c in PPO_CASES) / len(PPO_CASES)
+    assert loss.dim() == 0
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # Gradient: zero on the clipped branch, -A * ratio / N elsewhere.
+    loss.backward()
+    expected_grad = [0.0, 0.0, -0.5 / 6, 1.5 / 6, 3.3 / 6, -2.0 / 6]
+    torch.testing.assert_close(new.grad, torch.tensor(expected_grad, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_ppo_clip_loss_sequence_clip_width():
+    # ratio 1.5 and A = 1 with clip 0.1: clipped at 1.1 -> -1.1.
+    new, old, adv = torch.tensor([math.log(1.5)], dtype=F64), torch.zeros(1, dtype=F64), torch.ones(1, dtype=F64)
+    assert ppo_clip_loss_sequence(new, old, adv, clip=0.1).item() == pytest.approx(-1.1, abs=1e-12)
+
+
+def test_ppo_clip_loss_sequence_errors():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_clip_loss_sequence(x, x, torch.zeros(4))
+    with pytest.raises(ValueError, match="clip"):
+        ppo_clip_loss_sequence(x, x, x, clip=1.5)
+
+
+# --- PPO clip, token level ------------------------------------------------------------------------------------------
+
+
+def test_ppo_clip_loss_token_hand_computed():
+    nan = float("nan")
+    old = torch.zeros(2, 3, dtype=F64)
+    new = torch.tensor([[math.log(1.5), 0.0, nan], [math.log(0.5), nan, -math.inf]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0], dtype=F64)
+    # Valid tokens: (ratio 1.5, A 1) -> -1.2; (ratio 1, A 1) -> -1; (ratio 0.5, A -1) -> 0.8. Mean over 3 tokens.
+    loss = ppo_clip_loss_token(new, old, adv, mask, clip=0.2)
+    assert loss.item() == pytest.approx((-1.2 - 1.0 + 0.8) / 3, abs=1e-12)
+    # An integer 0/1 mask gives the same.
+    assert ppo_clip_loss_token(new, old, adv, mask.long()).item() == pytest.approx(loss.item(), abs=0)
+
+
+def test_ppo_clip_loss_token_matches_sequence_for_one_token():
+    g = torch.Generator().manual_seed(0)
+    new, old, adv = torch.randn(5, 1, generator=g), torch.randn(5, 1, generator=g), torch.randn(5, generator=g)
+    seq = ppo_clip_loss_sequence(new[:, 0], old[:, 0], adv)
+    tok = ppo_clip_loss_token(new, old, adv, torch.ones(5, 1, dtype=torch.bool))
+    torch.testing.assert_close(tok, seq)
+
+
+def test_ppo_clip_loss_token_empty_mask_is_zero():
+    x = torch.randn(2, 3)
+    assert ppo_clip_loss_token(x, x, torch.ones(2), torch.zeros(2, 3)).item() == 0.0
+
+
+def test_ppo_clip_loss_token_errors():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_clip_loss_token(x, x, torch.zeros(3), x)
+    with pytest.raises(ValueError, match="mask"):
+        ppo_clip_loss_token(x, x, torch.zeros(2), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="new_logp"):
+        ppo_clip_loss_token(torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.zeros(6))
+
+
+# --- Bradley-Terry --------------------------------------------------------------------------------------------------
+
+
+def test_bradley_terry_loss_hand_computed():
+    chosen = torch.tensor([2.0, 0.0], dtype=F64)
+    rejected = torch.tensor([0.0, 0.0], dtype=F64)
+    # -log sigmoid(2) = log(1 + e^-2); -log sigmoid(0) = log 2.
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2
+    assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, abs=1e-12)
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), -F.logsigmoid(chosen - rejected).mean())
+
+
+def test_bradley_terry_loss_large_margins_are_finite():
+    assert bradley_terry_loss(torch.tensor([100.0]), torch.tensor([-100.0])).item() == pytest.approx(0.0, abs=1e-30)
+    assert bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([100.0])).item() == pytest.approx(200.0)
+
+
+def test_bradley_terry_loss_errors():
+    with pytest.raises(ValueError, match="rejected_scores"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(3))
+
+
+# --- Masked log-prob sums -------------------------------------------------------------------------------------------
+
+
+def test_masked_logprob_sums_hand_computed():
+    # Position 0: probs (1/4, 1/2, 1/4), token 1 -> log 1/2. Position 1: probs (1/4, 1/4, 1/2), token 0 -> log 1/4.
+    # Position 2 is masked, its token id is -100 (ignored).
+    logits = torch.log(torch.tensor([[[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [5.0, 1.0, 1.0]]]))
+    tokens = torch.tensor([[1, 0, -100]])
+    mask = torch.tensor([[True, True, False]])
+    sums, token_logps = masked_logprob_sums(logits, tokens, mask)
+    torch.testing.assert_close(token_logps, torch.tensor([[math.log(0.5), math.log(0.25), 0.0]]))
+    torch.testing.assert_close(sums, torch.tensor([math.log(0.125)]))
+    assert sums.dtype == torch.float32 and token_logps.dtype == torch.float32
+
+
+def test_masked_logprob_sums_matches_loop_and_upcasts_bf16():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g).to(torch.bfloat16)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    sums, token_logps = masked_logprob_sums(logits, tokens, mask)
+    assert token_logps.dtype == torch.float32
+    for b in range(3):
+        total = 0.0
+        for t in range(5):
+            row = logits[b, t].double()
+            lp = (row[tokens[b, t]] - torch.logsumexp(row, 0)).item() if mask[b, t] else 0.0
+            assert token_logps[b, t].item() == pytest.approx(lp, abs=1e-5)
+            total += lp
+        assert sums[b].item() == pytest.approx(total, abs=1e-5)
+
+
+def test_masked_logprob_sums_errors():
+    with pytest.raises(ValueError, match="logits"):
+        masked_logprob_sums(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="tokens"):
+        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3))
+    with pytest.raises(TypeError, match="tokens"):
+        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="mask"):
+        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))

@@ -1,0 +1,1 @@
+"""zopro: zeroth-order preference optimisation (ZOPrO) of LLMs."""

@@ -1,0 +1,216 @@
+"""Losses and reward shaping for ZOPrO (RLOO + PPO-clip) and reward-model training.
+
+Pure torch functions: no module state, no randomness, no device syncs. Each docstring gives the formula and the
+shapes. Shape checks raise ``ValueError`` naming the bad argument before anything is computed; value checks that
+would need a device sync (for example "the mask is not all zero") are not made, and the docstring says what
+happens instead.
+
+Notation: ``P`` prompts, ``k`` completions per prompt, ``B`` sequences, ``T`` response tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "bradley_terry_loss",
+    "kl_penalised_rewards",
+    "masked_logprob_sums",
+    "ppo_clip_loss_sequence",
+    "ppo_clip_loss_token",
+    "rloo_advantages",
+]
+
+
+def _check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_same_shape(ref_name: str, ref: Tensor, **others: Tensor) -> None:
+    for name, value in others.items():
+        _check_tensor(name, value)
+        if value.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(ref.shape)} like {ref_name}")
+
+
+def _check_clip(clip: float) -> None:
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)):
+        raise TypeError(f"clip must be a float, got {type(clip).__name__}")
+    if not 0.0 < clip < 1.0:
+        raise ValueError(f"clip must be in (0, 1), got {clip}")
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out advantages.
+
+    ``A[p, i] = r[p, i] - (1 / (k - 1)) * sum_{j != i} r[p, j]``,
+    which equals ``k / (k - 1) * (r[p, i] - mean_j r[p, j])``.
+
+    Args:
+        rewards: ``[P, k]`` rewards, one row per prompt, ``k >= 2`` completions per prompt.
+
+    Returns:
+        ``[P, k]`` advantages, same dtype and device as ``rewards``. Each row sums to zero.
+    """
+    _check_tensor("rewards", rewards)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be 2-D [num_prompts, k], got shape {tuple(rewards.shape)}")
+    k = rewards.shape[1]
+    if k < 2:
+        raise ValueError(f"rewards must have k >= 2 completions per prompt (dim 1), got k={k}")
+    others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return rewards - others_mean
+
+
+def kl_penalised_rewards(
+    scores: Tensor, policy_logprob_sums: Tensor, ref_logprob_sums: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """Reward-model scores minus a sequence-level KL penalty to the reference policy.
+
+    ``kl = policy_logprob_sums - ref_logprob_sums`` (the sum over response tokens of
+    ``log pi(y_t | ...) - log pi_ref(y_t | ...)``, a single-sample KL estimate), and
+    ``rewards = scores - kl_coef * kl``.
+
+    Args:
+        scores: ``[P, k]`` (or any shape) reward-model scores.
+        policy_logprob_sums: same shape as ``scores``, summed response log-probs under the policy.
+        ref_logprob_sums: same shape as ``scores``, summed response log-probs under the reference.
+        kl_coef: non-negative penalty weight (0.05 in the paper's code).
+
+    Returns:
+        ``(rewards, kl)``, both with the shape of ``scores``.
+    """
+    _check_tensor("scores", scores)
+    _check_same_shape("scores", scores, policy_logprob_sums=policy_logprob_sums, ref_logprob_sums=ref_logprob_sums)
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
+        raise TypeError(f"kl_coef must be a float, got {type(kl_coef).__name__}")
+    if not kl_coef >= 0.0:  # also rejects NaN
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    kl = policy_logprob_sums - ref_logprob_sums
+    return scores - kl_coef * kl, kl
+
+
+def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
+    """Elementwise ``max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(log_ratio)``."""
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    return torch.maximum(unclipped, clipped)
+
+
+def ppo_clip_loss_sequence(new_logp_sum: Tensor, old_logp_sum: Tensor, advantages: Tensor, clip: float = 0.2) -> Tensor:
+    """Sequence-level PPO clipped surrogate, as in the ZOPrO code (log-probs summed over the response).
+
+    ``ratio = exp(new - old)``;
+    ``loss = mean(max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip)))``.
+
+    Args:
+        new_logp_sum: ``[B]`` (or any shape) summed response log-probs under the current parameters.
+        old_logp_sum: same shape, under the parameters that generated the samples (no gradient expected).
+        advantages: same shape, e.g. ``rloo_advantages(...)`` flattened.
+        clip: clip range, in (0, 1).
+
+    Returns:
+        Scalar (0-D) loss.
+    """
+    _check_tensor("new_logp_sum", new_logp_sum)
+    _check_same_shape("new_logp_sum", new_logp_sum, old_logp_sum=old_logp_sum, advantages=advantages)
+    _check_clip(clip)
+    return _clipped_surrogate(new_logp_sum - old_logp_sum, advantages, clip).mean()
+
+
+def ppo_clip_loss_token(
+    new_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
+) -> Tensor:
+    """Token-level PPO clipped surrogate with the sequence advantage broadcast over tokens.
+
+    ``ratio[b, t] = exp(new[b, t] - old[b, t])``;
+    ``l[b, t] = max(-A[b] * ratio[b, t], -A[b] * clamp(ratio[b, t], 1 - clip, 1 + clip))``;
+    ``loss = sum_{b,t} mask[b, t] * l[b, t] / sum_{b,t} mask[b, t]`` (mean over all valid tokens of the batch).
+
+    Masked positions are excluded with ``torch.where``, so NaN or inf there (e.g. ``-inf`` log-probs of padding)
+    does not leak into the loss. If the mask has no valid token the denominator is clamped to 1 and the loss is 0
+    (checking for it would need a device sync).
+
+    Args:
+        new_logp: ``[B, T]`` per-token log-probs under the current parameters.
+        old_logp: ``[B, T]`` per-token log-probs under the sampling parameters.
+        advantages: ``[B]`` one advantage per sequence.
+        mask: ``[B, T]`` bool or 0/1 tensor, true for response tokens.
+        clip: clip range, in (0, 1).
+
+    Returns:
+        Scalar (0-D) loss.
+    """
+    _check_tensor("new_logp", new_logp)
+    if new_logp.dim() != 2:
+        raise ValueError(f"new_logp must be 2-D [B, T], got shape {tuple(new_logp.shape)}")
+    _check_same_shape("new_logp", new_logp, old_logp=old_logp, mask=mask)
+    _check_tensor("advantages", advantages)
+    if advantages.shape != new_logp.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
+    _check_clip(clip)
+    valid = mask.bool()
+    per_token = _clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip)
+    per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return per_token.sum() / valid.sum().clamp(min=1)
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
+    """Bradley-Terry pairwise loss for reward-model training.
+
+    ``loss = mean(-log sigmoid(chosen - rejected))``, computed as ``mean(softplus(rejected - chosen))``
+    (the same value, stable for large margins).
+
+    Args:
+        chosen_scores: ``[N]`` (or any shape) scores of the preferred completions.
+        rejected_scores: same shape, scores of the rejected completions.
+
+    Returns:
+        Scalar (0-D) loss.
+    """
+    _check_tensor("chosen_scores", chosen_scores)
+    _check_same_shape("chosen_scores", chosen_scores, rejected_scores=rejected_scores)
+    return F.softplus(rejected_scores - chosen_scores).mean()
+
+
+def masked_logprob_sums(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token and summed log-probs of ``tokens`` under ``logits``, restricted to ``mask``.
+
+    The logits must already be aligned with the tokens: ``logits[:, t]`` is the distribution that predicts
+    ``tokens[:, t]`` (for a causal LM, pass ``model_logits[:, :-1]`` and ``input_ids[:, 1:]``).
+
+    ``token_logps[b, t] = log_softmax(float32(logits[b, t]))[tokens[b, t]]`` where ``mask[b, t]``, else 0;
+    ``sums[b] = sum_t token_logps[b, t]``.
+
+    Masked token ids may be anything (e.g. -100 or a pad id): they are replaced by 0 before the gather.
+    The log-softmax runs in float32 whatever the logits' dtype, because bf16 log-probs summed over 50+ tokens
+    lose about two significant digits.
+
+    Args:
+        logits: ``[B, T, V]`` logits, any float dtype.
+        tokens: ``[B, T]`` integer token ids.
+        mask: ``[B, T]`` bool or 0/1 tensor, true for tokens to score.
+
+    Returns:
+        ``(sums, token_logps)``: ``[B]`` and ``[B, T]``, float32.
+    """
+    _check_tensor("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be 3-D [B, T, V], got shape {tuple(logits.shape)}")
+    _check_tensor("tokens", tokens)
+    if tokens.shape != logits.shape[:2]:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:2])} [B, T]")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
+    _check_same_shape("tokens", tokens, mask=mask)
+    valid = mask.bool()
+    safe_tokens = torch.where(valid, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device)).long()
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    token_logps = logps.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1)
+    token_logps = torch.where(valid, token_logps, torch.zeros((), dtype=token_logps.dtype, device=token_logps.device))
+    return token_logps.sum(dim=1), token_logps
