@@ -29,26 +29,61 @@ TRITON_WARPS = 8
 # ---------------------------------------------------------------------------------------------------------------------
 # Torch reference
 def _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay=1.0):
-    """``terms`` is a list of ``(seed, scale)``. Works on any device; chunks keep temporaries in cache."""
+    """``terms`` is a list of ``(seed, scale)``. Works on any device; chunks keep temporaries in cache.
+
+    Tensors smaller than a chunk are batched: one Philox evaluation serves up to a chunk's worth of them
+    (``rng.noise_batch``), which a LoRA model's hundreds of small tensors need on the CPU.
+    """
+    batch, batch_numel = [], 0
     for t, stream in zip(tensors, streams):
-        flat = t.view(-1)
-        n = flat.numel()
-        for s in range(0, n, TORCH_CHUNK):
-            e = min(n, s + TORCH_CHUNK)
-            y = flat[s:e] if t.dtype == torch.float32 else flat[s:e].float()
-            if decay != 1.0:
-                y.mul_(decay)
-            for seed, scale in terms:
-                # multiply, then add (two roundings): add_(alpha=) fuses into an FMA only on vectorised spans, which
-                # would make an element's result depend on where the chunk boundary falls.
-                y.add_(rng.noise(dist, seed, stream, s, e - s, device=t.device).mul_(scale))
-            if t.dtype == torch.float32:
-                continue
-            if rounding_seed is None:
-                flat[s:e] = y
-            else:
-                words = rng.uniform_words(rounding_seed, stream, s, e - s, device=t.device)
-                flat[s:e] = stochastic_round(y, t.dtype, words)
+        if t.numel() >= TORCH_CHUNK // 4:
+            _perturb_torch_large(t, stream, terms, dist, rounding_seed, decay)
+            continue
+        batch.append((t, stream))
+        batch_numel += t.numel()
+        if batch_numel >= TORCH_CHUNK:
+            _perturb_torch_batch(batch, terms, dist, rounding_seed, decay)
+            batch, batch_numel = [], 0
+    if batch:
+        _perturb_torch_batch(batch, terms, dist, rounding_seed, decay)
+
+
+def _store(flat, s, e, y, dtype, rounding_seed, stream):
+    """Write the float32 result ``y`` of elements ``s:e`` back into ``flat`` (float32 results are already there)."""
+    if dtype == torch.float32:
+        return
+    if rounding_seed is None:
+        flat[s:e] = y
+    else:
+        flat[s:e] = stochastic_round(y, dtype, rng.uniform_words(rounding_seed, stream, s, e - s, device=y.device))
+
+
+def _perturb_torch_large(t, stream, terms, dist, rounding_seed, decay):
+    flat = t.view(-1)
+    n = flat.numel()
+    for s in range(0, n, TORCH_CHUNK):
+        e = min(n, s + TORCH_CHUNK)
+        y = flat[s:e] if t.dtype == torch.float32 else flat[s:e].float()
+        if decay != 1.0:
+            y.mul_(decay)
+        for seed, scale in terms:
+            # multiply, then add (two roundings): add_(alpha=) fuses into an FMA only on vectorised spans, which
+            # would make an element's result depend on where the chunk boundary falls.
+            y.add_(rng.noise(dist, seed, stream, s, e - s, device=t.device).mul_(scale))
+        _store(flat, s, e, y, t.dtype, rounding_seed, stream)
+
+
+def _perturb_torch_batch(batch, terms, dist, rounding_seed, decay):
+    tensors = [t for t, _ in batch]
+    streams, numels = [s for _, s in batch], [t.numel() for t in tensors]
+    ys = [t.view(-1) if t.dtype == torch.float32 else t.view(-1).float() for t in tensors]
+    if decay != 1.0:
+        torch._foreach_mul_(ys, decay)
+    for seed, scale in terms:
+        z = rng.noise_batch(dist, seed, streams, numels, device=tensors[0].device).mul_(scale)
+        torch._foreach_add_(ys, list(z.split(numels)))  # plain adds: the same rounding as the large-tensor path
+    for t, y, stream in zip(tensors, ys, streams):
+        _store(t.view(-1), 0, t.numel(), y, t.dtype, rounding_seed, stream)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

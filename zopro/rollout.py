@@ -1,0 +1,141 @@
+"""One RLOO rollout: tokenize prompts, sample k completions each, score them, shape rewards, compute advantages.
+
+Everything runs under ``torch.inference_mode``; the returned tensors are cloned out of it, so callers may use them
+in autograd or modify them in place. Rows ``i*k .. i*k+k-1`` belong to prompt ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zopro.losses import kl_penalised_rewards, rloo_advantages
+from zopro.models import PolicyRewardModel
+
+
+@dataclass
+class Rollout:
+    """A batch of ``N = P * k`` sampled sequences and everything RLOO needs about them.
+
+    The log-prob sums are over response tokens, at ``logprob_temperature`` (1.0 by default: the model's own
+    distribution, as :meth:`PolicyRewardModel.policy_logprobs` computes them later for the PPO ratio).
+    """
+
+    prompts: list[str]  # [P] the prompt texts as given
+    completions: list[str]  # [N] decoded completions (special tokens removed), for judges
+    prompt_index: torch.Tensor  # [N] long, which prompt each row came from
+    sequences: torch.Tensor  # [N, T] long, left-padded prompt + completion
+    attention_mask: torch.Tensor  # [N, T] long
+    response_mask: torch.Tensor  # [N, T] long, 1 on generated tokens up to and including the first EOS
+    prompt_length: int  # sequences[:, :prompt_length] is the padded prompt
+    policy_logps: torch.Tensor  # [N] fp32, summed response log-probs under the policy that sampled
+    ref_logps: torch.Tensor  # [N] fp32, same under the reference policy
+    scores: torch.Tensor  # [N] fp32, reward-model scores
+    kl: torch.Tensor  # [N] fp32, policy_logps - ref_logps
+    rewards: torch.Tensor  # [N] fp32, scores - kl_coef * kl
+    advantages: torch.Tensor  # [N] fp32, RLOO: reward minus the mean reward of the other k-1 samples of its prompt
+    k: int
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+
+def _rloo(rewards: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out advantages of ``rewards [P, k]`` (kept as a named helper; the formula lives in losses)."""
+    return rloo_advantages(rewards)
+
+
+def _prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
+    """The text to tokenize and whether the tokenizer should add its special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), False
+    return prompt, True
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_len: int, pad_token_id: int):
+    """Left-padded ``(input_ids [P, L], attention_mask [P, L])``; prompts longer than ``max_prompt_len`` keep their
+    last tokens (the end of a chat prompt holds the assistant header the completion must follow)."""
+    rows = []
+    for prompt in prompts:
+        text, special = _prompt_text(tokenizer, prompt)
+        rows.append(tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, length - len(row) :] = 1
+    return ids, mask
+
+
+def _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len) -> None:
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a non-empty list of str")
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an int >= 2 (RLOO needs other samples of the same prompt), got {k!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(max_prompt_len, int) or max_prompt_len < 1:
+        raise ValueError(f"max_prompt_len must be a positive int, got {max_prompt_len!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
+
+
+def collect_rollout(
+    bundle: PolicyRewardModel,
+    tokenizer,
+    prompts: list[str],
+    k: int,
+    max_new_tokens: int,
+    temperature: float,
+    kl_coef: float,
+    seed: int,
+    max_prompt_len: int,
+    *,
+    logprob_temperature: float = 1.0,
+) -> Rollout:
+    """Sample ``k`` completions per prompt from the policy and compute RLOO advantages of the KL-penalised rewards.
+
+    Prompts go through the tokenizer's chat template (one user turn + generation prompt) when it has one, else they
+    are tokenized as raw text with the tokenizer's special tokens. ``seed`` seeds sampling only (the global RNG is
+    left unchanged). ``rewards = scores - kl_coef * (policy_logps - ref_logps)``.
+    """
+    _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len)
+    with torch.inference_mode():
+        ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_len, bundle.pad_token_id)
+        gen = bundle.generate(ids, mask, k, max_new_tokens, temperature, seed)
+        completions = [
+            tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(gen.sequences.cpu(), gen.response_mask.cpu(), strict=True)
+        ]
+        args = (gen.sequences, gen.attention_mask, gen.response_mask)
+        policy_logps, _ = bundle.policy_logprobs(*args, temperature=logprob_temperature)
+        ref_logps, _ = bundle.reference_logprobs(*args, temperature=logprob_temperature)
+        row_prompts = [p for p in prompts for _ in range(k)]
+        scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=row_prompts, completions=completions)
+        scores = scores.to(policy_logps.device)
+        rewards, kl = kl_penalised_rewards(scores, policy_logps, ref_logps, float(kl_coef))
+        advantages = _rloo(rewards.view(len(prompts), k)).reshape(-1)
+    # Clone outside inference mode: inference tensors cannot be modified in place or saved for backward later.
+    return Rollout(
+        prompts=list(prompts),
+        completions=completions,
+        prompt_index=torch.arange(len(prompts), device=gen.sequences.device).repeat_interleave(k),
+        sequences=gen.sequences.clone(),
+        attention_mask=gen.attention_mask.clone(),
+        response_mask=gen.response_mask.clone(),
+        prompt_length=gen.prompt_length,
+        policy_logps=policy_logps.clone(),
+        ref_logps=ref_logps.clone(),
+        scores=scores.clone(),
+        kl=kl.clone(),
+        rewards=rewards.clone(),
+        advantages=advantages.clone(),
+        k=k,
+    )
