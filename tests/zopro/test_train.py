@@ -1,0 +1,111 @@
+"""The training program end to end on the tiny smoke preset: outputs, kill-and-resume, configuration errors."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zopro.config import TrainConfig, from_args, preset
+from zopro.train import main, run
+
+VOLATILE = {"step_time", "peak_rollout", "peak_update"}
+
+
+def _smoke(tmp_path, name="run", **overrides):
+    return dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / name), threads=1, **overrides)
+
+
+def _records(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_run_writes_everything_a_user_reads(tmp_path):
+    cfg = _smoke(tmp_path)
+    summary = run(cfg, progress=False)
+    out = tmp_path / "run"
+    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(cfg)
+    records = _records(out)
+    assert len(records) == cfg.iterations * cfg.steps_per_iteration
+    assert [r["mode"] for r in records] == ["first-order"] * 2 + ["zo-targeted"] * 2
+    for r in records:
+        assert set(r) >= {"reward", "kl", "loss", "grad", "lr", "eps", "iteration", "global_step", "skipped"}
+        assert all(v is None or isinstance(v, str) or torch.isfinite(torch.tensor(float(v))) for v in r.values())
+    assert records[-1]["eps"] == cfg.zo_eps and records[0]["eps"] is None
+    policy = load_file(str(out / "policy_adapter.safetensors"))
+    assert policy and all(t.dtype == torch.float32 for t in policy.values())
+    assert "score.weight" in load_file(str(out / "reward_adapter.safetensors"))
+    log = torch.load(out / "zo_log_iter1.pt")
+    assert log["step_count"] == cfg.steps_per_iteration and len(log["log"]["losses"]) == 2 * cfg.steps_per_iteration
+    assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1 | zo-targeted | 2 |" in (out / "summary.md").read_text()
+    assert summary["steps"] == 4 and summary["evaluation"]["before"] is not None
+    assert summary["evaluation"]["after"] is not None
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    whole = _smoke(tmp_path, "whole", seed=3)
+    run(whole, progress=False)
+    parts = _smoke(tmp_path, "parts", seed=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(parts, progress=False, stop_after_steps=1)
+    with pytest.raises(KeyboardInterrupt):  # crosses the iteration boundary (reward refinement, guides)
+        run(parts, resume=True, progress=False, stop_after_steps=2)
+    # a step that wrote its metrics line but died before its checkpoint is redone, not duplicated
+    with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": 9, "orphan": True}) + "\n")
+    run(parts, resume=True, progress=False)
+    for name in ("policy_adapter", "reward_adapter"):
+        a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "parts" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _records(tmp_path / "whole") == _records(tmp_path / "parts")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "smoke", "--k", "1"], "--k: RLOO needs at least 2"),
+    (["--preset", "smoke", "--dataset", "missing.jsonl"], "--dataset: file not found"),
+    (["--preset", "smoke", "--reward-model", "some/classifier"], "--sampler: targeted sampling needs"),
+    (["--preset", "smoke", "--sampler", "random"], "--sampler: 'random' is not one of"),
+    (["--preset", "smoke", "--minibatches", "3"], "--minibatches: must divide"),
+])
+def test_bad_configurations_fail_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    assert main(argv + ["--output-dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_config_file_then_flags(tmp_path):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("preset: smoke\nk: 3\nzo_lr: 0.01\n")
+    cfg, resume = from_args(["--config", str(cfg_file), "--k", "4", "--first-order-iteration0", "false"])
+    assert (cfg.preset, cfg.k, cfg.zo_lr, cfg.first_order_iteration0, resume) == ("smoke", 4, 0.01, False, False)
+    assert cfg.model == "tiny"  # from the preset
+    cfg_file.write_text("kk: 3\n")
+    with pytest.raises(ValueError, match="unknown settings in .*: kk"):
+        from_args(["--config", str(cfg_file)])
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    with pytest.raises(ValueError, match="holds no run to resume"):
+        run(_smoke(tmp_path, "empty"), resume=True, progress=False)
+    cfg = _smoke(tmp_path, "once", iterations=1, steps_per_iteration=1)
+    run(cfg, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(cfg, progress=False)
+
+
+def test_first_order_free_run_uses_isotropic_zo_first(tmp_path):
+    cfg = _smoke(tmp_path, first_order_iteration0=False, sampler="rank_guided", rank=1)
+    run(cfg, progress=False)
+    modes = [r["mode"] for r in _records(tmp_path / "run")]
+    assert modes == ["zo-isotropic"] * 2 + ["zo-rank_guided"] * 2
+
+
+def test_default_config_is_valid_and_documented():
+    cfg = TrainConfig()
+    assert cfg.model == "smollm2" and cfg.judge == "heuristic" and cfg.iterations >= 2

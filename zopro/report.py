@@ -1,0 +1,79 @@
+"""What a run tells its user: a metrics JSONL line per step, a summary table, and a reward-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON line per step to ``metrics.jsonl``; flushes and fsyncs each line (a kill loses at most one).
+
+    ``truncate(n_bytes)`` drops lines written after the checkpoint a resumed run restarts from.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.touch()
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def truncate(self, n_bytes: int) -> None:
+        with open(self.path, "r+b") as f:
+            f.truncate(n_bytes)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summary_table(records: list[dict], evaluation: dict) -> str:
+    """A markdown table per iteration (mode, steps, mean reward, KL, loss, step time, peak memory) and the eval."""
+    rows = ["| iteration | mode | steps | reward (RM score) | KL | loss | step time (s) "
+            "| peak rollout / update (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    for it in sorted({r["iteration"] for r in records}):
+        rs = [r for r in records if r["iteration"] == it]
+
+        def mean(key, rs=rs):
+            return sum(r[key] for r in rs) / len(rs)
+
+        peaks = (max(r["peak_rollout"] for r in rs) / 2**20, max(r["peak_update"] for r in rs) / 2**20)
+        rows.append(f"| {it} | {rs[0]['mode']} | {len(rs)} | {mean('reward'):.4f} | {mean('kl'):.4f} | "
+                    f"{mean('loss'):.4f} | {mean('step_time'):.2f} | {peaks[0]:.0f} / {peaks[1]:.0f} |")
+    lines = ["\n".join(rows)]
+    if evaluation.get("before") is not None and evaluation.get("after") is not None:
+        lines.append(f"\nHeld-out judge score ({evaluation['metric']}, {evaluation['n']} prompts): "
+                     f"before {evaluation['before']:.4f} -> after {evaluation['after']:.4f} "
+                     f"({evaluation['after'] - evaluation['before']:+.4f})")
+    return "\n".join(lines)
+
+
+def plot_rewards(records: list[dict], path: Path, title: str = "ZOPrO reward") -> None:
+    """Reward-model score and KL-penalised reward per step, coloured by iteration; written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for it in sorted({r["iteration"] for r in records}):
+        rs = [r for r in records if r["iteration"] == it]
+        x = [r["global_step"] for r in rs]
+        label = f"iter {it} ({rs[0]['mode']})"
+        ax1.plot(x, [r["reward"] for r in rs], marker=".", label=label)
+        ax2.plot(x, [r["kl"] for r in rs], marker=".", label=label)
+    ax1.set(xlabel="step", ylabel="reward-model score", title=title)
+    ax2.set(xlabel="step", ylabel="KL to reference (sum over tokens)", title="KL")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,508 @@
+"""``python -m zopro.train``: preference-tune a causal LM with ZOPrO at inference-level memory.
+
+Reads straight through: setup (config, data, models, judge, checkpoint), helpers (pairs and reward training,
+evaluation, one step of each kind), then the loop over iterations:
+
+* before iteration 0: the reward adapter is trained on preference pairs (the dataset's, or judge-labelled samples
+  of the base policy when the dataset has none);
+* iteration 0: first-order RLOO (backprop through the policy adapter, AdamW), or isotropic ZO when
+  ``--first-order-iteration0 false``;
+* iterations >= 1: ZO-RLOO with targeted (or rank-guided) sampling from the previous iteration's policy update and
+  reward-model update;
+* after each iteration: judge-labelled pairs from the iteration's prompts refine the reward adapter (Bradley–Terry),
+  merged with the previous one (``--reward-merge-alpha``).
+
+Every step writes a metrics line and an atomic checkpoint, so ``--resume`` after a kill loses at most that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zopro import checkpoint, memory
+from zopro.config import TrainConfig, from_args
+from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
+from zopro.optim import ZOOptimizer, derive_seed
+from zopro.report import MetricsLog, plot_rewards, summary_table
+from zopro.rollout import _prompt_text, collect_rollout, tokenize_prompts
+from zopro.samplers import Isotropic, RankGuided, Targeted
+
+# Seed domains, so that rollouts, pair sampling, evaluation and ZO directions never share a seed.
+ROLLOUT, PAIRS, EVAL, ZO, REWARD, BATCH = range(6)
+
+
+def _seed(cfg: TrainConfig, domain: int, *parts: int) -> int:
+    seed = derive_seed(cfg.seed, domain)
+    for i, p in enumerate(parts):
+        seed = derive_seed(seed, p, i + 1)
+    return seed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Setup
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def load_prompts(cfg: TrainConfig):
+    """(train records, eval records) for the configured dataset."""
+    from zopro import data
+
+    if cfg.dataset == "default":
+        records = data.load_default_prompts()
+    elif cfg.dataset == "hh-rlhf":
+        records = data.load_hh_rlhf("train", cfg.dataset_path or None)
+    elif cfg.dataset == "tldr":
+        records = data.load_tldr("train", cfg.dataset_path or None)
+    elif cfg.dataset == "wmt20":
+        records = data.load_wmt20("train", cfg.dataset_path or None)
+    else:
+        records = data.load_local(cfg.dataset)
+    if len(records) <= cfg.n_eval_prompts:
+        raise ValueError(f"--dataset has {len(records)} records, not more than --n-eval-prompts {cfg.n_eval_prompts}")
+    train, held_out = data.split_prompts(records, cfg.n_eval_prompts, cfg.seed)
+    if cfg.max_prompts:
+        train = train[:cfg.max_prompts]
+    return train, held_out
+
+
+def load_models(cfg: TrainConfig, device: torch.device):
+    """(PolicyRewardModel bundle, tokenizer); the base is held once and shared by policy, reference and reward."""
+    from zopro import models
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model == "tiny":
+        tokenizer = models.build_tiny_tokenizer()
+        base = models.build_tiny_model(len(tokenizer), seed=cfg.seed).to(device)
+    else:
+        quant = None
+        if cfg.quantize != "none":
+            from transformers import BitsAndBytesConfig
+
+            quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+                     if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+        if cfg.model == "smollm2":
+            gguf = models.find_smollm2_gguf()
+            base, tokenizer = models.load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                               quantization_config=quant, device=device)
+        else:
+            base, tokenizer = models.load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype,
+                                               quantization_config=quant, device=device)
+    reward = models.AnyRewardModel.from_pretrained(cfg.reward_model, device=device) if cfg.reward_model else None
+    bundle = models.PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
+                                      seed=cfg.seed)
+    return bundle, tokenizer
+
+
+def load_judge(cfg: TrainConfig, device: torch.device):
+    from zopro import judges
+
+    if cfg.judge == "heuristic":
+        return judges.HeuristicJudge()
+    kind, _, name = cfg.judge.partition(":")
+    if kind == "llm":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name).to(device)
+        return judges.LLMJudge(model, AutoTokenizer.from_pretrained(name))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device)
+    return judges.RewardModelJudge(model, AutoTokenizer.from_pretrained(name), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preference pairs and the reward adapter
+def encode_completions(tokenizer, prompts, completions, max_prompt_len, pad_id, eos_id):
+    """Left-padded ``(input_ids, attention_mask)`` of prompt (chat-formatted as in rollouts) + completion + EOS."""
+    rows = []
+    for prompt, completion in zip(prompts, completions):
+        text, special = _prompt_text(tokenizer, prompt)
+        ids = tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:]
+        rows.append(ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos_id])
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+def judged_pairs(bundle, tokenizer, judge, prompts, cfg, seed):
+    """Two policy samples per prompt, ordered by the judge: ``(chosen ids, mask, rejected ids, mask)``."""
+    with torch.inference_mode():
+        ids, mask = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len, bundle.pad_token_id)
+        gen = bundle.generate(ids, mask, 2, cfg.max_new_tokens, cfg.temperature, seed)
+    texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+             for r, m in zip(gen.sequences.cpu(), gen.response_mask.cpu())]
+    p_first = judge.prefer(prompts, texts[0::2], texts[1::2])
+    first = (p_first >= 0.5).to(gen.sequences.device)
+    rows = torch.arange(len(prompts), device=gen.sequences.device) * 2
+    chosen, rejected = rows + (~first).long(), rows + first.long()
+    s, a = gen.sequences.clone(), gen.attention_mask.clone()
+    return s[chosen], a[chosen], s[rejected], a[rejected]
+
+
+def dataset_pairs(bundle, tokenizer, records, cfg):
+    """Pairs straight from a preference dataset (records with chosen and rejected)."""
+    records = [r for r in records if r.chosen is not None and r.rejected is not None][:cfg.reward_pairs * 8]
+    prompts = [r.prompt for r in records]
+    eos = bundle.eos_token_ids[0]
+    c_ids, c_mask = encode_completions(tokenizer, prompts, [r.chosen for r in records], cfg.max_prompt_len,
+                                       bundle.pad_token_id, eos)
+    r_ids, r_mask = encode_completions(tokenizer, prompts, [r.rejected for r in records], cfg.max_prompt_len,
+                                       bundle.pad_token_id, eos)
+    d = bundle.device
+    return c_ids.to(d), c_mask.to(d), r_ids.to(d), r_mask.to(d)
+
+
+def train_reward(bundle, pairs, cfg, steps, seed) -> float:
+    """Bradley–Terry training of the reward adapter and score head (AdamW, first order); returns the last loss."""
+    params = list(bundle.reward_parameters().values()) + list(bundle.score_head_parameters().values())
+    opt = torch.optim.AdamW(params, lr=cfg.reward_lr, weight_decay=0.0)
+    c_ids, c_mask, r_ids, r_mask = pairs
+    order = random.Random(seed)
+    loss = float("nan")
+    for _ in range(steps):
+        idx = torch.tensor(order.sample(range(len(c_ids)), min(cfg.reward_batch, len(c_ids))))
+        chosen = bundle.reward_scores(c_ids[idx], c_mask[idx], grad=True)
+        rejected = bundle.reward_scores(r_ids[idx], r_mask[idx], grad=True)
+        loss_t = bradley_terry_loss(chosen, rejected)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        loss = loss_t.item()  # a log line needs it
+    return loss
+
+
+def reward_state(bundle) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in {**bundle.reward_parameters(), **bundle.score_head_parameters()}.items()}
+
+
+def merge_reward_(bundle, previous: dict[str, torch.Tensor], alpha: float) -> None:
+    """``new = alpha * new + (1 - alpha) * previous`` over the reward adapter and head (paper: alpha 0.5)."""
+    with torch.no_grad():
+        for n, p in {**bundle.reward_parameters(), **bundle.score_head_parameters()}.items():
+            p.mul_(alpha).add_(previous[n].to(p.device), alpha=1 - alpha)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
+    """Judge score of one sampled completion per held-out prompt (fixed seed), or, for pairwise-only judges, the
+    win rate against ``reference_texts``. Returns (metric name, value, texts)."""
+    if not prompts:
+        return "none", float("nan"), []
+    with torch.inference_mode():
+        ids, mask = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len, bundle.pad_token_id)
+        gen = bundle.generate(ids, mask, 1, cfg.max_new_tokens, cfg.temperature, _seed(cfg, EVAL))
+    texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+             for r, m in zip(gen.sequences.cpu(), gen.response_mask.cpu())]
+    if hasattr(judge, "score"):
+        return "mean judge score", float(judge.score(prompts, texts).float().mean()), texts
+    if reference_texts is None:
+        return "win rate vs before", 0.5, texts
+    return "win rate vs before", float(judge.prefer(prompts, texts, reference_texts).float().mean()), texts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One step of each kind
+def surrogate(bundle, rollout, rows, cfg, old_tok=None, grad=False):
+    """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights."""
+    args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
+    sums, tok = bundle.policy_logprobs(*args, grad=grad)
+    if cfg.loss == "sequence":
+        return ppo_clip_loss_sequence(sums, rollout.policy_logps[rows], rollout.advantages[rows], cfg.clip)
+    mask = rollout.response_mask[rows]
+    return ppo_clip_loss_token(tok, old_tok[rows], rollout.advantages[rows], mask, cfg.clip)
+
+
+def first_order_step(bundle, rollout, optimizer, cfg, old_tok):
+    rows = torch.arange(len(rollout.sequences), device=rollout.sequences.device)
+    loss = surrogate(bundle, rollout, rows, cfg, old_tok, grad=True)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item(), norm.item()  # log line values
+
+
+def zo_step(bundle, rollout, optimizer, cfg, old_tok):
+    """``--minibatches`` ZO steps over the rollout, back to back (two weight passes each)."""
+    n = len(rollout.sequences)
+    chunks = torch.arange(n, device=rollout.sequences.device).chunk(cfg.minibatches)
+    closures = [lambda rows=rows: surrogate(bundle, rollout, rows, cfg, old_tok) for rows in chunks]
+    results = optimizer.step_many(closures)
+    return (sum(r.loss for r in results) / len(results), sum(r.grad for r in results) / len(results),
+            sum(r.skipped for r in results))
+
+
+def make_zo_optimizer(bundle, cfg, iteration, guides):
+    params = bundle.policy_parameters()
+    if iteration == 0 or cfg.sampler == "isotropic" or guides is None:
+        sampler = Isotropic(cfg.noise)
+    else:
+        kind = RankGuided if cfg.sampler == "rank_guided" else Targeted
+        extra = {"rank": cfg.rank, "svd_seed": cfg.seed} if kind is RankGuided else {}
+        sampler = kind(guides["prev"], guides["delta"], d0=cfg.d0, schedule=cfg.d_schedule, tau=cfg.d_tau,
+                       total_steps=cfg.steps_per_iteration * cfg.minibatches, rescale=cfg.rescale_direction,
+                       dist=cfg.noise, **extra)
+    return ZOOptimizer(params, lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=sampler,
+                       seed=_seed(cfg, ZO, iteration))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+class Run:
+    """State of one run: what the checkpoint holds, plus the live models and optimisers."""
+
+    def __init__(self, cfg: TrainConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.device = _device(cfg)
+        self.train_records, self.eval_records = load_prompts(cfg)
+        self.bundle, self.tokenizer = load_models(cfg, self.device)
+        self.judge = load_judge(cfg, self.device)
+        self.metrics = MetricsLog(out / "metrics.jsonl")
+        self.meta = {"phase": "reward_init", "iteration": 0, "step": 0, "global_step": 0, "evaluation": {},
+                     "metrics_bytes": 0, "reward_losses": [], "skipped": 0}
+        self.iter_start: dict | None = None  # policy + reward weights at the start of the iteration
+        self.guides: dict | None = None
+        self.fo_opt = None
+        self.zo_opt = None
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save(self):
+        self.meta["metrics_bytes"] = self.metrics.size()
+        tensors = {"trainable": self.bundle.trainable_state()}
+        if self.iter_start is not None:
+            tensors["iter_start"] = self.iter_start
+        if self.guides is not None:
+            tensors["guides_prev"], tensors["guides_delta"] = self.guides["prev"], self.guides["delta"]
+        objects = {}
+        if self.fo_opt is not None:
+            objects["fo_optimizer"] = self.fo_opt.state_dict()
+        if self.zo_opt is not None:
+            objects["zo_optimizer"] = self.zo_opt.state_dict()
+        name = f"{self.meta['global_step']:06d}-{self.meta['phase']}"
+        checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta)
+
+    def restore(self) -> bool:
+        loaded = checkpoint.load(self.out)
+        if loaded is None:
+            return False
+        self.meta, tensors, objects = loaded
+        self.bundle.load_trainable_state_(tensors["trainable"])
+        self.iter_start = tensors.get("iter_start")
+        if "guides_prev" in tensors:
+            self.guides = {"prev": tensors["guides_prev"], "delta": tensors["guides_delta"]}
+        it = self.meta["iteration"]
+        if "fo_optimizer" in objects:
+            self.fo_opt = self._fo_optimizer()
+            self.fo_opt.load_state_dict(objects["fo_optimizer"])
+        if "zo_optimizer" in objects:
+            self.zo_opt = make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
+            self.zo_opt.load_state_dict(objects["zo_optimizer"])
+        self.metrics.truncate(self.meta["metrics_bytes"])
+        return True
+
+    def _fo_optimizer(self):
+        return torch.optim.AdamW(list(self.bundle.policy_parameters().values()), lr=self.cfg.fo_lr, weight_decay=0.0)
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+    def reward_init(self):
+        cfg = self.cfg
+        has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
+        if has_pairs:
+            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, cfg)
+        else:
+            prompts = random.Random(_seed(cfg, PAIRS, 0)).sample([r.prompt for r in self.train_records],
+                                                                 min(cfg.reward_pairs, len(self.train_records)))
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, cfg, _seed(cfg, PAIRS, 1))
+        loss = train_reward(self.bundle, pairs, cfg, cfg.reward_init_steps, _seed(cfg, REWARD, 0))
+        self.meta["reward_losses"].append(loss)
+        metric, before, _ = evaluate(self.bundle, self.tokenizer, self.judge,
+                                     [r.prompt for r in self.eval_records], cfg)
+        self.meta["evaluation"] = {"metric": metric, "before": before, "n": len(self.eval_records)}
+        self.begin_iteration(0)
+
+    def begin_iteration(self, it: int):
+        self.meta.update(phase="train", iteration=it, step=0)
+        self.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in self.bundle.policy_parameters().items()},
+                           **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
+                              if self.bundle.shares_parameter_space else {})}
+        first_order = it == 0 and self.cfg.first_order_iteration0
+        self.fo_opt = self._fo_optimizer() if first_order else None
+        self.zo_opt = None if first_order else make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
+        self.save()
+
+    def step_prompts(self, it: int, step: int) -> list[str]:
+        prompts = [r.prompt for r in self.train_records]
+        return random.Random(_seed(self.cfg, BATCH, it, step)).sample(prompts, min(self.cfg.prompts_per_step,
+                                                                                    len(prompts)))
+
+    def train_step(self):
+        cfg, it, step = self.cfg, self.meta["iteration"], self.meta["step"]
+        t0 = time.perf_counter()
+        memory.reset_peak(self.device)
+        rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), cfg.k, cfg.max_new_tokens,
+                                  cfg.temperature, cfg.kl_coef, _seed(cfg, ROLLOUT, it, step), cfg.max_prompt_len)
+        old_tok = None
+        if cfg.loss == "token":
+            with torch.inference_mode():
+                _, old_tok = self.bundle.policy_logprobs(rollout.sequences, rollout.attention_mask,
+                                                         rollout.response_mask)
+            old_tok = old_tok.clone()
+        peak_rollout = memory.peak_bytes(self.device)
+        memory.reset_peak(self.device)
+        if self.fo_opt is not None:
+            mode, lr, eps = "first-order", cfg.fo_lr, None
+            loss, grad = first_order_step(self.bundle, rollout, self.fo_opt, cfg, old_tok)
+            skipped = 0
+        else:
+            mode = "zo-" + self.zo_opt.sampler.name
+            lr, eps = self.zo_opt.current_lr(), self.zo_opt.eps
+            loss, grad, skipped = zo_step(self.bundle, rollout, self.zo_opt, cfg, old_tok)
+        peak_update = memory.peak_bytes(self.device)
+        record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": mode,
+                  "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
+                  "kl": float(rollout.kl.mean()), "loss": loss, "grad": grad, "lr": lr, "eps": eps,
+                  "skipped": skipped, "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout,
+                  "peak_update": peak_update}
+        self.metrics.write(record)
+        self.meta["skipped"] += skipped
+        self.meta["step"] += 1
+        self.meta["global_step"] += 1
+        return record
+
+    def end_iteration(self):
+        """Refine the reward adapter on judged pairs of this iteration's prompts; compute the next guides."""
+        cfg, it = self.cfg, self.meta["iteration"]
+        policy_now = {n: p.detach().clone() for n, p in self.bundle.policy_parameters().items()}
+        prev = {n: policy_now[n] - self.iter_start[f"policy.{n}"] for n in policy_now}
+        delta = {n: torch.zeros_like(p) for n, p in prev.items()}
+        if self.bundle.shares_parameter_space:
+            seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
+            prompts = random.Random(_seed(cfg, PAIRS, it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
+            previous = reward_state(self.bundle)
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, cfg, _seed(cfg, PAIRS, it, 3))
+            self.meta["reward_losses"].append(train_reward(self.bundle, pairs, cfg, cfg.reward_steps,
+                                                           _seed(cfg, REWARD, it + 1)))
+            if cfg.reward_merge_alpha < 1:
+                merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
+            now = self.bundle.reward_parameters()
+            delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
+        self.guides = {"prev": prev, "delta": delta}
+        if self.zo_opt is not None:  # the iteration's optimiser log: replays its ZO updates bit for bit
+            tmp = self.out / f"zo_log_iter{it}.tmp.pt"
+            torch.save(self.zo_opt.state_dict(), tmp)
+            tmp.replace(self.out / f"zo_log_iter{it}.pt")
+        if it + 1 < cfg.iterations:
+            self.begin_iteration(it + 1)
+        else:
+            self.meta.update(phase="evaluate")
+            self.fo_opt = self.zo_opt = None
+            self.save()
+
+    def finish(self):
+        cfg = self.cfg
+        ev = self.meta["evaluation"]
+        metric, after, texts = evaluate(self.bundle, self.tokenizer, self.judge,
+                                        [r.prompt for r in self.eval_records], cfg)
+        ev["after"] = after
+        self.meta["phase"] = "done"
+        self.save()
+        save_adapters(self.bundle, self.out)
+        return texts
+
+
+def save_adapters(bundle, out: Path):
+    from safetensors.torch import save_file
+
+    for name, params in (("policy_adapter", bundle.policy_parameters()),
+                         ("reward_adapter", {**bundle.reward_parameters(), **bundle.score_head_parameters()}
+                          if bundle.shares_parameter_space else {})):
+        if params:
+            tmp = out / f"{name}.tmp.safetensors"
+            save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp))
+            tmp.replace(out / f"{name}.safetensors")
+
+
+def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
+    """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        cfg = TrainConfig(**{**saved, "output_dir": cfg.output_dir})
+    elif (out / "LATEST").exists():
+        raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick another dir")
+    checkpoint.atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=1))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    state = Run(cfg, out)
+    if not (resume and state.restore()):
+        state.reward_init()
+    total = cfg.iterations * cfg.steps_per_iteration
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=state.meta["global_step"], desc="ZOPrO", disable=not progress, file=sys.stderr)
+    done_now = 0
+    while state.meta["phase"] == "train":
+        while state.meta["step"] < cfg.steps_per_iteration:
+            if stop_after_steps is not None and done_now >= stop_after_steps:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {done_now} steps (simulated kill)")
+            record = state.train_step()
+            done_now += 1
+            if state.meta["step"] % cfg.checkpoint_every == 0 or state.meta["step"] == cfg.steps_per_iteration:
+                state.save()
+            bar.update(1)
+            bar.set_postfix(iter=record["iteration"], mode=record["mode"], reward=f"{record['reward']:.3f}",
+                            kl=f"{record['kl']:.3f}")
+        state.end_iteration()
+        plot_rewards(state.metrics.read(), out / "reward_curve.png")
+    bar.close()
+    if state.meta["phase"] == "evaluate":
+        state.finish()
+    records = state.metrics.read()
+    plot_rewards(records, out / "reward_curve.png")
+    table = summary_table(records, state.meta["evaluation"])
+    checkpoint.atomic_write_text(out / "summary.md", table + "\n")
+    summary = {"evaluation": state.meta["evaluation"], "steps": len(records), "skipped": state.meta["skipped"],
+               "reward_losses": state.meta["reward_losses"], "output_dir": str(out)}
+    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    if progress:
+        print(table)
+        print(f"run directory: {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = from_args(argv)
+        run(cfg, resume)
+    except ValueError as err:  # configuration errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
