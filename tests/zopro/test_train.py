@@ -109,3 +109,20 @@ def test_first_order_free_run_uses_isotropic_zo_first(tmp_path):
 def test_default_config_is_valid_and_documented():
     cfg = TrainConfig()
     assert cfg.model == "smollm2" and cfg.judge == "heuristic" and cfg.iterations >= 2
+
+
+@pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
+    from zopro.models import build_tiny_model, build_tiny_tokenizer
+    from zopro.train import load_models
+
+    tok = build_tiny_tokenizer()
+    build_tiny_model(len(tok), seed=0, hidden=64, layers=2, heads=4).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    cfg = _smoke(tmp_path, model=str(tmp_path / "tiny"), quantize=quantize)
+    bundle, _ = load_models(cfg, torch.device("cpu"))
+    kinds = {type(m).__name__ for m in bundle.base.modules()}
+    assert layer in kinds  # the frozen base really is bitsandbytes-quantised, shared by policy and reward
+    assert all(p.dtype == torch.float32 for p in bundle.policy_parameters().values())
+    run(cfg, progress=False)
+    assert [r["mode"] for r in _records(tmp_path / "run")][-1] == "zo-targeted"
