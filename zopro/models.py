@@ -32,6 +32,7 @@ from torch import nn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
+VALUE = "value"  # optional critic adapter for first-order PPO baselines (see add_value_adapter)
 # Targets of "all-linear" for Llama-style models; used when a peft version rejects "all-linear".
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -392,7 +393,7 @@ class PolicyRewardModel:
 
     @property
     def adapter_names(self) -> list[str]:
-        return [n for n in (POLICY, REWARD, REFERENCE) if n in self.model.peft_config]
+        return [n for n in (POLICY, REWARD, REFERENCE, VALUE) if n in self.model.peft_config]
 
     @property
     def shares_parameter_space(self) -> bool:
@@ -552,6 +553,44 @@ class PolicyRewardModel:
             last = _last_token_index(attention_mask).to(hidden.device)
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
             return self.score_head(h.to(self.trainable_dtype)).squeeze(-1).float()
+
+    # -- optional value adapter (PPO baselines) ---------------------------------------------------------------------
+
+    def add_value_adapter(self, seed: int = 0) -> dict[str, nn.Parameter]:
+        """Add a trainable "value" LoRA adapter on the shared base, with the policy adapter's LoRA config, and return
+        its tensors by canonical name (see :meth:`value_parameters`).
+
+        For a PPO critic that does not share LoRA weights with the policy while the base is still held once. The
+        value head lives with the caller (``zopro.ppo.ValueModel``). Nothing else changes: checkpoints
+        (:meth:`trainable_state`) still hold policy, reward and score head only. ``seed`` seeds the LoRA
+        initialisation (the global RNG is not touched). Raises ``ValueError`` if the adapter exists already.
+        """
+        if VALUE in self.model.peft_config:
+            raise ValueError(f"the bundle already has a {VALUE!r} adapter")
+        config = copy.deepcopy(self.model.peft_config[POLICY])
+        config.inference_mode = False
+        with torch.random.fork_rng(devices=_rng_devices(self.base)):
+            torch.manual_seed(seed)
+            self.model.add_adapter(VALUE, config)
+        self._params[VALUE] = self._collect(VALUE)
+        for p in self._params[VALUE].values():
+            p.data = p.data.to(self.trainable_dtype)
+        self._activate(self._active)  # peft's add_adapter may flip requires_grad; restore our rule
+        self.model.eval()
+        return self.value_parameters()
+
+    def value_parameters(self) -> dict[str, nn.Parameter]:
+        """Value LoRA tensors by canonical name (same keys and shapes as :meth:`policy_parameters`)."""
+        if VALUE not in self._params:
+            raise RuntimeError("the bundle has no value adapter: call add_value_adapter() first")
+        return dict(self._params[VALUE])
+
+    def value_hidden_states(self, input_ids, attention_mask, *, grad=False) -> torch.Tensor:
+        """Last hidden states ``[B, T, H]`` of the base under the value adapter (positions as in generate)."""
+        _check_batch(input_ids, attention_mask)
+        self.value_parameters()  # raises if there is no value adapter
+        with _grad_context(grad), self._using(VALUE):
+            return self._hidden(input_ids, attention_mask)
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
