@@ -39,18 +39,18 @@ class TrainConfig:
     dataset_path: str = field(default="", metadata={"help": "local files with the hub dataset's schema"})
     judge: str = field(default="heuristic", metadata={
         "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
-    n_eval_prompts: int = 16
+    n_eval_prompts: int = 24
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
     k: int = field(default=2, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     max_new_tokens: int = 32
     max_prompt_len: int = 96
     temperature: float = 0.7
     kl_coef: float = 0.05
     # optimisation
     iterations: int = 3
-    steps_per_iteration: int = 12
+    steps_per_iteration: int = 10
     first_order_iteration0: bool = field(default=True, metadata={
         "help": "iteration 0 with backprop (RLOO + AdamW); false: isotropic ZO, first-order free"})
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
@@ -70,9 +70,9 @@ class TrainConfig:
         "help": "scale targeted directions to an isotropic Gaussian's norm, so eps and lr keep their meaning"})
     # reward model
     reward_lr: float = 1e-3
-    reward_init_steps: int = 20
-    reward_steps: int = 8
-    reward_pairs: int = field(default=16, metadata={"help": "judged pairs per reward refinement"})
+    reward_init_steps: int = 30
+    reward_steps: int = 10
+    reward_pairs: int = field(default=32, metadata={"help": "judged pairs per reward refinement"})
     reward_batch: int = 8
     reward_merge_alpha: float = field(default=0.5, metadata={"help": "merge with the previous reward adapter (1: off)"})
     # run

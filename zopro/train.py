@@ -394,7 +394,7 @@ class Run:
         policy_now = {n: p.detach().clone() for n, p in self.bundle.policy_parameters().items()}
         prev = {n: policy_now[n] - self.iter_start[f"policy.{n}"] for n in policy_now}
         delta = {n: torch.zeros_like(p) for n, p in prev.items()}
-        if self.bundle.shares_parameter_space:
+        if self.bundle.shares_parameter_space and it + 1 < cfg.iterations:  # the last refinement would go unused
             seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
             prompts = random.Random(_seed(cfg, PAIRS, it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
             previous = reward_state(self.bundle)
