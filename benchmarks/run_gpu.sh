@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check in one script: the kernel tests on CUDA, then the benchmark suite. Run from the repository root on a
+# machine with a CUDA GPU and torch + triton preinstalled (no internet, so no `pip install -e .`: the repository is
+# put on PYTHONPATH instead). Everything lands in $OUT (default ./gpu_out): the two pytest logs, pytest-benchmark's
+# raw JSON, the environment, and a copy of benchmarks/results/. Exits non-zero if either pytest run failed; the
+# benchmarks run even when a test fails, so a run is never wasted.
+set -u -o pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+unset TRITON_INTERPRET  # compiled kernels only: tests and benchmarks both pick the compiled path on CUDA
+
+{
+    date --iso-8601=seconds
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'triton', triton.__version__, 'gpu', torch.cuda.is_available() and
+torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+"$PY" -m pytest tests/zokernels -q -p no:cacheprovider 2>&1 | tee "$OUT/tests_zokernels.log"
+tests_rc=$?
+
+# pytest-benchmark is optional on CUDA (the figures come from CUDA events); its raw JSON only when it is there.
+bench_json=()
+"$PY" -c "import pytest_benchmark" >/dev/null 2>&1 && bench_json=(--benchmark-json="$OUT/pytest-benchmark.json")
+"$PY" -m pytest benchmarks/ -q -p no:cacheprovider ${bench_json[@]+"${bench_json[@]}"} 2>&1 | tee "$OUT/benchmarks.log"
+bench_rc=$?
+
+cp benchmarks/results/* "$OUT/" 2>/dev/null || echo "no files in benchmarks/results/" | tee -a "$OUT/benchmarks.log"
+echo "tests/zokernels exit $tests_rc, benchmarks exit $bench_rc" | tee "$OUT/exit_codes.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -1,0 +1,49 @@
+"""One weight pass of each perturbation op over real model shapes, against the MeZO loop and a plain copy.
+
+Lists (``benchmarks/shapes.py``): on CUDA the Llama-3.2-1B weights in bf16 and its r=64 LoRA adapters in fp32; on
+CPU a SmolLM2-135M-shaped r=8 LoRA list and a 4 M-element fp32 list. Ops, each one pass over the list:
+
+* ``copy``: the bandwidth reference, ``dst.copy_(src)`` over the list's bytes;
+* ``mezo``: ``benchmarks.baselines.mezo_perturb_`` (torch's generator, one ``z`` per tensor);
+* ``perturb_/{gaussian,rademacher}`` and ``perturb2_/{gaussian,rademacher}`` with ``impl="auto"``: Triton on CUDA,
+  the torch reference on CPU.
+
+Figures (time, GB/s, % of copy, speed-up per pass and per SPSA step) go to ``benchmarks/results/`` at the end of
+the session; see ``benchmarks/conftest.py`` for how they are measured.
+"""
+
+import pytest
+
+from benchmarks.baselines import mezo_perturb_
+from benchmarks.conftest import copy_pass
+from zokernels import perturb2_, perturb_
+
+SEED_A, SEED_B = 1234, 5678
+EPS = 1e-3  # MeZO's default perturbation scale; weights stay far from overflow after hundreds of passes
+
+OPS = ("copy", "mezo", "perturb_/gaussian", "perturb_/rademacher", "perturb2_/gaussian", "perturb2_/rademacher")
+
+
+def one_pass(op: str, tensors):
+    if op == "mezo":
+        return lambda: mezo_perturb_(tensors, SEED_A, EPS)
+    name, dist = op.split("/")
+    if name == "perturb_":
+        return lambda: perturb_(tensors, SEED_A, EPS, dist=dist, impl="auto")
+    # SPSA's restore (+eps z) fused with the update (-lr g z'): two seeds, one pass
+    return lambda: perturb2_(tensors, SEED_A, EPS, SEED_B, -EPS, dist=dist, impl="auto")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_pass(op, tensor_list, weights, device, measure, record):
+    fn = copy_pass(tensor_list.nbytes, device) if op == "copy" else one_pass(op, weights)
+    record(tensor_list, op, measure(fn), impl="copy" if op == "copy" else _impl(op, device))
+
+
+def _impl(op: str, device) -> str:
+    """Which implementation ran: ``torch`` for the MeZO loop, else what ``impl="auto"`` resolves to on ``device``."""
+    if op == "mezo":
+        return "torch (MeZO loop)"
+    from zokernels._common import resolve_impl  # the one place "auto" is resolved; reported, not re-derived
+
+    return resolve_impl("auto", device)
