@@ -146,14 +146,50 @@ def _guide_chunk(g, w, s, e):
     return g.reshape(-1)[s:e].float()
 
 
+def _flat_guide(g) -> torch.Tensor:
+    """A small tensor's whole guide, flat float32 (a view for a float32 dense guide: never modify it)."""
+    return g.dense().reshape(-1) if isinstance(g, LowRank) else g.reshape(-1).float()
+
+
+def _split_small(tensors):
+    """(indices of large tensors, batches of indices of small ones): small tensors share one Philox evaluation per
+    batch of up to ``TORCH_CHUNK`` elements, as in ``perturb._perturb_torch``."""
+    large, batches, batch, size = [], [], [], 0
+    for i, w in enumerate(tensors):
+        if w.numel() >= TORCH_CHUNK // 4:
+            large.append(i)
+            continue
+        batch.append(i)
+        size += w.numel()
+        if size >= TORCH_CHUNK:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return large, batches
+
+
 def _guide_dot_torch(tensors, guides, seed, dist, streams):
     out = torch.zeros(len(tensors), 2, dtype=torch.float64)
-    for t, (w, g, stream) in enumerate(zip(tensors, guides, streams)):
+    large, batches = _split_small(tensors)
+    for t in large:
+        w, g, stream = tensors[t], guides[t], streams[t]
         for s, e in _chunks(w, [g]):
-            xi = rng.noise(dist, seed, stream, s, e - s, device=w.device)
+            xi = rng.noise(dist, seed, stream, s, e - s, device=w.device).double()
             if g is not None:
-                out[t, 0] += (_guide_chunk(g, w, s, e).double() * xi.double()).sum().cpu()
-            out[t, 1] += (xi.double() ** 2).sum().cpu()
+                out[t, 0] += (_guide_chunk(g, w, s, e).double() * xi).sum().cpu()
+            out[t, 1] += (xi * xi).sum().cpu()
+    for idx in batches:
+        numels = [tensors[i].numel() for i in idx]
+        device = tensors[idx[0]].device
+        xi = rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=device).double()
+        g = torch.cat([_flat_guide(guides[i]) if guides[i] is not None
+                       else torch.zeros(tensors[i].numel(), device=device) for i in idx]).double()
+        segment = torch.repeat_interleave(torch.arange(len(idx), device=device), torch.tensor(numels, device=device))
+        sums = torch.zeros(len(idx), 2, dtype=torch.float64, device=device)
+        sums[:, 0].index_add_(0, segment, g * xi)  # sequential on the CPU: deterministic
+        sums[:, 1].index_add_(0, segment, xi * xi)
+        out[torch.tensor(idx)] = sums.cpu()
     return out
 
 
@@ -161,7 +197,9 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
     decay = decay.tolist()
     noise_terms = [(seed, coef.tolist()) for seed, coef in noise_terms]
     guide_terms = [(guides, coef.tolist()) for guides, coef in guide_terms]
-    for t, (w, stream) in enumerate(zip(tensors, streams)):
+    large, batches = _split_small(tensors)
+    for t in large:
+        w, stream = tensors[t], streams[t]
         flat = w.view(-1)
         for s, e in _chunks(w, [gs[t] for gs, _ in guide_terms]):
             y = flat[s:e] if w.dtype == torch.float32 else flat[s:e].float()
@@ -174,6 +212,25 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
                     y.add_(_guide_chunk(guides[t], w, s, e) * coef[t])  # a float32 guide chunk is a view: no mul_
             if w.dtype != torch.float32:
                 flat[s:e] = y
+    for idx in batches:
+        # the same float32 operations, element by element, as the large-tensor path: mul, then add, in this order
+        ws = [tensors[i] for i in idx]
+        ys = [w.view(-1) if w.dtype == torch.float32 else w.view(-1).float() for w in ws]
+        torch._foreach_mul_(ys, [decay[i] for i in idx])
+        numels = [w.numel() for w in ws]
+        for seed, coef in noise_terms:
+            zs = list(rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=ws[0].device).split(numels))
+            torch._foreach_mul_(zs, [coef[i] for i in idx])
+            torch._foreach_add_(ys, zs)
+        for guides, coef in guide_terms:
+            sel = [j for j, i in enumerate(idx) if guides[i] is not None]
+            if sel:
+                scaled = torch._foreach_mul([_flat_guide(guides[idx[j]]) for j in sel],
+                                            [coef[idx[j]] for j in sel])
+                torch._foreach_add_([ys[j] for j in sel], scaled)
+        for w, y in zip(ws, ys):
+            if w.dtype != torch.float32:
+                w.view(-1).copy_(y)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

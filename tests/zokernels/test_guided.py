@@ -6,7 +6,7 @@ import torch
 from zokernels import rng
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 
-SHAPES = [(37, 61), (128, 16), (3000,), (0, 8), (5, 1)]
+SHAPES = [(37, 61), (128, 16), (3000,), (0, 8), (5, 1), (300, 301)]  # the last is above the torch batching size
 
 
 def dense(g):
@@ -51,7 +51,7 @@ def test_guide_dot_matches_formula(impl, device, kind):
     guides = [(_rand(s, 10 + i, device) if kind == "dense" else _lowrank(s, 3, 10 + i, device)) for i, s in
               enumerate(shapes)]
     guides[1] = None
-    streams = [9, 3, 7, 1, 2][:len(ws)]
+    streams = [9, 3, 7, 1, 2, 11][:len(ws)]
     got = guide_dot(ws, guides, 42, streams=streams, impl=impl)
     for t, (w, g, s) in enumerate(zip(ws, guides, streams)):
         x = xi(42, s, w).double()
