@@ -70,8 +70,8 @@ class TrainConfig:
         "help": "scale targeted directions to an isotropic Gaussian's norm, so eps and lr keep their meaning"})
     # reward model
     reward_lr: float = 1e-3
-    reward_init_steps: int = 30
-    reward_steps: int = 10
+    reward_init_steps: int = 16
+    reward_steps: int = 6
     reward_pairs: int = field(default=32, metadata={"help": "judged pairs per reward refinement"})
     reward_batch: int = 8
     reward_merge_alpha: float = field(default=0.5, metadata={"help": "merge with the previous reward adapter (1: off)"})
