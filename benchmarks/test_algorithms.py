@@ -51,8 +51,8 @@ def test_algorithm_step(algo, size, batch, seq, quantize):
 def _markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# `algorithms` benchmarks: {env['device_kind']}", "",
              f"{env['date']}: {env['device']}; commit {env.get('commit')}; torch {env['torch']}; "
-             f"1-minute load average at start {env['load_avg_at_start']}. Peak memory: CPU, the resident-set "
-             "high-water mark of a fresh process per row; CUDA, `max_memory_allocated`.", "",
+             f"1-minute load average at start {env['load_avg_at_start']}. Peak memory from the loaded model on, "
+             "a fresh process per row: CPU, the resident-set high-water mark; CUDA, `max_memory_allocated`.", "",
              "| size | base | batch x tokens | algorithm | s / step | × two forwards | peak MiB "
              "| × ZOPrO-targeted peak (same size) |", "|---|---|---|---|---:|---:|---:|---:|"]
     groups = dict.fromkeys((r["size"], r.get("quantize", "none")) for r in rows)
@@ -83,3 +83,25 @@ def teardown_module(module):
     stem = RESULTS_DIR / f"algorithms-{env['device_kind']}"
     merge_json(stem.with_suffix(".json"), rows)
     stem.with_suffix(".md").write_text(_markdown(rows, env), encoding="utf-8")
+    _plot(rows, stem.with_suffix(".png"))
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Step time and peak memory per algorithm, one panel pair per (size, base)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["size"], r["quantize"]) for r in rows))
+    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False)
+    for col, (size, quant) in enumerate(groups):
+        rs = [r for r in rows if r["size"] == size and r["quantize"] == quant]
+        names = [r["algo"] for r in rs]
+        axes[0][col].barh(names, [r["seconds"] for r in rs], color="tab:blue")
+        axes[0][col].set(title=f"{size}, {quant} base", xlabel="seconds / step")
+        axes[1][col].barh(names, [r["peak_bytes"] / 2**20 for r in rs], color="tab:orange")
+        axes[1][col].set(xlabel="peak memory (MiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
