@@ -334,9 +334,11 @@ class Run:
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, cfg, _seed(cfg, PAIRS, 1))
         loss = train_reward(self.bundle, pairs, cfg, cfg.reward_init_steps, _seed(cfg, REWARD, 0))
         self.meta["reward_losses"].append(loss)
-        metric, before, _ = evaluate(self.bundle, self.tokenizer, self.judge,
-                                     [r.prompt for r in self.eval_records], cfg)
-        self.meta["evaluation"] = {"metric": metric, "before": before, "n": len(self.eval_records)}
+        metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
+                                         [r.prompt for r in self.eval_records], cfg)
+        # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
+        self.meta["evaluation"] = {"metric": metric, "before": before, "n": len(self.eval_records),
+                                   "before_texts": texts}
         self.begin_iteration(0)
 
     def begin_iteration(self, it: int):
@@ -418,15 +420,15 @@ class Run:
             self.save()
 
     def finish(self):
-        cfg = self.cfg
         ev = self.meta["evaluation"]
-        metric, after, texts = evaluate(self.bundle, self.tokenizer, self.judge,
-                                        [r.prompt for r in self.eval_records], cfg)
-        ev["after"] = after
+        prompts = [r.prompt for r in self.eval_records]
+        _, ev["after"], texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
+                                         reference_texts=ev["before_texts"])
+        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, ev["before_texts"], texts)]
+        checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         self.meta["phase"] = "done"
         self.save()
         save_adapters(self.bundle, self.out)
-        return texts
 
 
 def save_adapters(bundle, out: Path):
@@ -485,7 +487,8 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     plot_rewards(records, out / "reward_curve.png")
     table = summary_table(records, state.meta["evaluation"])
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
-    summary = {"evaluation": state.meta["evaluation"], "steps": len(records), "skipped": state.meta["skipped"],
+    evaluation = {k: v for k, v in state.meta["evaluation"].items() if k != "before_texts"}
+    summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
                "reward_losses": state.meta["reward_losses"], "output_dir": str(out)}
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if progress:

@@ -41,6 +41,8 @@ def test_smoke_run_writes_everything_a_user_reads(tmp_path):
     assert log["step_count"] == cfg.steps_per_iteration and len(log["log"]["losses"]) == 2 * cfg.steps_per_iteration
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1 | zo-targeted | 2 |" in (out / "summary.md").read_text()
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == cfg.n_eval_prompts and set(samples[0]) == {"prompt", "before", "after"}
     assert summary["steps"] == 4 and summary["evaluation"]["before"] is not None
     assert summary["evaluation"]["after"] is not None
 
@@ -126,3 +128,19 @@ def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
     assert all(p.dtype == torch.float32 for p in bundle.policy_parameters().values())
     run(cfg, progress=False)
     assert [r["mode"] for r in _records(tmp_path / "run")][-1] == "zo-targeted"
+
+
+def test_pairwise_judge_scores_after_against_before(tmp_path):
+    from zopro.judges import CallableJudge
+    from zopro.train import evaluate, load_models
+
+    cfg = _smoke(tmp_path)
+    bundle, tokenizer = load_models(cfg, torch.device("cpu"))
+    prompts = ["hello there", "say something nice"]
+    judge = CallableJudge(lambda prompt, a, b: len(a) >= len(b))  # no score(): only pairwise preferences
+    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    assert metric == "win rate vs before" and first == 0.5  # nothing to compare with yet
+    _, again, same = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+    assert same == texts and again == 1.0  # same seed, same weights: identical answers, ties go to "after"
+    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=[t + "!" for t in texts])
+    assert never == 0.0
