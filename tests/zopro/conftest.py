@@ -94,3 +94,13 @@ def make_tiny_model():
         return model.eval()
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny models: on a busy 2-core machine the OpenMP barrier made each tiny 32x32 matmul
+    ~10 ms with 2 threads (a 12-token generate took 5.7 s, 0.013 s with 1 thread). Restores the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ SEED = 0
 NAN = float("nan")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny matmuls on this shared 2-core machine are ~100x slower with two (see test_models)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
 
 @pytest.fixture

@@ -13,13 +13,7 @@ PROMPTS = ["hello", "tell me about the blue sea", "why is the sky blue ?"]
 K = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine 2 threads made them ~400x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
 
 @pytest.fixture
