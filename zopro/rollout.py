@@ -47,7 +47,7 @@ def _rloo(rewards: torch.Tensor) -> torch.Tensor:
     return rloo_advantages(rewards)
 
 
-def _prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
+def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
     """The text to tokenize and whether the tokenizer should add its special tokens."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
@@ -60,7 +60,7 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_len: int, pad_tok
     last tokens (the end of a chat prompt holds the assistant header the completion must follow)."""
     rows = []
     for prompt in prompts:
-        text, special = _prompt_text(tokenizer, prompt)
+        text, special = prompt_text(tokenizer, prompt)
         rows.append(tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:])
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)

@@ -31,7 +31,7 @@ from zopro.config import TrainConfig, from_args
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
 from zopro.optim import ZOOptimizer, derive_seed
 from zopro.report import MetricsLog, plot_rewards, summary_table
-from zopro.rollout import _prompt_text, collect_rollout, tokenize_prompts
+from zopro.rollout import collect_rollout, prompt_text, tokenize_prompts
 from zopro.samplers import Isotropic, RankGuided, Targeted
 
 # Seed domains, so that rollouts, pair sampling, evaluation and ZO directions never share a seed.
@@ -129,7 +129,7 @@ def encode_completions(tokenizer, prompts, completions, max_prompt_len, pad_id, 
     """Left-padded ``(input_ids, attention_mask)`` of prompt (chat-formatted as in rollouts) + completion + EOS."""
     rows = []
     for prompt, completion in zip(prompts, completions):
-        text, special = _prompt_text(tokenizer, prompt)
+        text, special = prompt_text(tokenizer, prompt)
         ids = tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:]
         rows.append(ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos_id])
     length = max(len(r) for r in rows)
