@@ -154,3 +154,22 @@ def group_by_dtype(tensors: list[torch.Tensor], streams: list[int]):
             ts.append(t)
             ss.append(s)
     return groups
+
+
+def split_small(tensors: list[torch.Tensor], chunk: int) -> tuple[list[int], list[list[int]]]:
+    """(indices of tensors of at least ``chunk // 4`` elements, batches of indices of the smaller ones, each batch
+    closed once it reaches ``chunk`` elements). The torch references process a batch with one Philox evaluation: a
+    LoRA model's hundreds of small tensors otherwise pay per-op dispatch each."""
+    large, batches, batch, size = [], [], [], 0
+    for i, t in enumerate(tensors):
+        if t.numel() >= chunk // 4:
+            large.append(i)
+            continue
+        batch.append(i)
+        size += t.numel()
+        if size >= chunk:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return large, batches

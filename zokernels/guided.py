@@ -151,27 +151,9 @@ def _flat_guide(g) -> torch.Tensor:
     return g.dense().reshape(-1) if isinstance(g, LowRank) else g.reshape(-1).float()
 
 
-def _split_small(tensors):
-    """(indices of large tensors, batches of indices of small ones): small tensors share one Philox evaluation per
-    batch of up to ``TORCH_CHUNK`` elements, as in ``perturb._perturb_torch``."""
-    large, batches, batch, size = [], [], [], 0
-    for i, w in enumerate(tensors):
-        if w.numel() >= TORCH_CHUNK // 4:
-            large.append(i)
-            continue
-        batch.append(i)
-        size += w.numel()
-        if size >= TORCH_CHUNK:
-            batches.append(batch)
-            batch, size = [], 0
-    if batch:
-        batches.append(batch)
-    return large, batches
-
-
 def _guide_dot_torch(tensors, guides, seed, dist, streams):
     out = torch.zeros(len(tensors), 2, dtype=torch.float64)
-    large, batches = _split_small(tensors)
+    large, batches = _common.split_small(tensors, TORCH_CHUNK)
     for t in large:
         w, g, stream = tensors[t], guides[t], streams[t]
         for s, e in _chunks(w, [g]):
@@ -197,7 +179,7 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
     decay = decay.tolist()
     noise_terms = [(seed, coef.tolist()) for seed, coef in noise_terms]
     guide_terms = [(guides, coef.tolist()) for guides, coef in guide_terms]
-    large, batches = _split_small(tensors)
+    large, batches = _common.split_small(tensors, TORCH_CHUNK)
     for t in large:
         w, stream = tensors[t], streams[t]
         flat = w.view(-1)

@@ -34,18 +34,11 @@ def _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay=1.0):
     Tensors smaller than a chunk are batched: one Philox evaluation serves up to a chunk's worth of them
     (``rng.noise_batch``), which a LoRA model's hundreds of small tensors need on the CPU.
     """
-    batch, batch_numel = [], 0
-    for t, stream in zip(tensors, streams):
-        if t.numel() >= TORCH_CHUNK // 4:
-            _perturb_torch_large(t, stream, terms, dist, rounding_seed, decay)
-            continue
-        batch.append((t, stream))
-        batch_numel += t.numel()
-        if batch_numel >= TORCH_CHUNK:
-            _perturb_torch_batch(batch, terms, dist, rounding_seed, decay)
-            batch, batch_numel = [], 0
-    if batch:
-        _perturb_torch_batch(batch, terms, dist, rounding_seed, decay)
+    large, batches = _common.split_small(tensors, TORCH_CHUNK)
+    for i in large:
+        _perturb_torch_large(tensors[i], streams[i], terms, dist, rounding_seed, decay)
+    for idx in batches:
+        _perturb_torch_batch([(tensors[i], streams[i]) for i in idx], terms, dist, rounding_seed, decay)
 
 
 def _store(flat, s, e, y, dtype, rounding_seed, stream):
