@@ -55,13 +55,15 @@ def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
     return prompt, True
 
 
-def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_len: int, pad_token_id: int):
-    """Left-padded ``(input_ids [P, L], attention_mask [P, L])``; prompts longer than ``max_prompt_len`` keep their
-    last tokens (the end of a chat prompt holds the assistant header the completion must follow)."""
-    rows = []
-    for prompt in prompts:
-        text, special = prompt_text(tokenizer, prompt)
-        rows.append(tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:])
+def prompt_ids(tokenizer, prompt: str, max_prompt_len: int) -> list[int]:
+    """Token ids of one prompt as rollouts see it; a prompt longer than ``max_prompt_len`` keeps its last tokens
+    (the end of a chat prompt holds the assistant header the completion must follow)."""
+    text, special = prompt_text(tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:]
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int):
+    """``(input_ids [N, L], attention_mask [N, L])`` of token-id rows, padded on the left."""
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -70,6 +72,25 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_len: int, pad_tok
             ids[i, length - len(row) :] = torch.tensor(row, dtype=torch.long)
             mask[i, length - len(row) :] = 1
     return ids, mask
+
+
+def tokenize_prompts(tokenizer, prompts: list[str], max_prompt_len: int, pad_token_id: int):
+    """Left-padded ``(input_ids [P, L], attention_mask [P, L])`` of the prompts (see :func:`prompt_ids`)."""
+    return left_pad([prompt_ids(tokenizer, p, max_prompt_len) for p in prompts], pad_token_id)
+
+
+def sample_completions(bundle: PolicyRewardModel, tokenizer, prompts: list[str], k: int, max_new_tokens: int,
+                       temperature: float, seed: int, max_prompt_len: int):
+    """``k`` policy samples per prompt under inference mode: ``(Generation, decoded completion texts)``; rows
+    ``i*k .. i*k+k-1`` belong to prompt ``i``."""
+    with torch.inference_mode():
+        ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_len, bundle.pad_token_id)
+        gen = bundle.generate(ids, mask, k, max_new_tokens, temperature, seed)
+        texts = [
+            tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(gen.sequences.cpu(), gen.response_mask.cpu(), strict=True)
+        ]
+    return gen, texts
 
 
 def _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len) -> None:
@@ -107,13 +128,9 @@ def collect_rollout(
     left unchanged). ``rewards = scores - kl_coef * (policy_logps - ref_logps)``.
     """
     _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len)
+    gen, completions = sample_completions(bundle, tokenizer, prompts, k, max_new_tokens, temperature, seed,
+                                          max_prompt_len)
     with torch.inference_mode():
-        ids, mask = tokenize_prompts(tokenizer, prompts, max_prompt_len, bundle.pad_token_id)
-        gen = bundle.generate(ids, mask, k, max_new_tokens, temperature, seed)
-        completions = [
-            tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-            for row, m in zip(gen.sequences.cpu(), gen.response_mask.cpu(), strict=True)
-        ]
         args = (gen.sequences, gen.attention_mask, gen.response_mask)
         policy_logps, _ = bundle.policy_logprobs(*args, temperature=logprob_temperature)
         ref_logps, _ = bundle.reference_logprobs(*args, temperature=logprob_temperature)

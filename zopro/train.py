@@ -31,7 +31,7 @@ from zopro.config import TrainConfig, from_args
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
 from zopro.optim import ZOOptimizer, derive_seed
 from zopro.report import MetricsLog, plot_rewards, summary_table
-from zopro.rollout import collect_rollout, prompt_text, tokenize_prompts
+from zopro.rollout import collect_rollout, left_pad, prompt_ids, sample_completions
 from zopro.samplers import Isotropic, RankGuided, Targeted
 
 # Seed domains, so that rollouts, pair sampling, evaluation and ZO directions never share a seed.
@@ -126,28 +126,15 @@ def load_judge(cfg: TrainConfig, device: torch.device):
 # ---------------------------------------------------------------------------------------------------------------------
 # Preference pairs and the reward adapter
 def encode_completions(tokenizer, prompts, completions, max_prompt_len, pad_id, eos_id):
-    """Left-padded ``(input_ids, attention_mask)`` of prompt (chat-formatted as in rollouts) + completion + EOS."""
-    rows = []
-    for prompt, completion in zip(prompts, completions):
-        text, special = prompt_text(tokenizer, prompt)
-        ids = tokenizer(text, add_special_tokens=special)["input_ids"][-max_prompt_len:]
-        rows.append(ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos_id])
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row)
-        mask[i, length - len(row):] = 1
-    return ids, mask
+    """Left-padded ``(input_ids, attention_mask)`` of prompt (as in rollouts) + completion + EOS."""
+    return left_pad([prompt_ids(tokenizer, p, max_prompt_len) + tokenizer(c, add_special_tokens=False)["input_ids"]
+                     + [eos_id] for p, c in zip(prompts, completions)], pad_id)
 
 
 def judged_pairs(bundle, tokenizer, judge, prompts, cfg, seed):
     """Two policy samples per prompt, ordered by the judge: ``(chosen ids, mask, rejected ids, mask)``."""
-    with torch.inference_mode():
-        ids, mask = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len, bundle.pad_token_id)
-        gen = bundle.generate(ids, mask, 2, cfg.max_new_tokens, cfg.temperature, seed)
-    texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-             for r, m in zip(gen.sequences.cpu(), gen.response_mask.cpu())]
+    gen, texts = sample_completions(bundle, tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature, seed,
+                                    cfg.max_prompt_len)
     p_first = judge.prefer(prompts, texts[0::2], texts[1::2])
     first = (p_first >= 0.5).to(gen.sequences.device)
     rows = torch.arange(len(prompts), device=gen.sequences.device) * 2
@@ -206,11 +193,8 @@ def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
     win rate against ``reference_texts``. Returns (metric name, value, texts)."""
     if not prompts:
         return "none", float("nan"), []
-    with torch.inference_mode():
-        ids, mask = tokenize_prompts(tokenizer, prompts, cfg.max_prompt_len, bundle.pad_token_id)
-        gen = bundle.generate(ids, mask, 1, cfg.max_new_tokens, cfg.temperature, _seed(cfg, EVAL))
-    texts = [tokenizer.decode(r[m.bool()].tolist(), skip_special_tokens=True)
-             for r, m in zip(gen.sequences.cpu(), gen.response_mask.cpu())]
+    _, texts = sample_completions(bundle, tokenizer, prompts, 1, cfg.max_new_tokens, cfg.temperature,
+                                  _seed(cfg, EVAL), cfg.max_prompt_len)
     if hasattr(judge, "score"):
         return "mean judge score", float(judge.score(prompts, texts).float().mean()), texts
     if reference_texts is None:
