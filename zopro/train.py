@@ -158,8 +158,7 @@ def dataset_pairs(bundle, tokenizer, records, cfg):
 
 def train_reward(bundle, pairs, cfg, steps, seed) -> float:
     """Bradley–Terry training of the reward adapter and score head (AdamW, first order); returns the last loss."""
-    params = list(bundle.reward_parameters().values()) + list(bundle.score_head_parameters().values())
-    opt = torch.optim.AdamW(params, lr=cfg.reward_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(list(reward_tensors(bundle).values()), lr=cfg.reward_lr, weight_decay=0.0)
     c_ids, c_mask, r_ids, r_mask = pairs
     order = random.Random(seed)
     loss = float("nan")
@@ -175,14 +174,19 @@ def train_reward(bundle, pairs, cfg, steps, seed) -> float:
     return loss
 
 
+def reward_tensors(bundle) -> dict[str, torch.nn.Parameter]:
+    """The reward model's trainable tensors: its LoRA adapter and its score head."""
+    return {**bundle.reward_parameters(), **bundle.score_head_parameters()}
+
+
 def reward_state(bundle) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in {**bundle.reward_parameters(), **bundle.score_head_parameters()}.items()}
+    return {n: p.detach().clone() for n, p in reward_tensors(bundle).items()}
 
 
 def merge_reward_(bundle, previous: dict[str, torch.Tensor], alpha: float) -> None:
     """``new = alpha * new + (1 - alpha) * previous`` over the reward adapter and head (paper: alpha 0.5)."""
     with torch.no_grad():
-        for n, p in {**bundle.reward_parameters(), **bundle.score_head_parameters()}.items():
+        for n, p in reward_tensors(bundle).items():
             p.mul_(alpha).add_(previous[n].to(p.device), alpha=1 - alpha)
 
 
@@ -419,8 +423,7 @@ def save_adapters(bundle, out: Path):
     from safetensors.torch import save_file
 
     for name, params in (("policy_adapter", bundle.policy_parameters()),
-                         ("reward_adapter", {**bundle.reward_parameters(), **bundle.score_head_parameters()}
-                          if bundle.shares_parameter_space else {})):
+                         ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
             tmp = out / f"{name}.tmp.safetensors"
             save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp))
