@@ -39,7 +39,7 @@ def run_seed(seed: int, tag: str, extra: list[str]) -> dict:
             "peak_rollout_mib": max(r["peak_rollout"] for r in records) / 2**20,
             "peak_zo_update_mib": max((r["peak_update"] for r in records if r["mode"].startswith("zo")),
                                       default=0) / 2**20,
-            "peak_fo_update_mib": max((r["peak_update"] for r in records if r["mode"] == "first-order"),
+            "peak_fo_update_mib": max((r["peak_update"] for r in records if r["mode"] in ("first-order", "ppo")),
                                       default=0) / 2**20,
             "config": json.loads((out / "config.json").read_text())}
 

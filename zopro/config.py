@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+ALGORITHMS = ("zopro", "rloo", "ppo")
 SAMPLERS = ("targeted", "rank_guided", "isotropic")
 LOSSES = ("sequence", "token")
 QUANTIZE = ("none", "nf4", "int8")
@@ -40,6 +41,8 @@ class TrainConfig:
     judge: str = field(default="heuristic", metadata={
         "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
     n_eval_prompts: int = 24
+    log_judge_score: bool = field(default=True, metadata={
+        "help": "score each rollout with the judge too (metrics 'judge_score'; judges with a per-completion score)"})
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
     k: int = field(default=2, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
@@ -49,6 +52,10 @@ class TrainConfig:
     temperature: float = 0.7
     kl_coef: float = 0.05
     # optimisation
+    algorithm: str = field(default="zopro", metadata={
+        "help": "zopro (ZO-RLOO after a first-order iteration 0); rloo or ppo: first-order baselines in every "
+                "iteration (ppo: value adapter + head, GAE); MeZO: zopro with --sampler isotropic "
+                "--first-order-iteration0 false"})
     iterations: int = 3
     steps_per_iteration: int = 10
     first_order_iteration0: bool = field(default=True, metadata={
@@ -56,7 +63,8 @@ class TrainConfig:
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
     clip: float = 0.2
     minibatches: int = field(default=1, metadata={"help": "ZO steps per rollout, run back to back (2 passes each)"})
-    fo_lr: float = 5e-4
+    fo_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of first-order steps (RLOO, PPO)"})
+    ppo_epochs: int = field(default=4, metadata={"help": "--algorithm ppo: epochs over each rollout (TRL: 4)"})
     zo_lr: float = 2e-3
     zo_eps: float = 1e-3
     weight_decay: float = 0.0
@@ -74,6 +82,8 @@ class TrainConfig:
     reward_steps: int = 6
     reward_pairs: int = field(default=32, metadata={"help": "judged pairs per reward refinement"})
     reward_batch: int = 8
+    reward_soft_labels: bool = field(default=True, metadata={
+        "help": "train on the judge's probability of each judged pair (false: on its 0/1 decision)"})
     reward_merge_alpha: float = field(default=0.5, metadata={"help": "merge with the previous reward adapter (1: off)"})
     # run
     seed: int = 0
@@ -117,7 +127,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.k < 2:
         bad("k", f"RLOO needs at least 2 completions per prompt, got {cfg.k}")
     for name in ("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
-                 "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank"):
+                 "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be at least 1, got {getattr(cfg, name)}")
     for name in ("n_eval_prompts", "reward_init_steps", "reward_steps", "reward_pairs", "max_prompts", "threads"):
@@ -136,7 +146,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("reward_merge_alpha", f"must be in (0, 1], got {cfg.reward_merge_alpha}")
     if cfg.prompts_per_step % cfg.minibatches:
         bad("minibatches", f"must divide --prompts-per-step ({cfg.prompts_per_step})")
-    choices = {"sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE, "noise": ("gaussian", "rademacher"),
+    choices = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE, "noise": ("gaussian", "rademacher"),
                "d_schedule": ("exp", "linear", "constant"), "dtype": ("float32", "bfloat16", "float16"),
                "device": ("auto", "cpu", "cuda")}
     for name, allowed in choices.items():

@@ -160,22 +160,33 @@ def ppo_clip_loss_token(
     return per_token.sum() / valid.sum().clamp(min=1)
 
 
-def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor) -> Tensor:
-    """Bradley-Terry pairwise loss for reward-model training.
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, target: Tensor | None = None) -> Tensor:
+    """Bradley-Terry pairwise loss for reward-model training, with hard or soft labels.
 
-    ``loss = mean(-log sigmoid(chosen - rejected))``, computed as ``mean(softplus(rejected - chosen))``
-    (the same value, stable for large margins).
+    ``d = chosen - rejected``; hard labels: ``loss = mean(-log sigmoid(d))``; soft labels (``target`` = the judge's
+    probability ``q`` that "chosen" is preferred): ``loss = mean(-q log sigmoid(d) - (1 - q) log sigmoid(-d))``, the
+    cross-entropy against the judge's probability, minimised at ``sigmoid(d) = q``. A tie (``q = 0.5``) pulls the
+    two scores together instead of teaching an arbitrary order. Computed with ``softplus`` (stable for large
+    margins): ``-log sigmoid(x) = softplus(-x)``.
 
     Args:
         chosen_scores: ``[N]`` (or any shape) scores of the preferred completions.
         rejected_scores: same shape, scores of the rejected completions.
+        target: optional, same shape, probabilities in [0, 1]; None means 1 (hard labels).
 
     Returns:
         Scalar (0-D) loss.
     """
     _check_tensor("chosen_scores", chosen_scores)
     _check_same_shape("chosen_scores", chosen_scores, rejected_scores=rejected_scores)
-    return F.softplus(rejected_scores - chosen_scores).mean()
+    d = chosen_scores - rejected_scores
+    if target is None:
+        return F.softplus(-d).mean()
+    _check_same_shape("chosen_scores", chosen_scores, target=target)
+    if not bool(((target >= 0) & (target <= 1)).all()):
+        raise ValueError("target must hold probabilities in [0, 1]")
+    target = target.to(d.dtype)
+    return (target * F.softplus(-d) + (1 - target) * F.softplus(d)).mean()
 
 
 def masked_logprob_sums(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,8 +36,8 @@ class MetricsLog:
 
 def summary_table(records: list[dict], evaluation: dict) -> str:
     """A markdown table per iteration (mode, steps, mean reward, KL, loss, step time, peak memory) and the eval."""
-    rows = ["| iteration | mode | steps | reward (RM score) | KL | loss | step time (s) "
-            "| peak rollout / update (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| iteration | mode | steps | reward (RM score) | judge score | KL | loss | step time (s) "
+            "| peak rollout / update (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     for it in sorted({r["iteration"] for r in records}):
         rs = [r for r in records if r["iteration"] == it]
 
@@ -45,7 +45,9 @@ def summary_table(records: list[dict], evaluation: dict) -> str:
             return sum(r[key] for r in rs) / len(rs)
 
         peaks = (max(r["peak_rollout"] for r in rs) / 2**20, max(r["peak_update"] for r in rs) / 2**20)
-        rows.append(f"| {it} | {rs[0]['mode']} | {len(rs)} | {mean('reward'):.4f} | {mean('kl'):.4f} | "
+        judged = [r["judge_score"] for r in rs if r.get("judge_score") is not None]
+        judge = f"{sum(judged) / len(judged):.4f}" if judged else "-"
+        rows.append(f"| {it} | {rs[0]['mode']} | {len(rs)} | {mean('reward'):.4f} | {judge} | {mean('kl'):.4f} | "
                     f"{mean('loss'):.4f} | {mean('step_time'):.2f} | {peaks[0]:.0f} / {peaks[1]:.0f} |")
     lines = ["\n".join(rows)]
     if evaluation.get("before") is not None and evaluation.get("after") is not None:
@@ -62,15 +64,21 @@ def plot_rewards(records: list[dict], path: Path, title: str = "ZOPrO reward") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    judged = any(r.get("judge_score") is not None for r in records)
+    fig, axes = plt.subplots(1, 3 if judged else 2, figsize=(15 if judged else 10, 3.6))
     for it in sorted({r["iteration"] for r in records}):
         rs = [r for r in records if r["iteration"] == it]
         x = [r["global_step"] for r in rs]
         label = f"iter {it} ({rs[0]['mode']})"
-        ax1.plot(x, [r["reward"] for r in rs], marker=".", label=label)
-        ax2.plot(x, [r["kl"] for r in rs], marker=".", label=label)
+        axes[0].plot(x, [r["reward"] for r in rs], marker=".", label=label)
+        axes[1].plot(x, [r["kl"] for r in rs], marker=".", label=label)
+        if judged:
+            axes[2].plot(x, [r.get("judge_score") for r in rs], marker=".", label=label)
+    ax1 = axes[0]
     ax1.set(xlabel="step", ylabel="reward-model score", title=title)
-    ax2.set(xlabel="step", ylabel="KL to reference (sum over tokens)", title="KL")
+    axes[1].set(xlabel="step", ylabel="KL to reference (sum over tokens)", title="KL")
+    if judged:
+        axes[2].set(xlabel="step", ylabel="judge score of the rollout", title="judge (gold) score")
     ax1.legend(fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).stem + ".tmp.png")

@@ -132,7 +132,8 @@ def encode_completions(tokenizer, prompts, completions, max_prompt_len, pad_id, 
 
 
 def judged_pairs(bundle, tokenizer, judge, prompts, cfg, seed):
-    """Two policy samples per prompt, ordered by the judge: ``(chosen ids, mask, rejected ids, mask)``."""
+    """Two policy samples per prompt, ordered by the judge: ``(chosen ids, mask, rejected ids, mask, q)`` with
+    ``q`` the judge's probability that "chosen" is preferred (>= 0.5; the soft label of the reward loss)."""
     gen, texts = sample_completions(bundle, tokenizer, prompts, 2, cfg.max_new_tokens, cfg.temperature, seed,
                                     cfg.max_prompt_len)
     p_first = judge.prefer(prompts, texts[0::2], texts[1::2])
@@ -140,7 +141,7 @@ def judged_pairs(bundle, tokenizer, judge, prompts, cfg, seed):
     rows = torch.arange(len(prompts), device=gen.sequences.device) * 2
     chosen, rejected = rows + (~first).long(), rows + first.long()
     s, a = gen.sequences.clone(), gen.attention_mask.clone()
-    return s[chosen], a[chosen], s[rejected], a[rejected]
+    return s[chosen], a[chosen], s[rejected], a[rejected], torch.maximum(p_first, 1 - p_first)
 
 
 def dataset_pairs(bundle, tokenizer, records, cfg):
@@ -153,20 +154,23 @@ def dataset_pairs(bundle, tokenizer, records, cfg):
     r_ids, r_mask = encode_completions(tokenizer, prompts, [r.rejected for r in records], cfg.max_prompt_len,
                                        bundle.pad_token_id, eos)
     d = bundle.device
-    return c_ids.to(d), c_mask.to(d), r_ids.to(d), r_mask.to(d)
+    return c_ids.to(d), c_mask.to(d), r_ids.to(d), r_mask.to(d), torch.ones(len(records))
 
 
 def train_reward(bundle, pairs, cfg, steps, seed) -> float:
-    """Bradley–Terry training of the reward adapter and score head (AdamW, first order); returns the last loss."""
+    """Bradley–Terry training of the reward adapter and score head (AdamW, first order); returns the last loss.
+
+    Judged pairs train against the judge's probability (soft labels, ``--reward-soft-labels``), dataset pairs
+    against 1."""
     opt = torch.optim.AdamW(list(reward_tensors(bundle).values()), lr=cfg.reward_lr, weight_decay=0.0)
-    c_ids, c_mask, r_ids, r_mask = pairs
+    c_ids, c_mask, r_ids, r_mask, q = pairs
     order = random.Random(seed)
     loss = float("nan")
     for _ in range(steps):
         idx = torch.tensor(order.sample(range(len(c_ids)), min(cfg.reward_batch, len(c_ids))))
         chosen = bundle.reward_scores(c_ids[idx], c_mask[idx], grad=True)
         rejected = bundle.reward_scores(r_ids[idx], r_mask[idx], grad=True)
-        loss_t = bradley_terry_loss(chosen, rejected)
+        loss_t = bradley_terry_loss(chosen, rejected, q[idx].to(chosen.device) if cfg.reward_soft_labels else None)
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         opt.step()
@@ -271,6 +275,12 @@ class Run:
         self.guides: dict | None = None
         self.fo_opt = None
         self.zo_opt = None
+        self.value_model = self.ppo_cfg = None
+        if cfg.algorithm == "ppo":  # the critic: a value adapter on the shared base plus a head, kept for the run
+            from zopro.ppo import PPOConfig, ValueModel
+
+            self.ppo_cfg = PPOConfig(kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, lr=cfg.fo_lr, seed=cfg.seed)
+            self.value_model = ValueModel(self.bundle, seed=cfg.seed)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save(self):
@@ -280,6 +290,8 @@ class Run:
             tensors["iter_start"] = self.iter_start
         if self.guides is not None:
             tensors["guides_prev"], tensors["guides_delta"] = self.guides["prev"], self.guides["delta"]
+        if self.value_model is not None:
+            tensors["value"] = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
         objects = {}
         if self.fo_opt is not None:
             objects["fo_optimizer"] = self.fo_opt.state_dict()
@@ -297,6 +309,10 @@ class Run:
         self.iter_start = tensors.get("iter_start")
         if "guides_prev" in tensors:
             self.guides = {"prev": tensors["guides_prev"], "delta": tensors["guides_delta"]}
+        if self.value_model is not None:
+            with torch.no_grad():
+                for n, p in self.value_model.trainable_parameters().items():
+                    p.copy_(tensors["value"][n])
         it = self.meta["iteration"]
         if "fo_optimizer" in objects:
             self.fo_opt = self._fo_optimizer()
@@ -308,7 +324,11 @@ class Run:
         return True
 
     def _fo_optimizer(self):
-        return torch.optim.AdamW(list(self.bundle.policy_parameters().values()), lr=self.cfg.fo_lr, weight_decay=0.0)
+        """AdamW over the policy adapter (and, for PPO, the critic: TRL steps policy and value with one optimiser)."""
+        params = list(self.bundle.policy_parameters().values())
+        if self.value_model is not None:
+            params += list(self.value_model.trainable_parameters().values())
+        return torch.optim.AdamW(params, lr=self.cfg.fo_lr, weight_decay=0.0)
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):
@@ -334,7 +354,7 @@ class Run:
         self.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in self.bundle.policy_parameters().items()},
                            **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
                               if self.bundle.shares_parameter_space else {})}
-        first_order = it == 0 and self.cfg.first_order_iteration0
+        first_order = self.cfg.algorithm != "zopro" or (it == 0 and self.cfg.first_order_iteration0)
         self.fo_opt = self._fo_optimizer() if first_order else None
         self.zo_opt = None if first_order else make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
         self.save()
@@ -358,17 +378,29 @@ class Run:
             old_tok = old_tok.clone()
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
-        if self.fo_opt is not None:
+        skipped = 0
+        if self.value_model is not None:
+            from zopro.ppo import ppo_step
+
+            mode, lr, eps = "ppo", cfg.fo_lr, None
+            stats = ppo_step(self.bundle, self.value_model, rollout, self.fo_opt, self.ppo_cfg,
+                             seed=_seed(cfg, BATCH, it, step, 1))
+            loss, grad = stats["loss"], stats["grad_norm"]
+        elif self.fo_opt is not None:
             mode, lr, eps = "first-order", cfg.fo_lr, None
             loss, grad = first_order_step(self.bundle, rollout, self.fo_opt, cfg, old_tok)
-            skipped = 0
         else:
             mode = "zo-" + self.zo_opt.sampler.name
             lr, eps = self.zo_opt.current_lr(), self.zo_opt.eps
             loss, grad, skipped = zo_step(self.bundle, rollout, self.zo_opt, cfg, old_tok)
         peak_update = memory.peak_bytes(self.device)
+        judge_score = None
+        if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
+            row_prompts = [p for p in rollout.prompts for _ in range(rollout.k)]
+            judge_score = float(self.judge.score(row_prompts, rollout.completions).float().mean())
         record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
+                  "judge_score": judge_score,
                   "kl": float(rollout.kl.mean()), "loss": loss, "grad": grad, "lr": lr, "eps": eps,
                   "skipped": skipped, "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout,
                   "peak_update": peak_update}

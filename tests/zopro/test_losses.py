@@ -163,6 +163,26 @@ def test_bradley_terry_loss_large_margins_are_finite():
     assert bradley_terry_loss(torch.tensor([-100.0]), torch.tensor([100.0])).item() == pytest.approx(200.0)
 
 
+def test_bradley_terry_soft_labels_hand_computed():
+    chosen, rejected = torch.tensor([1.0, 0.0, 3.0], dtype=torch.float64), torch.tensor([0.0, 0.0, 1.0],
+                                                                                         dtype=torch.float64)
+    q = torch.tensor([0.9, 0.5, 1.0], dtype=torch.float64)
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = (-(0.9 * math.log(s(1)) + 0.1 * math.log(s(-1))) - math.log(0.5) - math.log(s(2))) / 3
+    assert bradley_terry_loss(chosen, rejected, q).item() == pytest.approx(expected, abs=1e-12)
+    # q = 1 is the hard-label loss; the soft loss is smallest where sigmoid(d) = q
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, torch.ones(3, dtype=torch.float64)),
+                               bradley_terry_loss(chosen, rejected))
+    d = torch.linspace(-4, 4, 8001, dtype=torch.float64)
+    losses = torch.stack([bradley_terry_loss(x.view(1), torch.zeros(1, dtype=torch.float64),
+                                             torch.tensor([0.8], dtype=torch.float64)) for x in d])
+    assert d[losses.argmin()].item() == pytest.approx(math.log(0.8 / 0.2), abs=1e-3)
+    with pytest.raises(ValueError, match="target must hold probabilities"):
+        bradley_terry_loss(chosen, rejected, torch.tensor([0.5, 1.5, 0.0]))
+    with pytest.raises(ValueError, match="target"):
+        bradley_terry_loss(chosen, rejected, torch.ones(2))
+
+
 def test_bradley_terry_loss_errors():
     with pytest.raises(ValueError, match="rejected_scores"):
         bradley_terry_loss(torch.zeros(2), torch.zeros(3))

@@ -108,6 +108,32 @@ def test_first_order_free_run_uses_isotropic_zo_first(tmp_path):
     assert modes == ["zo-isotropic"] * 2 + ["zo-rank_guided"] * 2
 
 
+@pytest.mark.parametrize("algorithm, mode", [("rloo", "first-order"), ("ppo", "ppo")])
+def test_first_order_baselines_train_every_iteration_and_resume(tmp_path, algorithm, mode):
+    whole = _smoke(tmp_path, "whole", algorithm=algorithm, seed=5)
+    run(whole, progress=False)
+    records = _records(tmp_path / "whole")
+    assert [r["mode"] for r in records] == [mode] * 4 and all(r["eps"] is None for r in records)
+    assert not list((tmp_path / "whole").glob("zo_log_iter*.pt"))
+    parts = _smoke(tmp_path, "parts", algorithm=algorithm, seed=5)
+    with pytest.raises(KeyboardInterrupt):  # the kill lands in iteration 1: PPO's critic must come back too
+        run(parts, progress=False, stop_after_steps=3)
+    run(parts, resume=True, progress=False)
+    assert _records(tmp_path / "parts") == records
+    a = load_file(str(tmp_path / "whole" / "policy_adapter.safetensors"))
+    b = load_file(str(tmp_path / "parts" / "policy_adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_judge_score_of_each_rollout_is_logged_unless_turned_off(tmp_path):
+    run(_smoke(tmp_path, "on", iterations=1), progress=False)
+    run(_smoke(tmp_path, "off", iterations=1, log_judge_score=False), progress=False)
+    on, off = _records(tmp_path / "on"), _records(tmp_path / "off")
+    # the heuristic judge's scores lie in [-4, 2.5] (an empty completion scores -4, the best 1+1+0.5)
+    assert all(-4 <= r["judge_score"] <= 2.5 for r in on) and all(r["judge_score"] is None for r in off)
+    assert [r["reward"] for r in on] == [r["reward"] for r in off]  # logging does not change the run
+
+
 def test_default_config_is_valid_and_documented():
     cfg = TrainConfig()
     assert cfg.model == "smollm2" and cfg.judge == "heuristic" and cfg.iterations >= 2
