@@ -146,7 +146,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("reward_merge_alpha", f"must be in (0, 1], got {cfg.reward_merge_alpha}")
     if cfg.prompts_per_step % cfg.minibatches:
         bad("minibatches", f"must divide --prompts-per-step ({cfg.prompts_per_step})")
-    choices = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE, "noise": ("gaussian", "rademacher"),
+    choices = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE,
+               "noise": ("gaussian", "rademacher"),
                "d_schedule": ("exp", "linear", "constant"), "dtype": ("float32", "bfloat16", "float16"),
                "device": ("auto", "cpu", "cuda")}
     for name, allowed in choices.items():
