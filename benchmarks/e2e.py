@@ -64,9 +64,28 @@ def run_seed(seed: int, tag: str, algorithm: str, extra: list[str], runs_dir: Pa
                                       default=0) / 2**20,
             "peak_fo_update_mib": max((r["peak_update"] for r in records if not r["mode"].startswith("zo")),
                                       default=0) / 2**20,
+            "features": heuristic_features(out),
             "curve": [{k: r.get(k) for k in ("global_step", "mode", "reward", "judge_score", "kl", "step_time")}
                       for r in records],
             "config": json.loads((out / "config.json").read_text())}
+
+
+def heuristic_features(out: Path) -> dict[str, list[float]] | None:
+    """With the heuristic judge: each of its features' mean over the held-out answers, ``[before, after]`` (what
+    moved the score); None for other judges or runs without ``eval_samples.jsonl``."""
+    from zopro.judges import HeuristicJudge
+
+    samples_path = out / "eval_samples.jsonl"
+    if json.loads((out / "config.json").read_text())["judge"] != "heuristic" or not samples_path.is_file():
+        return None
+    judge = HeuristicJudge()
+    samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
+    means = {}
+    for when in ("before", "after"):
+        rows = [judge.features(s["prompt"], s[when]) for s in samples]
+        for name in ("topic", "length", "polite", "repeat", "truncated", "role"):
+            means.setdefault(name, []).append(statistics.mean(r[name] if r else 0.0 for r in rows))
+    return means
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -142,6 +161,14 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
         lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} "
                      f"| {wall} | {r['peak_rollout_mib']:.0f} | {r['peak_zo_update_mib']:.0f} "
                      f"| {r['peak_fo_update_mib']:.0f} |")
+    if all(r["features"] for r in rows):
+        names = list(rows[0]["features"])
+        lines += ["", "Heuristic judge features of the held-out answers, mean over seeds of (after - before):", "",
+                  "| algorithm | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for algo in summary:
+            rs = [r for r in rows if r["algorithm"] == algo]
+            lines.append(f"| {algo} | " + " | ".join(
+                f"{statistics.mean(r['features'][n][1] - r['features'][n][0] for r in rs):+.3f}" for n in names) + " |")
     lines += ["", f"Held-out judge score: {rows[0]['metric']} over {rows[0]['n_eval']} prompts; ± is the standard "
               "deviation over seeds."]
     return "\n".join(lines) + "\n"
@@ -157,8 +184,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quiet", action="store_true", help="hide the training jobs' own output")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    rows = [run_seed(s, args.tag, algo, extra, Path(args.runs_dir), args.quiet)
-            for algo in args.algorithms for s in args.seeds]
+    rows = [run_seed(s, args.tag, algo, extra, Path(args.runs_dir), args.quiet)  # seed-major: a cut-short
+            for s in args.seeds for algo in args.algorithms]                     # sweep still has every algorithm
     env = environment()
     summary = summarise(rows)
     results = Path(args.results_dir)

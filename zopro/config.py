@@ -40,13 +40,13 @@ class TrainConfig:
     dataset_path: str = field(default="", metadata={"help": "local files with the hub dataset's schema"})
     judge: str = field(default="heuristic", metadata={
         "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
-    n_eval_prompts: int = 24
+    n_eval_prompts: int = 32
     log_judge_score: bool = field(default=True, metadata={
         "help": "score each rollout with the judge too (metrics 'judge_score'; judges with a per-completion score)"})
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
-    k: int = field(default=2, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
-    prompts_per_step: int = 8
+    k: int = field(default=4, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
+    prompts_per_step: int = 4
     max_new_tokens: int = 32
     max_prompt_len: int = 96
     temperature: float = 0.7
@@ -63,7 +63,7 @@ class TrainConfig:
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
     clip: float = 0.2
     minibatches: int = field(default=1, metadata={"help": "ZO steps per rollout, run back to back (2 passes each)"})
-    fo_lr: float = field(default=5e-4, metadata={"help": "AdamW learning rate of first-order steps (RLOO, PPO)"})
+    fo_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of first-order steps (RLOO, PPO)"})
     ppo_epochs: int = field(default=4, metadata={"help": "--algorithm ppo: epochs over each rollout (TRL: 4)"})
     zo_lr: float = 2e-3
     zo_eps: float = 1e-3
@@ -78,9 +78,9 @@ class TrainConfig:
         "help": "scale targeted directions to an isotropic Gaussian's norm, so eps and lr keep their meaning"})
     # reward model
     reward_lr: float = 1e-3
-    reward_init_steps: int = 16
+    reward_init_steps: int = 32
     reward_steps: int = 6
-    reward_pairs: int = field(default=32, metadata={"help": "judged pairs per reward refinement"})
+    reward_pairs: int = field(default=96, metadata={"help": "judged pairs per reward refinement"})
     reward_batch: int = 8
     reward_soft_labels: bool = field(default=True, metadata={
         "help": "train on the judge's probability of each judged pair (false: on its 0/1 decision)"})
@@ -98,7 +98,7 @@ def _preset_values() -> dict[str, dict]:
                  reward_steps=50, n_eval_prompts=128, max_prompts=20000)
     return {
         "default": {},
-        "smoke": dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, max_new_tokens=6,
+        "smoke": dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
                       max_prompt_len=48, n_eval_prompts=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
                       reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0),
         "hh-rlhf": dict(llama, dataset="hh-rlhf"),
