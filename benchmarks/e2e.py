@@ -54,11 +54,13 @@ def run_seed(seed: int, tag: str, algorithm: str, extra: list[str], runs_dir: Pa
                        stderr=subprocess.DEVNULL if quiet else None)
     wall = time.perf_counter() - t0
     result = json.loads(summary.read_text())
+    if wall < 1:  # an earlier run, reused: the job's own figure (that of its last process, if it was resumed)
+        wall = result.get("wall_seconds") if not result.get("resumed") else None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ev = result["evaluation"]
     return {"algorithm": algorithm, "seed": seed, "before": ev["before"], "after": ev["after"],
             "change": ev["after"] - ev["before"], "metric": ev["metric"], "n_eval": ev["n"],
-            "wall_seconds": wall if wall > 1 else None, "steps": len(records),
+            "wall_seconds": wall, "steps": len(records),
             "peak_rollout_mib": max(r["peak_rollout"] for r in records) / 2**20,
             "peak_zo_update_mib": max((r["peak_update"] for r in records if r["mode"].startswith("zo")),
                                       default=0) / 2**20,
@@ -157,7 +159,7 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
               "| peak rollout MiB | peak ZO update MiB | peak first-order update MiB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "(earlier run)"
+        wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "(not recorded)"
         lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} "
                      f"| {wall} | {r['peak_rollout_mib']:.0f} | {r['peak_zo_update_mib']:.0f} "
                      f"| {r['peak_fo_update_mib']:.0f} |")

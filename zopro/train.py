@@ -464,6 +464,7 @@ def save_adapters(bundle, out: Path):
 
 def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
     """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests)."""
+    started = time.perf_counter()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "config.json"
@@ -508,7 +509,8 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
     evaluation = {k: v for k, v in state.meta["evaluation"].items() if k != "before_texts"}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
-               "reward_losses": state.meta["reward_losses"], "output_dir": str(out)}
+               "reward_losses": state.meta["reward_losses"], "output_dir": str(out),
+               "wall_seconds": time.perf_counter() - started, "resumed": resume}
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if progress:
         print(table)
