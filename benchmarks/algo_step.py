@@ -79,14 +79,15 @@ def synthetic_rollout(bundle, vocab: int, batch: int, seq: int, k: int = 2):
     response = torch.zeros_like(sequences)
     response[:, seq // 2:] = 1
     with torch.inference_mode():
-        logps, _ = bundle.policy_logprobs(sequences, attention, response)
-        ref, _ = bundle.reference_logprobs(sequences, attention, response)
+        logps, logps_tok = bundle.policy_logprobs(sequences, attention, response)
+        ref, ref_tok = bundle.reference_logprobs(sequences, attention, response)
     scores = torch.randn(batch, generator=g).to(device)
     advantages = rloo_advantages(scores.view(-1, k)).reshape(-1)
     return Rollout(prompts=[""] * (batch // k), completions=[""] * batch,
                    prompt_index=torch.arange(batch // k, device=device).repeat_interleave(k),
                    sequences=sequences, attention_mask=attention, response_mask=response, prompt_length=seq // 2,
-                   policy_logps=logps.clone(), ref_logps=ref.clone(), scores=scores, kl=(logps - ref).clone(),
+                   policy_logps=logps.clone(), ref_logps=ref.clone(), policy_token_logps=logps_tok.clone(),
+                   ref_token_logps=ref_tok.clone(), logprob_temperature=1.0, scores=scores, kl=(logps - ref).clone(),
                    rewards=scores, advantages=advantages, k=k)
 
 

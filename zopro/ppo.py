@@ -236,17 +236,26 @@ def make_ppo(bundle: PolicyRewardModel, cfg: PPOConfig) -> tuple[ValueModel, tor
     return value_model, optimizer
 
 
+def _token_logps(bundle, rollout, temperature):
+    """``(policy, reference)`` token log-probs ``[B, T]`` of the rollout at ``temperature``: the rollout's own when it
+    computed them at that temperature (the same function of the same weights and tokens), else computed here."""
+    if rollout.logprob_temperature == temperature:
+        return rollout.policy_token_logps, rollout.ref_token_logps
+    args = (rollout.sequences, rollout.attention_mask, rollout.response_mask)
+    with torch.inference_mode():
+        policy = bundle.policy_logprobs(*args, temperature=temperature)[1]
+        ref = bundle.reference_logprobs(*args, temperature=temperature)[1]
+    return policy.clone(), ref.clone()  # out of inference mode: they meet tensors that require grad in the losses
+
+
 @torch.no_grad()
 def _prepare(bundle, value_model, rollout, cfg):
     """Old token log-probs and values, per-token rewards, advantages and returns (TRL's steps 4-6)."""
-    args = (rollout.sequences, rollout.attention_mask, rollout.response_mask)
     mask = rollout.response_mask.to(bundle.device).bool()
+    old_logps, ref_logps = _token_logps(bundle, rollout, cfg.logprob_temperature)
     with torch.inference_mode():
-        old_logps = bundle.policy_logprobs(*args, temperature=cfg.logprob_temperature)[1]
-        ref_logps = bundle.reference_logprobs(*args, temperature=cfg.logprob_temperature)[1]
         old_values = value_model(rollout.sequences, rollout.attention_mask)
-    # Clone out of inference mode: these tensors meet tensors that require grad in the losses.
-    old_logps, ref_logps, old_values = old_logps.clone(), ref_logps.clone(), old_values.clone()
+    old_values = old_values.clone()  # out of inference mode, as above
     rewards = token_rewards(rollout.scores.to(mask.device), old_logps, ref_logps, mask, cfg.kl_coef)
     if cfg.whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
@@ -261,7 +270,8 @@ def ppo_step(bundle: PolicyRewardModel, value_model: ValueModel, rollout: Rollou
              cfg: PPOConfig, *, seed: int | None = None) -> dict[str, float]:
     """One PPO update on a rollout: ``cfg.ppo_epochs`` epochs over ``cfg.num_mini_batches`` shuffled minibatches.
 
-    Old token log-probs and values are recomputed first (no grad), with the rollout's scores as the sequence reward.
+    Old values are computed first (no grad), token log-probs taken from the rollout (computed again only at another
+    ``cfg.logprob_temperature``), with the rollout's scores as the sequence reward.
     Each minibatch: ``loss = policy_loss + vf_coef * value_loss``, backward, grad-norm clipping over the optimizer's
     parameters, AdamW step. Minibatch order is a function of ``seed`` (default ``cfg.seed``; pass a per-step seed
     for a fresh order each step) through a CPU generator; the global RNG is not touched.
@@ -313,11 +323,7 @@ def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.opti
     """
     if loss not in ("sequence", "token"):
         raise ValueError(f"loss must be 'sequence' or 'token', got {loss!r}")
-    old_tok = None
-    if loss == "token":  # as train.Run.train_step: token log-probs of the sampling policy
-        with torch.inference_mode():
-            old_tok = bundle.policy_logprobs(rollout.sequences, rollout.attention_mask, rollout.response_mask)[1]
-        old_tok = old_tok.clone()
+    old_tok = rollout.policy_token_logps if loss == "token" else None  # as train.Run.train_step
     value, grad_norm = first_order_step(bundle, rollout, optimizer, types.SimpleNamespace(loss=loss, clip=clip),
                                         old_tok)
     return {"loss": value, "grad_norm": grad_norm}

@@ -31,6 +31,9 @@ class Rollout:
     prompt_length: int  # sequences[:, :prompt_length] is the padded prompt
     policy_logps: torch.Tensor  # [N] fp32, summed response log-probs under the policy that sampled
     ref_logps: torch.Tensor  # [N] fp32, same under the reference policy
+    policy_token_logps: torch.Tensor  # [N, T] fp32, the per-token terms of policy_logps (0 off the response)
+    ref_token_logps: torch.Tensor  # [N, T] fp32, same under the reference policy
+    logprob_temperature: float  # the temperature all four log-prob tensors were computed at
     scores: torch.Tensor  # [N] fp32, reward-model scores
     kl: torch.Tensor  # [N] fp32, policy_logps - ref_logps
     rewards: torch.Tensor  # [N] fp32, scores - kl_coef * kl
@@ -132,8 +135,8 @@ def collect_rollout(
                                           max_prompt_len)
     with torch.inference_mode():
         args = (gen.sequences, gen.attention_mask, gen.response_mask)
-        policy_logps, _ = bundle.policy_logprobs(*args, temperature=logprob_temperature)
-        ref_logps, _ = bundle.reference_logprobs(*args, temperature=logprob_temperature)
+        policy_logps, policy_tok = bundle.policy_logprobs(*args, temperature=logprob_temperature)
+        ref_logps, ref_tok = bundle.reference_logprobs(*args, temperature=logprob_temperature)
         row_prompts = [p for p in prompts for _ in range(k)]
         scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=row_prompts, completions=completions)
         scores = scores.to(policy_logps.device)
@@ -150,6 +153,9 @@ def collect_rollout(
         prompt_length=gen.prompt_length,
         policy_logps=policy_logps.clone(),
         ref_logps=ref_logps.clone(),
+        policy_token_logps=policy_tok.clone(),
+        ref_token_logps=ref_tok.clone(),
+        logprob_temperature=float(logprob_temperature),
         scores=scores.clone(),
         kl=kl.clone(),
         rewards=rewards.clone(),

@@ -370,12 +370,7 @@ class Run:
         memory.reset_peak(self.device)
         rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), cfg.k, cfg.max_new_tokens,
                                   cfg.temperature, cfg.kl_coef, _seed(cfg, ROLLOUT, it, step), cfg.max_prompt_len)
-        old_tok = None
-        if cfg.loss == "token":
-            with torch.inference_mode():
-                _, old_tok = self.bundle.policy_logprobs(rollout.sequences, rollout.attention_mask,
-                                                         rollout.response_mask)
-            old_tok = old_tok.clone()
+        old_tok = rollout.policy_token_logps if cfg.loss == "token" else None
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         skipped = 0

@@ -254,6 +254,20 @@ def test_ppo_steps_increase_a_synthetic_reward(make_bundle, tiny_tokenizer):
     assert first["approx_kl"] > 0 and 0 <= first["clip_fraction"] <= 1 and first["grad_norm"] > 0
 
 
+def test_ppo_takes_token_logprobs_from_the_rollout_at_its_temperature(make_bundle, tiny_tokenizer):
+    from zopro.ppo import _token_logps
+
+    bundle = make_bundle(lm_head_scale=30.0)
+    r = collect_rollout(bundle, tiny_tokenizer, PROMPTS, 2, 6, 1.0, 0.05, 7, 32)
+    policy, ref = _token_logps(bundle, r, 1.0)
+    assert policy is r.policy_token_logps and ref is r.ref_token_logps
+    policy, ref = _token_logps(bundle, r, 0.7)  # another temperature: computed, as the rollout would have
+    batch = (r.sequences, r.attention_mask, r.response_mask)
+    assert torch.equal(policy, bundle.policy_logprobs(*batch, temperature=0.7)[1]) and not policy.is_inference()
+    assert torch.equal(ref, bundle.reference_logprobs(*batch, temperature=0.7)[1]) and not ref.is_inference()
+    assert not torch.equal(policy, r.policy_token_logps)
+
+
 @pytest.mark.parametrize("loss", ["sequence", "token"])
 def test_rloo_step_is_trains_first_order_step(make_bundle, tiny_tokenizer, loss):
     a, b = make_bundle(), make_bundle()

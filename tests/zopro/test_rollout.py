@@ -67,6 +67,10 @@ def test_rollout_rows_match_generate_and_logprob_calls(bundle, tiny_tokenizer):
     batch = (gen.sequences, gen.attention_mask, gen.response_mask)
     assert torch.equal(ro.policy_logps, bundle.policy_logprobs(*batch)[0])
     assert torch.equal(ro.ref_logps, bundle.reference_logprobs(*batch)[0])
+    # the per-token terms are kept, so PPO and the token-level loss need not run these forwards again
+    assert torch.equal(ro.policy_token_logps, bundle.policy_logprobs(*batch)[1])
+    assert torch.equal(ro.ref_token_logps, bundle.reference_logprobs(*batch)[1]) and ro.logprob_temperature == 1.0
+    assert not ro.policy_token_logps.is_inference() and not ro.ref_token_logps.is_inference()
     assert torch.equal(ro.scores, bundle.reward_scores(gen.sequences, gen.attention_mask))
     for text, row, m in zip(ro.completions, gen.sequences, gen.response_mask, strict=True):
         assert text == tiny_tokenizer.decode(row[m.bool()], skip_special_tokens=True)
