@@ -89,7 +89,7 @@ def heuristic_features(out: Path) -> dict[str, list[float]] | None:
     means = {}
     for when in ("before", "after"):
         rows = [judge.features(s["prompt"], s[when]) for s in samples]
-        for name in ("topic", "length", "polite", "repeat", "truncated", "role"):
+        for name in judge.weights:  # the judge's six features, in its order
             means.setdefault(name, []).append(statistics.mean(r[name] if r else 0.0 for r in rows))
     return means
 

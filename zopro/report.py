@@ -74,12 +74,11 @@ def plot_rewards(records: list[dict], path: Path, title: str = "ZOPrO reward") -
         axes[1].plot(x, [r["kl"] for r in rs], marker=".", label=label)
         if judged:
             axes[2].plot(x, [r.get("judge_score") for r in rs], marker=".", label=label)
-    ax1 = axes[0]
-    ax1.set(xlabel="step", ylabel="reward-model score", title=title)
+    axes[0].set(xlabel="step", ylabel="reward-model score", title=title)
     axes[1].set(xlabel="step", ylabel="KL to reference (sum over tokens)", title="KL")
     if judged:
         axes[2].set(xlabel="step", ylabel="judge score of the rollout", title="judge (gold) score")
-    ax1.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
