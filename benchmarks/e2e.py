@@ -63,7 +63,8 @@ def run_seed(seed: int, tag: str, algorithm: str, extra: list[str], runs_dir: Pa
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ev = result["evaluation"]
     return {"algorithm": algorithm, "seed": seed, "before": ev["before"], "after": ev["after"],
-            "change": ev["after"] - ev["before"], "metric": ev["metric"], "n_eval": ev["n"],
+            "change": ev["change"], "change_se": ev["change_se"], "metric": ev["metric"], "n_eval": ev["n"],
+            "eval_samples": ev["samples"],
             "wall_seconds": wall, "steps": len(records),
             "peak_rollout_mib": max(r["peak_rollout"] for r in records) / 2**20,
             "peak_zo_update_mib": max((r["peak_update"] for r in records if r["mode"].startswith("zo")),
@@ -88,7 +89,7 @@ def heuristic_features(out: Path) -> dict[str, list[float]] | None:
     samples = [json.loads(line) for line in samples_path.read_text().splitlines() if line.strip()]
     means = {}
     for when in ("before", "after"):
-        rows = [judge.features(s["prompt"], s[when]) for s in samples]
+        rows = [judge.features(s["prompt"], text) for s in samples for text in s[when]]
         for name in judge.weights:  # the judge's six features, in its order
             means.setdefault(name, []).append(statistics.mean(r[name] if r else 0.0 for r in rows))
     return means
@@ -159,12 +160,14 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
         lines.append(f"| {algo} | {len(s['seeds'])} | {s['change'][0]:+.4f} ± {s['change'][1]:.4f} | {last} "
                      f"| {s['step_time'][0]:.2f} ± {s['step_time'][1]:.2f} | {s['peak_rollout_mib']:.0f} "
                      f"| {s['peak_update_mib']:.0f} |")
-    lines += ["", "Per run:", "", "| algorithm | seed | judge score before | after | change | wall (s) "
+    lines += ["", "Per run:", "", "| algorithm | seed | judge score before | after | change ± paired SE | wall (s) "
               "| peak rollout MiB | peak ZO update MiB | peak first-order update MiB |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] else "(not recorded)"
-        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} "
+        se = f" ± {r['change_se']:.4f}" if r["change_se"] is not None else ""
+        lines.append(f"| {r['algorithm']} | {r['seed']} | {r['before']:.4f} | {r['after']:.4f} "
+                     f"| {r['change']:+.4f}{se} "
                      f"| {wall} | {r['peak_rollout_mib']:.0f} | {r['peak_zo_update_mib']:.0f} "
                      f"| {r['peak_fo_update_mib']:.0f} |")
     if all(r["features"] for r in rows):
@@ -175,8 +178,9 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
             rs = [r for r in rows if r["algorithm"] == algo]
             lines.append(f"| {algo} | " + " | ".join(
                 f"{statistics.mean(r['features'][n][1] - r['features'][n][0] for r in rs):+.3f}" for n in names) + " |")
-    lines += ["", f"Held-out judge score: {rows[0]['metric']} over {rows[0]['n_eval']} prompts; ± is the standard "
-              "deviation over seeds."]
+    lines += ["", f"Held-out judge score: {rows[0]['metric']} over {rows[0]['n_eval']} prompts x "
+              f"{rows[0]['eval_samples']} samples; ± in the first table is the standard deviation over seeds, in the "
+              "second the paired standard error of one run's change over its prompts."]
     return "\n".join(lines) + "\n"
 
 

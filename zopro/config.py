@@ -41,6 +41,10 @@ class TrainConfig:
     judge: str = field(default="heuristic", metadata={
         "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
     n_eval_prompts: int = 32
+    eval_samples: int = field(default=8, metadata={
+        "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
+                "tell a run's effect from sampling)"})
+    eval_batch: int = field(default=64, metadata={"help": "rows per generate call in the held-out evaluation"})
     log_judge_score: bool = field(default=True, metadata={
         "help": "score each rollout with the judge too (metrics 'judge_score'; judges with a per-completion score)"})
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
@@ -95,12 +99,13 @@ def _preset_values() -> dict[str, dict]:
                  kl_coef=0.05, temperature=0.7, fo_lr=5e-5, zo_lr=1e-4, zo_eps=1e-3, prompts_per_step=32,
                  max_prompt_len=512, dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct",
                  iterations=4, steps_per_iteration=50, reward_pairs=256, reward_init_steps=200, reward_batch=16,
-                 reward_steps=50, n_eval_prompts=128, max_prompts=20000)
+                 reward_steps=50, n_eval_prompts=128, eval_samples=4, eval_batch=128,
+                 max_prompts=20000)
     return {
         "default": {},
         "smoke": dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
-                      max_prompt_len=48, n_eval_prompts=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
-                      reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0),
+                      max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2,
+                      reward_steps=2, reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0),
         "hh-rlhf": dict(llama, dataset="hh-rlhf"),
         "tldr": dict(llama, dataset="tldr"),
         "wmt20": dict(llama, dataset="wmt20"),
@@ -127,7 +132,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.k < 2:
         bad("k", f"RLOO needs at least 2 completions per prompt, got {cfg.k}")
     for name in ("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
-                 "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs"):
+                 "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
+                 "eval_batch"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be at least 1, got {getattr(cfg, name)}")
     for name in ("n_eval_prompts", "reward_init_steps", "reward_steps", "reward_pairs", "max_prompts", "threads"):

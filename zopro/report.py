@@ -51,9 +51,11 @@ def summary_table(records: list[dict], evaluation: dict) -> str:
                     f"{mean('loss'):.4f} | {mean('step_time'):.2f} | {peaks[0]:.0f} / {peaks[1]:.0f} |")
     lines = ["\n".join(rows)]
     if evaluation.get("before") is not None and evaluation.get("after") is not None:
-        lines.append(f"\nHeld-out judge score ({evaluation['metric']}, {evaluation['n']} prompts): "
-                     f"before {evaluation['before']:.4f} -> after {evaluation['after']:.4f} "
-                     f"({evaluation['after'] - evaluation['before']:+.4f})")
+        se = evaluation.get("change_se")
+        spread = f" ± {se:.4f} paired standard error" if se is not None else ""
+        lines.append(f"\nHeld-out judge score ({evaluation['metric']}, {evaluation['n']} prompts x "
+                     f"{evaluation['samples']} samples): before {evaluation['before']:.4f} -> after "
+                     f"{evaluation['after']:.4f} ({evaluation['change']:+.4f}{spread})")
     return "\n".join(lines)
 
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -197,17 +199,39 @@ def merge_reward_(bundle, previous: dict[str, torch.Tensor], alpha: float) -> No
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
-    """Judge score of one sampled completion per held-out prompt (fixed seed), or, for pairwise-only judges, the
-    win rate against ``reference_texts``. Returns (metric name, value, texts)."""
+    """Held-out evaluation: ``cfg.eval_samples`` sampled completions per prompt, generated ``cfg.eval_batch`` rows
+    at a time from fixed seeds (so "before" and "after" draw the same random numbers, and their difference is not
+    blurred by fresh sampling noise). Each prompt's value is the mean judge score of its completions, or, for
+    pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]`` (0.5 with no
+    reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
     if not prompts:
-        return "none", float("nan"), []
-    _, texts = sample_completions(bundle, tokenizer, prompts, 1, cfg.max_new_tokens, cfg.temperature,
-                                  _seed(cfg, EVAL), cfg.max_prompt_len)
+        return "none", [], []
+    n = cfg.eval_samples
+    per_call = max(1, cfg.eval_batch // n)
+    texts = []
+    for c, start in enumerate(range(0, len(prompts), per_call)):
+        chunk = prompts[start:start + per_call]
+        _, flat = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
+                                     _seed(cfg, EVAL, c), cfg.max_prompt_len)
+        texts += [flat[i * n:(i + 1) * n] for i in range(len(chunk))]
+    rows = [p for p in prompts for _ in range(n)]
+    flat = [t for ts in texts for t in ts]
     if hasattr(judge, "score"):
-        return "mean judge score", float(judge.score(prompts, texts).float().mean()), texts
-    if reference_texts is None:
-        return "win rate vs before", 0.5, texts
-    return "win rate vs before", float(judge.prefer(prompts, texts, reference_texts).float().mean()), texts
+        metric, values = "mean judge score", judge.score(rows, flat).float()
+    elif reference_texts is None:
+        metric, values = "win rate vs before", torch.full((len(flat),), 0.5)
+    else:
+        reference = [t for ts in reference_texts for t in ts]
+        metric, values = "win rate vs before", judge.prefer(rows, flat, reference).float()
+    return metric, values.view(len(prompts), n).mean(1).tolist(), texts
+
+
+def paired_change(before: list[float], after: list[float]) -> tuple[float, float | None]:
+    """Mean per-prompt change and its standard error (None with fewer than two prompts)."""
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    if len(d) < 2:
+        return (d[0] if d else float("nan")), None
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -345,8 +369,9 @@ class Run:
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
                                          [r.prompt for r in self.eval_records], cfg)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
-        self.meta["evaluation"] = {"metric": metric, "before": before, "n": len(self.eval_records),
-                                   "before_texts": texts}
+        self.meta["evaluation"] = {"metric": metric, "before": statistics.fmean(before) if before else None,
+                                   "n": len(self.eval_records), "samples": cfg.eval_samples,
+                                   "before_per_prompt": before, "before_texts": texts}
         self.begin_iteration(0)
 
     def begin_iteration(self, it: int):
@@ -437,9 +462,13 @@ class Run:
     def finish(self):
         ev = self.meta["evaluation"]
         prompts = [r.prompt for r in self.eval_records]
-        _, ev["after"], texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
-                                         reference_texts=ev["before_texts"])
-        samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, ev["before_texts"], texts)]
+        _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
+                                   reference_texts=ev["before_texts"])
+        if after:
+            ev["after"] = statistics.fmean(after)
+            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
+        samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
+                   for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], texts, ev["before_per_prompt"], after)]
         checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         self.meta["phase"] = "done"
         self.save()
@@ -502,7 +531,7 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     plot_rewards(records, out / "reward_curve.png")
     table = summary_table(records, state.meta["evaluation"])
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
-    evaluation = {k: v for k, v in state.meta["evaluation"].items() if k != "before_texts"}
+    evaluation = {k: v for k, v in state.meta["evaluation"].items() if k not in ("before_texts", "before_per_prompt")}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
                "reward_losses": state.meta["reward_losses"], "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}

@@ -2,13 +2,15 @@
 
 import dataclasses
 import json
+import statistics
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from zopro.config import TrainConfig, from_args, preset
-from zopro.train import main, run
+from zopro.judges import HeuristicJudge
+from zopro.train import main, paired_change, run
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
 
@@ -42,9 +44,28 @@ def test_smoke_run_writes_everything_a_user_reads(tmp_path):
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1 | zo-targeted | 2 |" in (out / "summary.md").read_text()
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
-    assert len(samples) == cfg.n_eval_prompts and set(samples[0]) == {"prompt", "before", "after"}
-    assert summary["steps"] == 4 and summary["evaluation"]["before"] is not None
-    assert summary["evaluation"]["after"] is not None
+    assert len(samples) == cfg.n_eval_prompts
+    assert set(samples[0]) == {"prompt", "before", "after", "before_score", "after_score"}
+    judge = HeuristicJudge()  # the smoke preset's judge: each prompt's score is the mean over its samples
+    for s in samples:
+        for when in ("before", "after"):
+            assert len(s[when]) == cfg.eval_samples
+            scores = judge.score([s["prompt"]] * cfg.eval_samples, s[when])
+            assert s[f"{when}_score"] == pytest.approx(scores.mean().item(), abs=1e-6)
+    ev = summary["evaluation"]
+    assert summary["steps"] == 4 and ev["n"] == cfg.n_eval_prompts and ev["samples"] == cfg.eval_samples
+    assert ev["before"] == pytest.approx(statistics.fmean(s["before_score"] for s in samples))
+    assert ev["after"] == pytest.approx(statistics.fmean(s["after_score"] for s in samples))
+    d = [s["after_score"] - s["before_score"] for s in samples]
+    assert ev["change"] == pytest.approx(statistics.fmean(d))
+    assert ev["change_se"] == pytest.approx(statistics.stdev(d) / len(d) ** 0.5)
+    assert f"({ev['change']:+.4f} ± {ev['change_se']:.4f} paired standard error)" in (out / "summary.md").read_text()
+
+
+def test_paired_change_against_hand_computed_values():
+    mean, se = paired_change([1.0, 2.0, 3.0], [2.0, 2.0, 5.0])  # differences 1, 0, 2: mean 1, sample std 1
+    assert mean == pytest.approx(1.0) and se == pytest.approx(1 / 3**0.5)
+    assert paired_change([1.0], [1.5]) == (0.5, None)  # one prompt: no spread to estimate
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -73,6 +94,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     (["--preset", "smoke", "--reward-model", "some/classifier"], "--sampler: targeted sampling needs"),
     (["--preset", "smoke", "--sampler", "random"], "--sampler: 'random' is not one of"),
     (["--preset", "smoke", "--minibatches", "3"], "--minibatches: must divide"),
+    (["--preset", "smoke", "--eval-samples", "0"], "--eval-samples: must be at least 1"),
 ])
 def test_bad_configurations_fail_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
@@ -160,13 +182,16 @@ def test_pairwise_judge_scores_after_against_before(tmp_path):
     from zopro.judges import CallableJudge
     from zopro.train import evaluate, load_models
 
-    cfg = _smoke(tmp_path)
+    cfg = _smoke(tmp_path, eval_samples=3, eval_batch=3)  # one prompt per generate call
     bundle, tokenizer = load_models(cfg, torch.device("cpu"))
     prompts = ["hello there", "say something nice"]
     judge = CallableJudge(lambda prompt, a, b: len(a) >= len(b))  # no score(): only pairwise preferences
     metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
-    assert metric == "win rate vs before" and first == 0.5  # nothing to compare with yet
+    assert metric == "win rate vs before" and first == [0.5, 0.5]  # nothing to compare with yet
+    assert [len(t) for t in texts] == [3, 3]
     _, again, same = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
-    assert same == texts and again == 1.0  # same seed, same weights: identical answers, ties go to "after"
-    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=[t + "!" for t in texts])
-    assert never == 0.0
+    assert same == texts and again == [1.0, 1.0]  # same seeds, same weights: identical answers, ties go to "after"
+    longer = [[t + "!" for t in ts] for ts in texts]
+    longer[1][0] = ""  # sample 0 of prompt 1 now loses to nothing: that prompt wins 1 of its 3 comparisons
+    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=longer)
+    assert never == pytest.approx([0.0, 1 / 3])
