@@ -96,6 +96,11 @@ def sample_completions(bundle: PolicyRewardModel, tokenizer, prompts: list[str],
     return gen, texts
 
 
+def repeat_each(prompts: list[str], k: int) -> list[str]:
+    """Each prompt ``k`` times, in row order (rows ``i*k .. i*k+k-1`` belong to prompt ``i``)."""
+    return [p for p in prompts for _ in range(k)]
+
+
 def _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len) -> None:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be a non-empty list of str")
@@ -137,8 +142,8 @@ def collect_rollout(
         args = (gen.sequences, gen.attention_mask, gen.response_mask)
         policy_logps, policy_tok = bundle.policy_logprobs(*args, temperature=logprob_temperature)
         ref_logps, ref_tok = bundle.reference_logprobs(*args, temperature=logprob_temperature)
-        row_prompts = [p for p in prompts for _ in range(k)]
-        scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=row_prompts, completions=completions)
+        scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=repeat_each(prompts, k),
+                                      completions=completions)
         scores = scores.to(policy_logps.device)
         rewards, kl = kl_penalised_rewards(scores, policy_logps, ref_logps, float(kl_coef))
         advantages = _rloo(rewards.view(len(prompts), k)).reshape(-1)

@@ -33,7 +33,7 @@ from zopro.config import TrainConfig, from_args
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
 from zopro.optim import ZOOptimizer, derive_seed
 from zopro.report import MetricsLog, plot_rewards, summary_table
-from zopro.rollout import collect_rollout, left_pad, prompt_ids, sample_completions
+from zopro.rollout import collect_rollout, left_pad, prompt_ids, repeat_each, sample_completions
 from zopro.samplers import Isotropic, RankGuided, Targeted
 
 # Seed domains, so that rollouts, pair sampling, evaluation and ZO directions never share a seed.
@@ -214,7 +214,7 @@ def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
         _, flat = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
                                      _seed(cfg, EVAL, c), cfg.max_prompt_len)
         texts += [flat[i * n:(i + 1) * n] for i in range(len(chunk))]
-    rows = [p for p in prompts for _ in range(n)]
+    rows = repeat_each(prompts, n)
     flat = [t for ts in texts for t in ts]
     if hasattr(judge, "score"):
         metric, values = "mean judge score", judge.score(rows, flat).float()
@@ -416,8 +416,8 @@ class Run:
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
         if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
-            row_prompts = [p for p in rollout.prompts for _ in range(rollout.k)]
-            judge_score = float(self.judge.score(row_prompts, rollout.completions).float().mean())
+            rows = repeat_each(rollout.prompts, rollout.k)
+            judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
         record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
                   "judge_score": judge_score,
