@@ -1,0 +1,68 @@
+"""Measure finished runs' held-out judge score again, with another number of samples per prompt.
+
+``python -m benchmarks.reevaluate RUN_DIR [RUN_DIR ...] --eval-samples 8 [--threads N]``
+
+For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
+identity) and the run's final policy adapter, both evaluated as the training program does
+(``zopro.train.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after, change with its
+paired standard error) and writes nothing into the run. Use it on runs made before a change of the evaluation, or
+to tell a run's effect from sampling noise with more samples than the job itself spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from zopro import checkpoint
+from zopro.config import TrainConfig
+from zopro.train import _device, evaluate, load_judge, load_models, load_prompts, paired_change
+
+
+def reevaluate(run_dir: Path, eval_samples: int) -> dict:
+    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    cfg = dataclasses.replace(TrainConfig(**saved), eval_samples=eval_samples)
+    loaded = checkpoint.load(run_dir)
+    if loaded is None or loaded[0]["phase"] != "done":
+        raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    device = _device(cfg)
+    _, held_out = load_prompts(cfg)
+    bundle, tokenizer = load_models(cfg, device)
+    judge = load_judge(cfg, device)
+    prompts = [r.prompt for r in held_out]
+    metric, before, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    bundle.load_trainable_state_(loaded[1]["trainable"])
+    _, after, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+    change, se = paired_change(before, after)
+    return {"run": str(run_dir), "metric": metric, "prompts": len(prompts), "samples": eval_samples,
+            "before": statistics.fmean(before), "after": statistics.fmean(after), "change": change, "change_se": se}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.reevaluate")
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    args = parser.parse_args(argv)
+    if args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for run_dir in args.runs:
+        r = reevaluate(run_dir, args.eval_samples)
+        se = f" ± {r['change_se']:.4f}" if r["change_se"] is not None else ""
+        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} "
+              f"| {r['change']:+.4f}{se} |", flush=True)
+        rows.append(r)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
