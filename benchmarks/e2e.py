@@ -62,6 +62,11 @@ def run_seed(seed: int, tag: str, algorithm: str, extra: list[str], runs_dir: Pa
         wall = result.get("wall_seconds") if not result.get("resumed") else None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     ev = result["evaluation"]
+    if "change" not in ev:
+        raise ValueError(f"{out} was made by an older zopro (one sample per held-out prompt): delete it or pass "
+                         "another --runs-dir")
+    if ev["change"] is None:
+        raise ValueError(f"{out}: the run has no held-out prompts to compare (--n-eval-prompts 0)")
     return {"algorithm": algorithm, "seed": seed, "before": ev["before"], "after": ev["after"],
             "change": ev["change"], "change_se": ev["change_se"], "metric": ev["metric"], "n_eval": ev["n"],
             "eval_samples": ev["samples"],

@@ -27,24 +27,3 @@ def test_every_algorithm_end_to_end_on_the_smoke_task(tmp_path):
         assert s["clock_mean"] == sorted(s["clock_mean"])
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
-
-def test_reevaluate_reproduces_a_runs_own_evaluation_and_refuses_unfinished_runs(tmp_path, capsys):
-    import dataclasses
-
-    import pytest
-
-    from benchmarks import reevaluate
-    from zopro.config import preset
-    from zopro.train import run
-
-    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, eval_samples=3)
-    ev = run(cfg, progress=False)["evaluation"]
-    (again,) = reevaluate.main([str(tmp_path / "run"), "--eval-samples", "3"])
-    # same seeds, same weights: the very numbers the job reported, from its final checkpoint alone
-    assert (again["before"], again["after"], again["change"], again["change_se"]) == (
-        ev["before"], ev["after"], ev["change"], ev["change_se"])
-    assert f"| run | {cfg.n_eval_prompts} x 3 |" in capsys.readouterr().out
-    with pytest.raises(KeyboardInterrupt):
-        run(dataclasses.replace(cfg, output_dir=str(tmp_path / "cut")), progress=False, stop_after_steps=1)
-    with pytest.raises(ValueError, match="not a finished run"):
-        reevaluate.reevaluate(tmp_path / "cut", 3)

@@ -44,7 +44,9 @@ class TrainConfig:
     eval_samples: int = field(default=8, metadata={
         "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
                 "tell a run's effect from sampling)"})
-    eval_batch: int = field(default=64, metadata={"help": "rows per generate call in the held-out evaluation"})
+    eval_batch: int = field(default=64, metadata={
+        "help": "rows per generate call in the held-out evaluation (at least one prompt's samples); the samples "
+                "depend on it, as on the seed"})
     log_judge_score: bool = field(default=True, metadata={
         "help": "score each rollout with the judge too (metrics 'judge_score'; judges with a per-completion score)"})
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})

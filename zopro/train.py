@@ -49,7 +49,7 @@ def _seed(cfg: TrainConfig, domain: int, *parts: int) -> int:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup
-def _device(cfg: TrainConfig) -> torch.device:
+def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -199,9 +199,12 @@ def merge_reward_(bundle, previous: dict[str, torch.Tensor], alpha: float) -> No
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
-    """Held-out evaluation: ``cfg.eval_samples`` sampled completions per prompt, generated ``cfg.eval_batch`` rows
-    at a time from fixed seeds (so "before" and "after" draw the same random numbers, and their difference is not
-    blurred by fresh sampling noise). Each prompt's value is the mean judge score of its completions, or, for
+    """Held-out evaluation: ``cfg.eval_samples`` sampled completions per prompt.
+
+    Prompts go ``max(1, eval_batch // eval_samples)`` to a generate call; call ``c`` samples from seed
+    ``_seed(cfg, EVAL, c)``, so "before" and "after" draw the same random numbers and their difference is not
+    blurred by fresh sampling noise. transformers samples a call's rows from one generator, so the answers depend on
+    ``eval_batch`` as they do on the seed. Each prompt's value is the mean judge score of its completions, or, for
     pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]`` (0.5 with no
     reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
     if not prompts:
@@ -226,11 +229,12 @@ def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
     return metric, values.view(len(prompts), n).mean(1).tolist(), texts
 
 
-def paired_change(before: list[float], after: list[float]) -> tuple[float, float | None]:
-    """Mean per-prompt change and its standard error (None with fewer than two prompts)."""
+def paired_change(before: list[float], after: list[float]) -> tuple[float | None, float | None]:
+    """Mean per-prompt change ``after - before`` and its standard error over prompts; the error is None with fewer
+    than two prompts, and both are None with none."""
     d = [a - b for a, b in zip(after, before, strict=True)]
     if len(d) < 2:
-        return (d[0] if d else float("nan")), None
+        return (d[0] if d else None), None
     return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
@@ -288,7 +292,7 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, out: Path):
         self.cfg, self.out = cfg, out
-        self.device = _device(cfg)
+        self.device = resolve_device(cfg)
         self.train_records, self.eval_records = load_prompts(cfg)
         self.bundle, self.tokenizer = load_models(cfg, self.device)
         self.judge = load_judge(cfg, self.device)
@@ -464,9 +468,8 @@ class Run:
         prompts = [r.prompt for r in self.eval_records]
         _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
                                    reference_texts=ev["before_texts"])
-        if after:
-            ev["after"] = statistics.fmean(after)
-            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
+        ev["after"] = statistics.fmean(after) if after else None
+        ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
         samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
                    for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], texts, ev["before_per_prompt"], after)]
         checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
@@ -496,6 +499,10 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
         if not config_path.is_file():
             raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
         saved = json.loads(config_path.read_text(encoding="utf-8"))
+        if "eval_samples" not in saved:
+            raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "
+                             "sample each, so its 'before' cannot be compared with this version's evaluation. Start a "
+                             "new run (a finished one can be scored again with python -m zopro.evaluate)")
         cfg = TrainConfig(**{**saved, "output_dir": cfg.output_dir})
     elif (out / "LATEST").exists():
         raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick another dir")

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from zopro.config import TrainConfig, from_args, preset
+from zopro.evaluate import main as evaluate_main
+from zopro.evaluate import reevaluate
 from zopro.judges import HeuristicJudge
 from zopro.train import main, paired_change, run
 
@@ -62,15 +64,71 @@ def test_smoke_run_writes_everything_a_user_reads(tmp_path):
     assert f"({ev['change']:+.4f} ± {ev['change_se']:.4f} paired standard error)" in (out / "summary.md").read_text()
 
 
+def test_reevaluate_reproduces_a_runs_own_evaluation_and_refuses_unfinished_runs(tmp_path, capsys):
+    cfg = _smoke(tmp_path, eval_samples=3)
+    ev = run(cfg, progress=False)["evaluation"]
+    (again,) = evaluate_main([str(tmp_path / "run"), "--eval-samples", "3"])
+    # same seeds, same weights: the very numbers the job reported, from its config and final checkpoint alone
+    assert (again["before"], again["after"], again["change"], again["change_se"]) == (
+        ev["before"], ev["after"], ev["change"], ev["change_se"])
+    assert f"| run | {cfg.n_eval_prompts} x 3 |" in capsys.readouterr().out
+    with pytest.raises(KeyboardInterrupt):
+        run(_smoke(tmp_path, "cut"), progress=False, stop_after_steps=1)
+    with pytest.raises(ValueError, match="not a finished run"):
+        reevaluate(tmp_path / "cut", 3)
+    with pytest.raises(ValueError, match="no config.json"):
+        reevaluate(tmp_path / "nothing", 3)
+
+
+def test_resuming_a_run_of_an_older_version_fails_before_touching_it(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    saved = {k: v for k, v in dataclasses.asdict(_smoke(tmp_path, "old")).items() if k not in ("eval_samples",
+                                                                                                "eval_batch")}
+    (out / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="older zopro"):
+        run(_smoke(tmp_path, "old"), resume=True, progress=False)
+    assert json.loads((out / "config.json").read_text()) == saved
+
+
+def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, monkeypatch):
+    import zopro.train as train
+
+    calls = []
+
+    def fake_sample(bundle, tokenizer, prompts, k, max_new_tokens, temperature, seed, max_prompt_len):
+        calls.append((list(prompts), k, seed))
+        return None, [f"{p}|{seed}|{j}" for p in prompts for j in range(k)]
+
+    class IndexJudge:  # score: the sample index j, so each prompt's mean is known exactly
+        def score(self, prompts, completions):
+            assert all(c.startswith(p + "|") for p, c in zip(prompts, completions, strict=True))
+            return torch.tensor([float(c.rsplit("|", 1)[1]) for c in completions])
+
+    monkeypatch.setattr(train, "sample_completions", fake_sample)
+    cfg = _smoke(tmp_path, eval_samples=3, eval_batch=7)  # 7 // 3 = 2 prompts a call: chunks of 2, 2 and 1
+    prompts = [f"p{i}" for i in range(5)]
+    metric, values, texts = train.evaluate(None, None, IndexJudge(), prompts, cfg)
+    assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]] and {c[1] for c in calls} == {3}
+    seeds = [c[2] for c in calls]
+    assert len(set(seeds)) == 3
+    assert metric == "mean judge score" and values == [1.0] * 5  # mean of sample indices 0, 1, 2
+    assert texts[3] == [f"p3|{seeds[1]}|{j}" for j in range(3)]
+    calls.clear()
+    train.evaluate(None, None, IndexJudge(), prompts, cfg)
+    assert [c[2] for c in calls] == seeds  # the same seeds every time: "before" and "after" share them
+
+
 def test_paired_change_against_hand_computed_values():
     mean, se = paired_change([1.0, 2.0, 3.0], [2.0, 2.0, 5.0])  # differences 1, 0, 2: mean 1, sample std 1
     assert mean == pytest.approx(1.0) and se == pytest.approx(1 / 3**0.5)
     assert paired_change([1.0], [1.5]) == (0.5, None)  # one prompt: no spread to estimate
+    assert paired_change([], []) == (None, None)
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     whole = _smoke(tmp_path, "whole", seed=3)
-    run(whole, progress=False)
+    evaluation = run(whole, progress=False)["evaluation"]
     parts = _smoke(tmp_path, "parts", seed=3)
     with pytest.raises(KeyboardInterrupt):
         run(parts, progress=False, stop_after_steps=1)
@@ -79,7 +137,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     # a step that wrote its metrics line but died before its checkpoint is redone, not duplicated
     with open(tmp_path / "parts" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 9, "orphan": True}) + "\n")
-    run(parts, resume=True, progress=False)
+    assert run(parts, resume=True, progress=False)["evaluation"] == evaluation  # "before" kept in the checkpoint
     for name in ("policy_adapter", "reward_adapter"):
         a = load_file(str(tmp_path / "whole" / f"{name}.safetensors"))
         b = load_file(str(tmp_path / "parts" / f"{name}.safetensors"))
@@ -95,6 +153,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     (["--preset", "smoke", "--sampler", "random"], "--sampler: 'random' is not one of"),
     (["--preset", "smoke", "--minibatches", "3"], "--minibatches: must divide"),
     (["--preset", "smoke", "--eval-samples", "0"], "--eval-samples: must be at least 1"),
+    (["--preset", "smoke", "--eval-batch", "0"], "--eval-batch: must be at least 1"),
 ])
 def test_bad_configurations_fail_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"

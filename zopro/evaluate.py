@@ -1,6 +1,6 @@
-"""Measure finished runs' held-out judge score again, with another number of samples per prompt.
+"""Score finished runs' held-out prompts again, with another number of samples per prompt.
 
-``python -m benchmarks.reevaluate RUN_DIR [RUN_DIR ...] --eval-samples 8 [--threads N]``
+``python -m zopro.evaluate RUN_DIR [RUN_DIR ...] [--eval-samples 8] [--device auto|cpu|cuda] [--threads N]``
 
 For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
 identity) and the run's final policy adapter, both evaluated as the training program does
@@ -21,17 +21,23 @@ import torch
 
 from zopro import checkpoint
 from zopro.config import TrainConfig
-from zopro.train import _device, evaluate, load_judge, load_models, load_prompts, paired_change
+from zopro.train import evaluate, load_judge, load_models, load_prompts, paired_change, resolve_device
 
 
-def reevaluate(run_dir: Path, eval_samples: int) -> dict:
+def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> dict:
+    """Before/after held-out score of the finished run in ``run_dir`` with ``eval_samples`` samples per prompt, on
+    ``device`` (default: the run's own)."""
+    if not (run_dir / "config.json").is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no config.json)")
     saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = dataclasses.replace(TrainConfig(**saved), eval_samples=eval_samples)
+    cfg = dataclasses.replace(TrainConfig(**saved), eval_samples=eval_samples, device=device or saved["device"])
     loaded = checkpoint.load(run_dir)
     if loaded is None or loaded[0]["phase"] != "done":
         raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
-    device = _device(cfg)
     _, held_out = load_prompts(cfg)
+    if not held_out:
+        raise ValueError(f"{run_dir}: the run has no held-out prompts (--n-eval-prompts 0)")
+    device = resolve_device(cfg)
     bundle, tokenizer = load_models(cfg, device)
     judge = load_judge(cfg, device)
     prompts = [r.prompt for r in held_out]
@@ -44,9 +50,10 @@ def reevaluate(run_dir: Path, eval_samples: int) -> dict:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.reevaluate")
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--eval-samples", type=int, default=8)
+    parser = argparse.ArgumentParser(prog="python -m zopro.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of finished runs")
+    parser.add_argument("--eval-samples", type=int, default=8, help="sampled completions per held-out prompt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
     args = parser.parse_args(argv)
     if args.eval_samples < 1:
@@ -56,7 +63,10 @@ def main(argv=None) -> list[dict]:
     print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
     rows = []
     for run_dir in args.runs:
-        r = reevaluate(run_dir, args.eval_samples)
+        try:
+            r = reevaluate(run_dir, args.eval_samples, args.device)
+        except ValueError as err:
+            parser.error(str(err))
         se = f" ± {r['change_se']:.4f}" if r["change_se"] is not None else ""
         print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} "
               f"| {r['change']:+.4f}{se} |", flush=True)
