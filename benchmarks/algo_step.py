@@ -13,6 +13,7 @@ Algorithms share the model, the rollout and the surrogate (``zopro.train.surroga
   the policy's shapes standing in for the previous updates);
 * ``mezo``: MeZO's step, per-tensor torch noise, four passes (``benchmarks.baselines.mezo_perturb_``);
 * ``rloo``: first-order RLOO with backprop through the policy adapter and AdamW (``zopro.ppo.rloo_step``);
+  ``rloo-mb2``: the same with the gradient accumulated over chunks of 2 rows (``--fo-microbatch 2``);
 * ``ppo``: first-order PPO with a value adapter and head, GAE, 4 epochs (``zopro.ppo.ppo_step``, TRL defaults).
 
 ``--quantize nf4|int8`` puts the frozen base in bitsandbytes storage; ``rloo`` on an NF4 base is QLoRA (AdamW on
@@ -34,7 +35,7 @@ SIZES = {
     "smollm2-135m": (49152, 576, 1536, 30, 9, 3, 8),
     "llama-1b": (128256, 2048, 8192, 16, 32, 8, 64),
 }
-ALGOS = ("forward2", "zopro-isotropic", "zopro-targeted", "zopro-rank_guided", "mezo", "rloo", "ppo")
+ALGOS = ("forward2", "zopro-isotropic", "zopro-targeted", "zopro-rank_guided", "mezo", "rloo", "rloo-mb2", "ppo")
 
 
 def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, quantize: str = "none"):
@@ -137,11 +138,12 @@ def make_step(algo: str, bundle, rollout):
                 mezo_perturb_(tensors, seed, 1e-3)
                 mezo_perturb_(tensors, seed, -1e-4 * (plus - minus) / 2e-3)
         return mezo_step
-    if algo == "rloo":
+    if algo in ("rloo", "rloo-mb2"):
         from zopro.ppo import rloo_step
 
         opt = torch.optim.AdamW(list(params.values()), lr=1e-5)
-        return lambda: rloo_step(bundle, rollout, opt)
+        microbatch = 2 if algo == "rloo-mb2" else 0
+        return lambda: rloo_step(bundle, rollout, opt, microbatch=microbatch)
     if algo == "ppo":
         from zopro.ppo import PPOConfig, make_ppo, ppo_step
 

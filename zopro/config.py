@@ -70,6 +70,9 @@ class TrainConfig:
     clip: float = 0.2
     minibatches: int = field(default=1, metadata={"help": "ZO steps per rollout, run back to back (2 passes each)"})
     fo_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of first-order steps (RLOO, PPO)"})
+    fo_microbatch: int = field(default=4, metadata={
+        "help": "first-order RLOO: accumulate the gradient over chunks of this many rows (0: the whole rollout at "
+                "once); less activation memory, same gradient"})
     ppo_epochs: int = field(default=4, metadata={"help": "--algorithm ppo: epochs over each rollout (TRL: 4)"})
     zo_lr: float = 2e-3
     zo_eps: float = 1e-3
@@ -101,7 +104,7 @@ def _preset_values() -> dict[str, dict]:
                  kl_coef=0.05, temperature=0.7, fo_lr=5e-5, zo_lr=1e-4, zo_eps=1e-3, prompts_per_step=32,
                  max_prompt_len=512, dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct",
                  iterations=4, steps_per_iteration=50, reward_pairs=256, reward_init_steps=200, reward_batch=16,
-                 reward_steps=50, n_eval_prompts=128, eval_samples=4, eval_batch=128,
+                 reward_steps=50, n_eval_prompts=128, eval_samples=4, eval_batch=128, fo_microbatch=16,
                  max_prompts=20000)
     return {
         "default": {},
@@ -138,7 +141,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "eval_batch"):
         if getattr(cfg, name) < 1:
             bad(name, f"must be at least 1, got {getattr(cfg, name)}")
-    for name in ("n_eval_prompts", "reward_init_steps", "reward_steps", "reward_pairs", "max_prompts", "threads"):
+    for name in ("n_eval_prompts", "fo_microbatch", "reward_init_steps", "reward_steps", "reward_pairs", "max_prompts",
+                 "threads"):
         if getattr(cfg, name) < 0:
             bad(name, f"must be non-negative, got {getattr(cfg, name)}")
     for name in ("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature"):

@@ -314,16 +314,18 @@ def ppo_step(bundle: PolicyRewardModel, value_model: ValueModel, rollout: Rollou
 
 
 def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.optim.Optimizer, clip: float = 0.2,
-              loss: str = "sequence") -> dict[str, float]:
+              loss: str = "sequence", microbatch: int = 0) -> dict[str, float]:
     """First-order RLOO with backprop (the paper's iteration 0): :func:`zopro.train.first_order_step` on the
     rollout's RLOO advantages, so the baseline is the very code ``python -m zopro.train`` runs.
 
-    ``loss``: ``"sequence"`` (PPO-clip on summed log-probs, the paper) or ``"token"``. Returns ``loss`` and the
-    pre-clipping ``grad_norm`` (first_order_step clips at 1.0).
+    ``loss``: ``"sequence"`` (PPO-clip on summed log-probs, the paper) or ``"token"``; ``microbatch``: rows per
+    backward pass (0: all). Returns ``loss`` and the pre-clipping ``grad_norm`` (first_order_step clips at 1.0).
     """
     if loss not in ("sequence", "token"):
         raise ValueError(f"loss must be 'sequence' or 'token', got {loss!r}")
+    if not isinstance(microbatch, int) or microbatch < 0:
+        raise ValueError(f"microbatch must be a non-negative int, got {microbatch!r}")
     old_tok = rollout.policy_token_logps if loss == "token" else None  # as train.Run.train_step
-    value, grad_norm = first_order_step(bundle, rollout, optimizer, types.SimpleNamespace(loss=loss, clip=clip),
-                                        old_tok)
+    cfg = types.SimpleNamespace(loss=loss, clip=clip, fo_microbatch=microbatch)
+    value, grad_norm = first_order_step(bundle, rollout, optimizer, cfg, old_tok)
     return {"loss": value, "grad_norm": grad_norm}

@@ -251,14 +251,26 @@ def surrogate(bundle, rollout, rows, cfg, old_tok=None, grad=False):
 
 
 def first_order_step(bundle, rollout, optimizer, cfg, old_tok):
-    rows = torch.arange(len(rollout.sequences), device=rollout.sequences.device)
-    loss = surrogate(bundle, rollout, rows, cfg, old_tok, grad=True)
+    """One AdamW step on the surrogate of the whole rollout, its gradient accumulated over chunks of
+    ``cfg.fo_microbatch`` rows (0: one chunk), each weighted by its share of the loss's mean: the same gradient up to
+    float summation order, with activation memory for one chunk instead of the whole batch."""
+    n = len(rollout.sequences)
+    chunks = torch.arange(n, device=rollout.sequences.device).split(cfg.fo_microbatch or n)
+    if cfg.loss == "sequence":  # the mean over rows
+        weights = [len(rows) / n for rows in chunks]
+    else:  # the mean over response tokens; an empty mask makes the loss 0 (see ppo_clip_loss_token)
+        tokens = [int(rollout.response_mask[rows].sum()) for rows in chunks]
+        weights = [t / max(sum(tokens), 1) for t in tokens]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    total = 0.0
+    for rows, weight in zip(chunks, weights, strict=True):
+        loss = surrogate(bundle, rollout, rows, cfg, old_tok, grad=True) * weight
+        loss.backward()
+        total += loss.item()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
-    return loss.item(), norm.item()  # log line values
+    return total, norm.item()  # log line values
 
 
 def zo_step(bundle, rollout, optimizer, cfg, old_tok):

@@ -281,7 +281,7 @@ def test_rloo_step_is_trains_first_order_step(make_bundle, tiny_tokenizer, loss)
     old_tok = None
     if loss == "token":
         old_tok = b.policy_logprobs(r.sequences, r.attention_mask, r.response_mask)[1].clone()
-    cfg = type("Cfg", (), {"loss": loss, "clip": 0.2})()
+    cfg = type("Cfg", (), {"loss": loss, "clip": 0.2, "fo_microbatch": 0})()
     expected_loss, expected_norm = first_order_step(b, r, opt_b, cfg, old_tok)
     assert metrics == {"loss": expected_loss, "grad_norm": expected_norm}
     for n, p in a.policy_parameters().items():
@@ -289,3 +289,24 @@ def test_rloo_step_is_trains_first_order_step(make_bundle, tiny_tokenizer, loss)
     assert any(not torch.equal(p, start[n]) for n, p in a.policy_parameters().items())
     with pytest.raises(ValueError, match="loss"):
         rloo_step(a, r, opt_a, loss="tokens")
+    with pytest.raises(ValueError, match="microbatch"):
+        rloo_step(a, r, opt_a, microbatch=-1)
+
+
+@pytest.mark.parametrize("loss", ["sequence", "token"])
+@pytest.mark.parametrize("microbatch", [1, 3])
+def test_microbatched_first_order_step_accumulates_the_whole_batch_gradient(make_bundle, tiny_tokenizer, loss,
+                                                                            microbatch):
+    bundles = make_bundle(), make_bundle()
+    r = collect_rollout(bundles[0], tiny_tokenizer, PROMPTS, 2, 6, 1.0, 0.05, 7, 32)
+    r.advantages = torch.linspace(-1.0, 1.0, len(r.advantages))  # every row pulls its own way
+    first = r.response_mask.argmax(1)[0]
+    r.response_mask[0, first + 2:] = 0  # row 0 answers 2 tokens: chunks hold unequal token counts
+    results = []
+    for bundle, mb in zip(bundles, (0, microbatch), strict=True):
+        opt = torch.optim.SGD(list(bundle.policy_parameters().values()), lr=0.0)  # keep the weights: compare grads
+        results.append(rloo_step(bundle, r, opt, loss=loss, microbatch=mb))
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5, abs=1e-7)
+    assert results[1]["grad_norm"] == pytest.approx(results[0]["grad_norm"], rel=1e-5)
+    grads = [{n: p.grad for n, p in b.policy_parameters().items()} for b in bundles]
+    assert all(torch.allclose(grads[1][n], g, rtol=1e-4, atol=1e-8) for n, g in grads[0].items())
