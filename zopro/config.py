@@ -41,6 +41,9 @@ class TrainConfig:
     judge: str = field(default="heuristic", metadata={
         "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
     n_eval_prompts: int = 32
+    # 8 samples: with one, the paired standard error of the default job's change was ~0.08, as large as the effect;
+    # with 8 it was 0.029-0.042 (seeds 0-2, benchmarks/RESULTS.md section 4). 64 rows a call: 8 samples x 32 prompts
+    # took 46 s, against 56 s at 32 rows or all 256 at once (SmolLM2-135M, 2 CPU cores).
     eval_samples: int = field(default=8, metadata={
         "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
                 "tell a run's effect from sampling)"})
