@@ -255,22 +255,22 @@ def first_order_step(bundle, rollout, optimizer, cfg, old_tok):
     ``cfg.fo_microbatch`` rows (0: one chunk), each weighted by its share of the loss's mean: the same gradient up to
     float summation order, with activation memory for one chunk instead of the whole batch."""
     n = len(rollout.sequences)
-    chunks = torch.arange(n, device=rollout.sequences.device).split(cfg.fo_microbatch or n)
-    if cfg.loss == "sequence":  # the mean over rows
-        weights = [len(rows) / n for rows in chunks]
-    else:  # the mean over response tokens; an empty mask makes the loss 0 (see ppo_clip_loss_token)
-        tokens = [int(rollout.response_mask[rows].sum()) for rows in chunks]
-        weights = [t / max(sum(tokens), 1) for t in tokens]
+    size = cfg.fo_microbatch or n
+    # what the loss averages over, per row: the row itself (sequence loss) or its response tokens (token loss; an
+    # empty mask makes that loss 0, see ppo_clip_loss_token). One host sync here, none per chunk.
+    per_row = [1] * n if cfg.loss == "sequence" else rollout.response_mask.sum(1).tolist()
+    count = max(sum(per_row), 1)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for rows, weight in zip(chunks, weights, strict=True):
-        loss = surrogate(bundle, rollout, rows, cfg, old_tok, grad=True) * weight
+    for start in range(0, n, size):
+        rows = torch.arange(start, min(start + size, n), device=rollout.sequences.device)
+        loss = surrogate(bundle, rollout, rows, cfg, old_tok, grad=True) * (sum(per_row[start:start + size]) / count)
         loss.backward()
-        total += loss.item()
+        total = total + loss.detach()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
-    return total, norm.item()  # log line values
+    return float(total), norm.item()  # log line values
 
 
 def zo_step(bundle, rollout, optimizer, cfg, old_tok):
