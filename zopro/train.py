@@ -214,9 +214,9 @@ def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
     texts = []
     for c, start in enumerate(range(0, len(prompts), per_call)):
         chunk = prompts[start:start + per_call]
-        _, flat = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
-                                     _seed(cfg, EVAL, c), cfg.max_prompt_len)
-        texts += [flat[i * n:(i + 1) * n] for i in range(len(chunk))]
+        _, answers = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
+                                        _seed(cfg, EVAL, c), cfg.max_prompt_len)
+        texts += [answers[i * n:(i + 1) * n] for i in range(len(chunk))]
     rows = repeat_each(prompts, n)
     flat = [t for ts in texts for t in ts]
     if hasattr(judge, "score"):
