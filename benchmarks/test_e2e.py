@@ -26,4 +26,3 @@ def test_every_algorithm_end_to_end_on_the_smoke_task(tmp_path):
         assert s["seeds"] == [0, 1, 2] and len(s["judge_mean"]) == 4 and None not in s["judge_mean"]
         assert s["clock_mean"] == sorted(s["clock_mean"])
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
-
