@@ -1,37 +1,145 @@
-"""Atomic run checkpoints: a crash or kill at any moment leaves the previous checkpoint or the new one, never a mix.
+"""Run directories: atomic output files, checksummed checkpoints with one fallback, and the one-run-per-directory lock.
 
-A checkpoint is a directory of files written under a temporary name, fsynced, renamed into place, and then
-published by atomically replacing the ``LATEST`` pointer file. Older checkpoint directories are removed only after
-the pointer moved.
+A checkpoint is a directory ``ckpt-<serial>-<name>`` of files written under a temporary name with a
+``manifest.json`` of their SHA-256 sums, fsynced, renamed into place, and then published by atomically replacing
+the ``LATEST`` pointer file, which names the new checkpoint and the previous one. Older checkpoints are removed only
+after the pointer moved, so a kill at any moment leaves two complete checkpoints or one plus a stray temporary
+directory. Loading verifies every file's sum and falls back to the previous checkpoint when the newest is damaged.
+
+Every file is read safely: tensors with safetensors, other objects (optimiser states) with
+``torch.load(weights_only=True)``, which refuses any pickle that would run code. Every damaged-file case raises a
+one-line ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+LOCK = "run.lock"
+_NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes: every output file of a run is published by one of these (tests count them to simulate kills)
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a complete, fsynced ``tmp`` over ``final`` and fsync the directory, so the rename survives a crash."""
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
 
 def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous), published atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    _fsync_file(tmp)
+    _publish(tmp, path)
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    _fsync_file(tmp)
+    _publish(tmp, path)
+
+
+def safe_torch_load(path: Path):
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never code."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
+        raise ValueError(f"{path}: not a safe torch file (refused to load: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_prefix(path: Path, n_bytes: int) -> str:
+    """SHA-256 of the first ``n_bytes`` of ``path`` (all of them if it is shorter)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while n_bytes > 0:
+            block = f.read(min(n_bytes, 1 << 20))
+            if not block:
+                break
+            digest.update(block)
+            n_bytes -= len(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lock
+def lock(run_dir: Path):
+    """Take the run directory's exclusive lock (``run.lock``) for as long as the returned file stays open.
+
+    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a stale lock."""
+    path = Path(run_dir) / LOCK
+    handle = open(path, "a")  # noqa: SIM115 (held open for the run's lifetime)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"--output-dir {run_dir}: another run is using it (it holds {path}); wait for that run to "
+                         "end, or pick another directory") from None
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
 def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, object],
-         meta: dict) -> Path:
-    """Write checkpoint ``name``: each ``tensors`` entry as safetensors, each ``objects`` entry with torch.save,
-    ``meta`` as JSON; then point ``LATEST`` at it and drop older checkpoints."""
+         meta: dict, previous: str | None = None) -> str:
+    """Write checkpoint ``name``: each ``tensors`` entry as safetensors, each ``objects`` entry with torch.save (it
+    must load with ``weights_only=True``), ``meta`` as JSON, and the manifest of their sums; then point ``LATEST`` at
+    it, with ``previous`` (the checkpoint the run holds now, verified) as its fallback, and drop all others.
+    Returns the new checkpoint's directory name."""
     run_dir = Path(run_dir)
-    final = run_dir / f"ckpt-{name}"
-    tmp = run_dir / f".ckpt-{name}.tmp"
+    serial = 1 + max((int(m.group(1)) for p in run_dir.glob("ckpt-*") if (m := _NAME.fullmatch(p.name))), default=0)
+    final = run_dir / f"ckpt-{serial:06d}-{name}"
+    assert _NAME.fullmatch(final.name), final.name
+    tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for key, group in tensors.items():
@@ -39,25 +147,93 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     for key, obj in objects.items():
         torch.save(obj, tmp / f"{key}.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write_text(run_dir / "LATEST", final.name)
-    for old in run_dir.glob("ckpt-*"):
-        if old.name != final.name:
+        _fsync_file(f)
+    _publish(tmp, final)
+    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
+    for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
+        if old.name not in (final.name, previous):
             shutil.rmtree(old, ignore_errors=True)
-    return final
+    return final.name
 
 
-def load(run_dir: Path) -> tuple[dict, dict, dict] | None:
-    """``(meta, tensors, objects)`` of the latest checkpoint, or None if the run has none."""
-    pointer = Path(run_dir) / "LATEST"
-    if not pointer.is_file():
+@dataclass
+class Loaded:
+    """A verified checkpoint: ``meta``, ``tensors`` (per file), ``objects`` (per file), its directory ``name``, and
+    one line per newer checkpoint that was damaged and skipped (``skipped``)."""
+
+    meta: dict
+    tensors: dict[str, dict[str, torch.Tensor]]
+    objects: dict[str, object]
+    name: str
+    skipped: list[str] = field(default_factory=list)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a pointer or any checkpoint directory (complete or not)."""
+    run_dir = Path(run_dir)
+    return (run_dir / LATEST).exists() or any(run_dir.glob("ckpt-*"))
+
+
+def load(run_dir: Path, *, fallback: bool = True) -> Loaded | None:
+    """The newest verified checkpoint named by ``LATEST`` (with ``fallback``, the previous one when the newest is
+    damaged), or None when the run has no ``LATEST``. Raises ValueError naming the damaged file otherwise."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if not pointer.exists():
         return None
-    ckpt = Path(run_dir) / pointer.read_text(encoding="utf-8").strip()
-    meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
-    tensors = {f.stem: load_file(str(f)) for f in ckpt.glob("*.safetensors")}
-    objects = {f.stem: torch.load(f, weights_only=False) for f in ckpt.glob("*.pt")}
+    names = _read_pointer(pointer)
+    skipped = []
+    for name in names if fallback else names[:1]:
+        try:
+            return Loaded(*_load_one(run_dir / name), name=name, skipped=skipped)
+        except ValueError as err:
+            skipped.append(str(err))
+    if len(skipped) > 1:
+        raise ValueError(f"{skipped[0]}; its fallback is damaged too: {skipped[1]}")
+    raise ValueError(skipped[0] + ("" if fallback or len(names) < 2 else " (a previous checkpoint exists)"))
+
+
+def _read_pointer(pointer: Path) -> list[str]:
+    try:
+        names = pointer.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{pointer}: unreadable ({_first_line(err)})") from None
+    # a bare directory name of this run: no separator, no '..', so LATEST cannot point outside the run directory
+    if not 1 <= len(names) <= 2 or not all(_NAME.fullmatch(n) for n in names):
+        raise ValueError(f"{pointer}: damaged (expected one or two checkpoint names like ckpt-000001-train, got "
+                         f"{pointer.read_text(encoding='utf-8', errors='replace')[:80]!r})")
+    return names
+
+
+def _load_one(ckpt: Path) -> tuple[dict, dict, dict]:
+    if ckpt.is_symlink() or not ckpt.is_dir():
+        raise ValueError(f"{ckpt}: missing or not a directory of this run")
+    manifest = ckpt / MANIFEST
+    try:
+        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        assert isinstance(sums, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    present = {f.name for f in ckpt.iterdir()} - {MANIFEST}
+    if present != set(sums):
+        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
+        what = f"unlisted file {ckpt / extra[0]}" if extra else f"missing file {ckpt / missing[0]}"
+        raise ValueError(f"{ckpt}: damaged checkpoint ({what})")
+    for fname, expected in sums.items():
+        if (ckpt / fname).is_symlink() or _sha256(ckpt / fname) != expected:
+            raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{ckpt / 'meta.json'}: unreadable ({_first_line(err)})") from None
+    tensors = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        try:
+            tensors[f.stem] = load_file(str(f))
+        except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+            raise ValueError(f"{f}: unreadable ({_first_line(err)})") from None
+    objects = {f.stem: safe_torch_load(f) for f in sorted(ckpt.glob("*.pt"))}
     return meta, tensors, objects

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -121,6 +123,7 @@ def _preset_values() -> dict[str, dict]:
 
 
 PRESETS = tuple(_preset_values())
+_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
 
 
 def preset(name: str) -> TrainConfig:
@@ -130,42 +133,102 @@ def preset(name: str) -> TrainConfig:
     return TrainConfig(preset=name, **values[name])
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Reject a bad configuration with a message naming the field, before any work is done."""
-    def bad(name, why):
-        raise ValueError(f"--{name.replace('_', '-')}: {why}")
+# Allowed values of every numeric field, in interval notation. Every float field must also be finite, listed or not;
+# an int field not listed must be non-negative. A new numeric field is checked by adding it here.
+RANGES = {
+    "k": "[2, inf)", "seed": "[0, 18446744073709551616)",  # seeds are 64-bit (derive_seed, torch generators)
+    **dict.fromkeys(("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
+                     "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
+                     "eval_batch"), "[1, inf)"),
+    **dict.fromkeys(("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature", "lora_alpha", "d_tau"), "(0, inf)"),
+    **dict.fromkeys(("kl_coef", "weight_decay"), "[0, inf)"),
+    "clip": "(0, 1)", "d0": "[0, 1]", "reward_merge_alpha": "(0, 1]",
+}
+CHOICES = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE,
+           "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
+           "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
+# Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the
+# resumed run a different run from the one its checkpoints and metrics belong to.
+RESUME_OVERRIDES = ("output_dir", "threads")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def coerce(name: str, value):
+    """``value`` as the type of field ``name`` (from a flag's text, a JSON/YAML value or Python), strictly: bools
+    only from true/false words, integers only integral (``2.5`` and ``1e23`` as text are refused), numbers from text
+    with YAML 1.2 syntax (PyYAML reads ``1e-3`` as a string)."""
+    kind = type(_DEFAULTS[name])
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"{flag(name)}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise ValueError(f"{flag(name)}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except OverflowError:
+                pass
+        elif isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{flag(name)}: expected a number, got {value!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"{flag(name)}: expected a string, got {value!r}")
+    return value
+
+
+def _check_range(name: str, value, interval: str) -> None:
+    lo_bracket, lo, hi, hi_bracket = re.fullmatch(r"([\[(])(\S+), (\S+)([\])])", interval).groups()
+    lo, hi = float(lo), float(hi)
+    ok = (value >= lo if lo_bracket == "[" else value > lo) and (value <= hi if hi_bracket == "]" else value < hi)
+    if ok:
+        return
+    if math.isinf(hi):
+        if lo_bracket == "[":
+            why = "must be non-negative" if lo == 0 else f"must be at least {lo:g}"
+        else:
+            why = "must be positive" if lo == 0 else f"must be greater than {lo:g}"
+    else:
+        why = f"must be in {interval}"
+    raise ValueError(f"{flag(name)}: {why}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Reject a bad configuration with a one-line message naming the field, before any work is done. Returns the
+    config with every value as its field's type (``coerce``)."""
+    def bad(name, why):
+        raise ValueError(f"{flag(name)}: {why}")
+
+    cfg = dataclasses.replace(cfg, **{f.name: coerce(f.name, getattr(cfg, f.name)) for f in fields(TrainConfig)})
     if cfg.preset not in PRESETS:
         bad("preset", f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     if cfg.k < 2:
         bad("k", f"RLOO needs at least 2 completions per prompt, got {cfg.k}")
-    for name in ("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
-                 "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
-                 "eval_batch"):
-        if getattr(cfg, name) < 1:
-            bad(name, f"must be at least 1, got {getattr(cfg, name)}")
-    for name in ("n_eval_prompts", "fo_microbatch", "reward_init_steps", "reward_steps", "reward_pairs", "max_prompts",
-                 "threads"):
-        if getattr(cfg, name) < 0:
-            bad(name, f"must be non-negative, got {getattr(cfg, name)}")
-    for name in ("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature"):
-        if not getattr(cfg, name) > 0:
-            bad(name, f"must be positive, got {getattr(cfg, name)}")
-    if cfg.kl_coef < 0 or cfg.weight_decay < 0:
-        bad("kl_coef" if cfg.kl_coef < 0 else "weight_decay", "must be non-negative")
-    if not 0 < cfg.clip < 1:
-        bad("clip", f"must be in (0, 1), got {cfg.clip}")
-    if not 0 <= cfg.d0 <= 1:
-        bad("d0", f"must be in [0, 1], got {cfg.d0}")
-    if not 0 < cfg.reward_merge_alpha <= 1:
-        bad("reward_merge_alpha", f"must be in (0, 1], got {cfg.reward_merge_alpha}")
+    for f in fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            bad(f.name, f"must be a finite number, got {value}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check_range(f.name, value, RANGES.get(f.name, "[0, inf)" if isinstance(value, int) else "[-inf, inf]"))
     if cfg.prompts_per_step % cfg.minibatches:
         bad("minibatches", f"must divide --prompts-per-step ({cfg.prompts_per_step})")
-    choices = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE,
-               "noise": ("gaussian", "rademacher"),
-               "d_schedule": ("exp", "linear", "constant"), "dtype": ("float32", "bfloat16", "float16"),
-               "device": ("auto", "cpu", "cuda")}
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             bad(name, f"{getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
     if cfg.dataset not in DATASETS:
@@ -175,8 +238,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             bad("dataset", f"file not found: {cfg.dataset}")
     if cfg.dataset_path and not os.path.exists(cfg.dataset_path):
         bad("dataset_path", f"not found: {cfg.dataset_path}")
-    if not (cfg.judge == "heuristic" or cfg.judge.startswith(("llm:", "reward:"))):
+    kind, colon, name = cfg.judge.partition(":")
+    if not (cfg.judge == "heuristic" or (colon and kind in ("llm", "reward") and name.strip())):
         bad("judge", f"{cfg.judge!r}: use 'heuristic', 'llm:<model>' or 'reward:<model>'")
+    if not cfg.output_dir.strip():
+        bad("output_dir", "must not be empty")
     if cfg.reward_model and cfg.sampler != "isotropic":
         bad("sampler", f"{cfg.sampler} sampling needs the reward model's update in the policy's parameter space; "
                        "an external --reward-model has none: use --sampler isotropic or drop --reward-model")
@@ -185,53 +251,96 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+def resume_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """``--name value (run: old)`` for each setting of ``cfg`` that differs from the run's ``saved`` one, except
+    ``RESUME_OVERRIDES``."""
+    return [f"{flag(f.name)} {getattr(cfg, f.name)!r} (run: {getattr(saved, f.name)!r})" for f in fields(TrainConfig)
+            if f.name not in RESUME_OVERRIDES and getattr(cfg, f.name) != getattr(saved, f.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m zopro.train", description=(
+    """Every field as a ``--flag`` taking text; ``from_args`` converts the text with ``coerce``, as it does the
+    values of a config file (one code path), so a flag and a file entry are checked alike."""
+    parser = argparse.ArgumentParser(prog="python -m zopro.train", allow_abbrev=False, description=(
         "Preference-tune a causal LM with ZOPrO (iterative policy / reward-model training, RLOO + PPO-clip estimated "
         "by two-point SPSA with targeted sampling)."))
     parser.add_argument("--config", help="JSON or YAML file of settings (flags given on the command line win)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir where it stopped")
+    parser.add_argument("--resume", action="store_true", help=(
+        "continue the run in --output-dir where it stopped, with its saved settings; other flags must match them "
+        f"except {', '.join(flag(n) for n in RESUME_OVERRIDES)}"))
     for f in fields(TrainConfig):
-        kind = {bool: _parse_bool, int: int, float: float, str: str}[type(f.default)]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.name.upper(),
+        parser.add_argument(flag(f.name), default=None, metavar=f.name.upper(),
                             help=f"{f.metadata.get('help', '')} (default: {f.default!r})".strip())
     return parser
 
 
-def load_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--config: file not found: {path}")
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
+def _read_mapping(path: Path, what: str) -> dict:
+    """The mapping in a JSON or YAML file; every failure is one line naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what}: cannot read {path}: {err}") from None
+    if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{what}: {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") \
+                from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: {path} is not valid JSON at line {err.lineno}: {err.msg}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config: {path} must hold a mapping of settings")
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"--config: unknown settings in {path}: {', '.join(unknown)}")
+        raise ValueError(f"{what}: {path} must hold a mapping of settings")
     return data
 
 
+def load_saved(path: Path) -> dict:
+    """The settings in a run's ``config.json``, each converted and checked as a flag's would be (raw mapping; the
+    caller fills missing fields)."""
+    data = _read_mapping(Path(path), "--resume")
+    unknown = sorted(set(data) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"--resume: unknown settings in {path}: {', '.join(unknown)}")
+    try:
+        return {k: coerce(k, v) for k, v in data.items()}
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def load_file(path: str) -> dict:
+    """A config file's settings, each converted as its flag's text would be (``coerce``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: file not found: {path}")
+    data = _read_mapping(p, "--config")
+    unknown = sorted(set(data) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"--config: unknown settings in {path}: {', '.join(unknown)}")
+    try:
+        return {k: coerce(k, v) for k, v in data.items()}
+    except ValueError as err:
+        raise ValueError(f"--config {path}: {err}") from None
+
+
 def from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    """Resolve preset -> config file -> flags into a validated config; returns it and the --resume flag."""
+    """Resolve preset -> config file -> flags into a validated config; returns it and the --resume flag.
+
+    With --resume the run's saved config (``<output-dir>/config.json``) takes the preset's place, so only settings
+    given here count as changes (``run`` refuses those outside ``RESUME_OVERRIDES``)."""
     args = build_parser().parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    given = {f.name: coerce(f.name, getattr(args, f.name)) for f in fields(TrainConfig)
+             if getattr(args, f.name) is not None}
     from_file = load_file(args.config) if args.config else {}
-    name = given.get("preset", from_file.get("preset", "default"))
-    cfg = preset(name)
+    saved_path = Path(given.get("output_dir", from_file.get("output_dir", _DEFAULTS["output_dir"]))) / "config.json"
+    if args.resume and saved_path.is_file():
+        cfg = TrainConfig(**load_saved(saved_path))
+    else:
+        cfg = preset(given.get("preset", from_file.get("preset", "default")))
     cfg = dataclasses.replace(cfg, **{**from_file, **given})
     return validate(cfg), args.resume

@@ -13,26 +13,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 from zopro import checkpoint
-from zopro.config import TrainConfig
+from zopro.config import TrainConfig, load_saved, validate
 from zopro.train import evaluate, load_judge, load_models, load_prompts, paired_change, resolve_device
 
 
 def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> dict:
     """Before/after held-out score of the finished run in ``run_dir`` with ``eval_samples`` samples per prompt, on
     ``device`` (default: the run's own)."""
-    if not (run_dir / "config.json").is_file():
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no config.json)")
-    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    cfg = dataclasses.replace(TrainConfig(**saved), eval_samples=eval_samples, device=device or saved["device"])
-    loaded = checkpoint.load(run_dir)
-    if loaded is None or loaded[0]["phase"] != "done":
+    try:
+        saved = validate(TrainConfig(**load_saved(config_path)))
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    cfg = dataclasses.replace(saved, eval_samples=eval_samples, device=device or saved.device)
+    loaded = checkpoint.load(run_dir, fallback=False)  # the final checkpoint or nothing: never an earlier one
+    if loaded is None or loaded.meta["phase"] != "done":
         raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
     _, held_out = load_prompts(cfg)
     if not held_out:
@@ -42,7 +45,7 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
     judge = load_judge(cfg, device)
     prompts = [r.prompt for r in held_out]
     metric, before, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
-    bundle.load_trainable_state_(loaded[1]["trainable"])
+    bundle.load_trainable_state_(loaded.tensors["trainable"])
     _, after, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
     change, se = paired_change(before, after)
     return {"run": str(run_dir), "metric": metric, "prompts": len(prompts), "samples": eval_samples,
@@ -50,7 +53,8 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m zopro.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m zopro.evaluate", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories of finished runs")
     parser.add_argument("--eval-samples", type=int, default=8, help="sampled completions per held-out prompt")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 
 from zopro import checkpoint, memory
-from zopro.config import TrainConfig, from_args
+from zopro.config import (RESUME_OVERRIDES, TrainConfig, from_args, load_saved, resume_differences,
+                          validate)
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
 from zopro.optim import ZOOptimizer, derive_seed
 from zopro.report import MetricsLog, plot_rewards, summary_table
@@ -316,6 +318,7 @@ class Run:
         self.fo_opt = None
         self.zo_opt = None
         self.value_model = self.ppo_cfg = None
+        self.checkpoint_name: str | None = None  # the verified checkpoint the run holds: the next one's fallback
         if cfg.algorithm == "ppo":  # the critic: a value adapter on the shared base plus a head, kept for the run
             from zopro.ppo import PPOConfig, ValueModel
 
@@ -325,6 +328,8 @@ class Run:
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save(self):
         self.meta["metrics_bytes"] = self.metrics.size()
+        # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
+        self.meta["metrics_sha256"] = checkpoint.sha256_prefix(self.metrics.path, self.meta["metrics_bytes"])
         tensors = {"trainable": self.bundle.trainable_state()}
         if self.iter_start is not None:
             tensors["iter_start"] = self.iter_start
@@ -338,13 +343,13 @@ class Run:
         if self.zo_opt is not None:
             objects["zo_optimizer"] = self.zo_opt.state_dict()
         name = f"{self.meta['global_step']:06d}-{self.meta['phase']}"
-        checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta)
+        self.checkpoint_name = checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta,
+                                               previous=self.checkpoint_name)
 
-    def restore(self) -> bool:
-        loaded = checkpoint.load(self.out)
-        if loaded is None:
-            return False
-        self.meta, tensors, objects = loaded
+    def restore(self, loaded: checkpoint.Loaded) -> None:
+        """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
+        meta, tensors, objects = loaded.meta, loaded.tensors, loaded.objects
+        self.meta = meta
         self.bundle.load_trainable_state_(tensors["trainable"])
         self.iter_start = tensors.get("iter_start")
         if "guides_prev" in tensors:
@@ -360,8 +365,8 @@ class Run:
         if "zo_optimizer" in objects:
             self.zo_opt = make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
             self.zo_opt.load_state_dict(objects["zo_optimizer"])
-        self.metrics.truncate(self.meta["metrics_bytes"])
-        return True
+        self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
+        self.checkpoint_name = loaded.name
 
     def _fo_optimizer(self):
         """AdamW over the policy adapter (and, for PPO, the critic: TRL steps policy and value with one optimiser)."""
@@ -465,9 +470,7 @@ class Run:
             delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
         self.guides = {"prev": prev, "delta": delta}
         if self.zo_opt is not None:  # the iteration's optimiser log: replays its ZO updates bit for bit
-            tmp = self.out / f"zo_log_iter{it}.tmp.pt"
-            torch.save(self.zo_opt.state_dict(), tmp)
-            tmp.replace(self.out / f"zo_log_iter{it}.pt")
+            checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", self.zo_opt.state_dict())
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
         else:
@@ -476,54 +479,143 @@ class Run:
             self.save()
 
     def finish(self):
+        """Phase 'evaluate': the held-out evaluation of the final policy, checkpointed as phase 'done'. Then, in
+        either phase, the evaluation samples and the adapters, written from the 'done' state alone: a resume after a
+        kill at any of these writes rewrites them all, equal to an uninterrupted run's."""
         ev = self.meta["evaluation"]
         prompts = [r.prompt for r in self.eval_records]
-        _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
-                                   reference_texts=ev["before_texts"])
-        ev["after"] = statistics.fmean(after) if after else None
-        ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
+        if self.meta["phase"] == "evaluate":
+            _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
+                                       reference_texts=ev["before_texts"])
+            ev["after"] = statistics.fmean(after) if after else None
+            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
+            ev["after_per_prompt"], ev["after_texts"] = after, texts
+            self.meta["phase"] = "done"
+            self.save()
+        assert self.meta["phase"] == "done", self.meta["phase"]
         samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
-                   for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], texts, ev["before_per_prompt"], after)]
+                   for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
+                                               ev["after_per_prompt"])]
         checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        self.meta["phase"] = "done"
-        self.save()
         save_adapters(self.bundle, self.out)
 
 
 def save_adapters(bundle, out: Path):
-    from safetensors.torch import save_file
-
     for name, params in (("policy_adapter", bundle.policy_parameters()),
                          ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
-            tmp = out / f"{name}.tmp.safetensors"
-            save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(tmp))
-            tmp.replace(out / f"{name}.safetensors")
+            checkpoint.atomic_save_tensors(out / f"{name}.safetensors", params)
 
 
-def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
-    """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests)."""
-    started = time.perf_counter()
+def _check_model_reference(name: str, what: str) -> None:
+    """Fail in one line, before any model is loaded, when a hub id / path names nothing loadable (a cheap check: a
+    local directory, or the model's config from the hub or its cache)."""
+    if os.path.isdir(name):
+        return
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name)
+    except Exception as err:  # noqa: BLE001 (OSError, hub and parsing errors alike: the model cannot be loaded)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what}: cannot load {name!r} ({type(err).__name__}: {first})") from None
+
+
+def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
+    """The metrics lines a checkpoint recorded must still be there, byte for byte (a resume cuts the file back to
+    them; a shorter file would be padded with NUL bytes)."""
+    n_bytes = loaded.meta["metrics_bytes"]
+    if not path.is_file() or path.stat().st_size < n_bytes or \
+            checkpoint.sha256_prefix(path, n_bytes) != loaded.meta.get("metrics_sha256"):
+        raise ValueError(f"{path}: damaged or missing (its first {n_bytes} bytes are not the lines checkpoint "
+                         f"{loaded.name} recorded)")
+
+
+def _open_run_dir(cfg: TrainConfig, resume: bool):
+    """Check ``cfg.output_dir`` and take its lock. Returns ``(cfg, lock, loaded checkpoint or None)``; ``cfg`` is the
+    run's saved config on resume. Raises ValueError, before anything is written, for a directory that is a file,
+    holds another run, is in use, or whose files are damaged; nothing is created unless the run can start."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "config.json"
-    if resume:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: exists and is not a directory")
+    if resume and not out.is_dir():
+        raise ValueError(f"--resume: {out} holds no run to resume (no such directory)")
+    if not resume:
+        kind, _, name = cfg.judge.partition(":")
+        if kind in ("llm", "reward"):
+            _check_model_reference(name, f"--judge {cfg.judge}")
+        if cfg.reward_model:
+            _check_model_reference(cfg.reward_model, "--reward-model")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
+    lock = checkpoint.lock(out)
+    try:
+        config_path = out / "config.json"
+        metrics_path = out / "metrics.jsonl"
+        has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
+        if not resume:
+            if config_path.exists() or has_metrics or checkpoint.has_checkpoints(out):
+                raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick "
+                                 "another dir")
+            return cfg, lock, None
         if not config_path.is_file():
             raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved = load_saved(config_path)
         if "eval_samples" not in saved:
             raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "
                              "sample each, so its 'before' cannot be compared with this version's evaluation. Start a "
                              "new run (a finished one can be scored again with python -m zopro.evaluate)")
-        cfg = TrainConfig(**{**saved, "output_dir": cfg.output_dir})
-    elif (out / "LATEST").exists():
-        raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick another dir")
-    checkpoint.atomic_write_text(config_path, json.dumps(dataclasses.asdict(cfg), indent=1))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    state = Run(cfg, out)
-    if not (resume and state.restore()):
-        state.reward_init()
+        try:
+            saved_cfg = validate(TrainConfig(**{**saved, "output_dir": cfg.output_dir}))
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+        changed = resume_differences(saved_cfg, cfg)
+        if changed:
+            raise ValueError(f"--resume: {out} was started with other settings; drop or restore them: "
+                             f"{'; '.join(changed)} (only {', '.join(RESUME_OVERRIDES)} may change on resume)")
+        cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
+        loaded = checkpoint.load(out)
+        if loaded is None and (has_metrics or checkpoint.has_checkpoints(out)):
+            raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out} holds metrics or checkpoint directories; "
+                             "refusing to restart over them (restore the file, or start a new run elsewhere)")
+        if loaded is not None:
+            _check_metrics(metrics_path, loaded)
+        return cfg, lock, loaded
+    except BaseException:
+        lock.close()
+        raise
+
+
+def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
+    """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests).
+
+    The run directory's lock is held from before the first read of the directory to the end; a resume continues
+    from the newest verified checkpoint (or, with a message, the one before it when the newest is damaged), and a
+    resume of a finished run rewrites its outputs."""
+    started = time.perf_counter()
+    cfg = validate(cfg)
+    cfg, lock, loaded = _open_run_dir(cfg, resume)
+    try:
+        out = Path(cfg.output_dir)
+        if loaded is None:
+            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        for line in loaded.skipped if loaded else ():
+            print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = Run(cfg, out)
+        if loaded is not None:
+            state.restore(loaded)
+        else:
+            state.reward_init()
+        return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+    finally:
+        lock.close()
+
+
+def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started):
     total = cfg.iterations * cfg.steps_per_iteration
     from tqdm.auto import tqdm
 
@@ -544,13 +636,13 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
         state.end_iteration()
         plot_rewards(state.metrics.read(), out / "reward_curve.png")
     bar.close()
-    if state.meta["phase"] == "evaluate":
-        state.finish()
+    state.finish()  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
     records = state.metrics.read()
     plot_rewards(records, out / "reward_curve.png")
     table = summary_table(records, state.meta["evaluation"])
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
-    evaluation = {k: v for k, v in state.meta["evaluation"].items() if k not in ("before_texts", "before_per_prompt")}
+    evaluation = {k: v for k, v in state.meta["evaluation"].items()
+                  if k not in ("before_texts", "before_per_prompt", "after_texts", "after_per_prompt")}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
                "reward_losses": state.meta["reward_losses"], "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}
