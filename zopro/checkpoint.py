@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,14 +80,16 @@ def atomic_torch_save(path: Path, obj) -> None:
 def safe_torch_load(path: Path):
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never code."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
         raise ValueError(f"{path}: not a safe torch file (refused to load: {_first_line(err)})") from None
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+    text = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {text.split('. ')[0]}"  # torch's messages run on for several sentences
 
 
 def _sha256(path: Path) -> str:

@@ -512,10 +512,13 @@ def _check_model_reference(name: str, what: str) -> None:
     local directory, or the model's config from the hub or its cache)."""
     if os.path.isdir(name):
         return
+    # HF_HUB_OFFLINE read now, not when huggingface_hub was imported: without it a missing id waited ~20 s on
+    # network timeouts in a sandbox that had set the variable after the import
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(name)
+        AutoConfig.from_pretrained(name, local_files_only=offline)
     except Exception as err:  # noqa: BLE001 (OSError, hub and parsing errors alike: the model cannot be loaded)
         first = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(f"{what}: cannot load {name!r} ({type(err).__name__}: {first})") from None

@@ -1,0 +1,223 @@
+"""Run directories: no code runs on load, one run at a time, outputs complete after a kill anywhere, damaged files
+named and refused (or the previous checkpoint used), all before anything is written."""
+
+import dataclasses
+import hashlib
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from zopro import checkpoint
+from zopro.config import preset
+from zopro.evaluate import main as evaluate_main
+from zopro.train import main, run
+
+VOLATILE = {"step_time", "peak_rollout", "peak_update", "wall_seconds", "resumed", "output_dir"}
+
+
+def _cfg(out, **overrides):
+    # two iterations of one step: a first-order iteration, then a ZO one (which writes a zo_log)
+    return dataclasses.replace(preset("smoke"), output_dir=str(out), threads=1, iterations=2, steps_per_iteration=1,
+                               seed=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished run, never modified: tests copy it."""
+    out = tmp_path_factory.mktemp("rundir") / "finished"
+    run(_cfg(out), progress=False)
+    return out
+
+
+def _copy(finished, tmp_path, name="run") -> Path:
+    return Path(shutil.copytree(finished, tmp_path / name))
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _outputs(out: Path) -> dict:
+    """Every output file a user reads, with the values that legitimately differ between runs (timings) dropped."""
+    files = {}
+    for p in sorted(out.iterdir()):
+        if p.is_dir() or p.name in ("LATEST", checkpoint.LOCK):
+            continue
+        if p.name == "metrics.jsonl":
+            files[p.name] = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+                             for line in p.read_text().splitlines()]
+        elif p.name in ("summary.json", "config.json"):
+            files[p.name] = {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+        elif p.name == "summary.md":  # without the columns of step time and peak memory
+            files[p.name] = [line.split("|")[:-3] for line in p.read_text().splitlines()]
+        else:
+            files[p.name] = p.read_bytes()
+    return files
+
+
+def _newest(out: Path) -> Path:
+    return out / (out / "LATEST").read_text().split()[0]
+
+
+def _plant(ckpt: Path, name: str, data: bytes) -> None:
+    """Write ``name`` into a checkpoint and list it in the manifest with its true sum, as an attacker could."""
+    (ckpt / name).write_bytes(data)
+    manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling with weights_only=False would create the marker file
+        return open, (str(self.marker), "w")
+
+
+def test_a_malicious_pickle_is_refused_by_resume_and_evaluate_without_running(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    marker = tmp_path / "pwned"
+    for name in (out / "LATEST").read_text().split():  # in both checkpoints, so that no fallback is left
+        _plant(out / name, "zo_optimizer.pt", pickle.dumps(_Evil(marker)))
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "zo_optimizer.pt: not a safe torch file" in err and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--eval-samples", "1"])
+    assert exit_info.value.code == 2 and "zo_optimizer.pt: not a safe torch file" in capsys.readouterr().err
+    assert not marker.exists()
+    assert _snapshot(out) == before
+
+
+def test_a_second_run_or_resume_on_a_live_directory_stops_at_once(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    before = _snapshot(out)
+    live = checkpoint.lock(out)  # another process's run: flock locks per open file, so this stands in for it
+    try:
+        for argv in (["--resume"], []):
+            assert main(argv + ["--preset", "smoke", "--output-dir", str(out)]) == 2
+            assert "another run is using it" in capsys.readouterr().err
+    finally:
+        live.close()
+    assert _snapshot(out) == before
+
+
+def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(finished, tmp_path, monkeypatch):
+    """Kill (raise) just before each write that publishes an output file of the run's last stretch, resume each
+    time, then resume the finished run once more: the outputs equal the uninterrupted run's throughout."""
+    def key(tmp, final):
+        if final.name == "LATEST":
+            return "LATEST->" + Path(tmp).read_text().split()[0].rsplit("-", 1)[1]
+        return "ckpt->" + final.name.rsplit("-", 1)[1] if final.name.startswith("ckpt-") else final.name
+
+    kills = ["zo_log_iter1.pt", "ckpt->evaluate", "LATEST->evaluate", "ckpt->done", "LATEST->done",
+             "eval_samples.jsonl", "policy_adapter.safetensors", "reward_adapter.safetensors", "summary.md",
+             "summary.json"]
+    publish, seen = checkpoint._publish, []
+
+    def killing_publish(tmp, final):
+        seen.append(key(tmp, final))
+        if seen[-1] == target:
+            raise KeyboardInterrupt(f"killed before writing {final}")
+        publish(tmp, final)
+
+    monkeypatch.setattr(checkpoint, "_publish", killing_publish)
+    out = tmp_path / "killed"
+    for i, target in enumerate(kills):
+        with pytest.raises(KeyboardInterrupt, match="killed before writing"):
+            run(_cfg(out), resume=i > 0, progress=False)
+    target = None
+    run(_cfg(out), resume=True, progress=False)
+    assert set(kills) <= set(seen)  # every kill point was reached
+    assert _outputs(out) == _outputs(finished)
+    run(_cfg(out), resume=True, progress=False)  # phase 'done': rewrites the same outputs
+    assert _outputs(out) == _outputs(finished)
+
+
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_message(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    damaged = _newest(out) / "trainable.safetensors"
+    _flip_a_bit(damaged)  # one data bit: only the checksum can tell
+    run(_cfg(out), resume=True, progress=False)  # redoes the evaluation from the 'evaluate' checkpoint
+    assert f"warning: {damaged}: damaged" in capsys.readouterr().err
+    assert _outputs(out) == _outputs(finished)
+
+
+def _both_checkpoints(out):
+    for name in (out / "LATEST").read_text().split():
+        _flip_a_bit(out / name / "trainable.safetensors")
+    return "trainable.safetensors: damaged"
+
+
+def _latest_outside(out):
+    (out / "LATEST").write_text("../elsewhere\n")
+    return "LATEST: damaged"
+
+
+def _latest_lost(out):
+    (out / "LATEST").unlink()
+    return "LATEST: missing, but"
+
+
+def _no_checkpoint_dirs(out):
+    for p in out.glob("ckpt-*"):
+        shutil.rmtree(p)
+    return "missing or not a directory of this run"
+
+
+def _manifest_lost(out):
+    for name in (out / "LATEST").read_text().split():
+        (out / name / checkpoint.MANIFEST).unlink()
+    return "manifest.json: missing or damaged"
+
+
+def _metrics_truncated(out):
+    data = (out / "metrics.jsonl").read_bytes()
+    (out / "metrics.jsonl").write_bytes(data[:len(data) // 2])
+    return "metrics.jsonl: damaged"
+
+
+def _metrics_edited(out):
+    _flip_a_bit(out / "metrics.jsonl")
+    return "metrics.jsonl: damaged"
+
+
+def _config_edited(out):
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "zo_lr": "fast"}))
+    return "config.json: --zo-lr: expected a number"
+
+
+@pytest.mark.parametrize("damage", [_both_checkpoints, _latest_outside, _latest_lost, _no_checkpoint_dirs,
+                                    _manifest_lost, _metrics_truncated, _metrics_edited, _config_edited])
+def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finished, tmp_path, capsys, damage):
+    out = _copy(finished, tmp_path)
+    message = damage(out)
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert _snapshot(out) == before
+
+
+def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["--preset", "smoke", "--output-dir", str(a_file)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err and a_file.read_text() == "x"
+    missing = tmp_path / "missing"
+    assert main(["--resume", "--preset", "smoke", "--output-dir", str(missing)]) == 2
+    assert "no such directory" in capsys.readouterr().err and not missing.exists()
+    assert main(["--preset", "smoke", "--judge", "llm:missing/x", "--output-dir", str(missing)]) == 2
+    assert "--judge llm:missing/x: cannot load 'missing/x'" in capsys.readouterr().err and not missing.exists()
