@@ -1,4 +1,4 @@
-"""Run directories: atomic output files, checksummed checkpoints with one fallback, and the one-run-per-directory lock.
+"""Run directories: atomic output files, checksummed checkpoints with one fallback, and one run per directory.
 
 A checkpoint is a directory ``ckpt-<serial>-<name>`` of files written under a temporary name with a
 ``manifest.json`` of their SHA-256 sums, fsynced, renamed into place, and then published by atomically replacing
@@ -28,7 +28,6 @@ from safetensors.torch import load_file, save_file
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
-LOCK = "run.lock"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
 
 
@@ -115,19 +114,29 @@ def sha256_prefix(path: Path, n_bytes: int) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The lock
-def lock(run_dir: Path):
-    """Take the run directory's exclusive lock (``run.lock``) for as long as the returned file stays open.
+class RunLock:
+    """An exclusive ``flock`` on the run directory itself, held until :meth:`close` (or the process ends: the
+    kernel releases it, so a killed run never leaves a stale lock). Locking the directory rather than a lock file
+    inside it means taking the lock writes nothing, and a refused run leaves the directory exactly as it was."""
 
-    ``flock`` is released by the kernel when the process dies, so a killed run never leaves a stale lock."""
-    path = Path(run_dir) / LOCK
-    handle = open(path, "a")  # noqa: SIM115 (held open for the run's lifetime)
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ValueError(f"--output-dir {run_dir}: another run is using it (it holds {path}); wait for that run to "
-                         "end, or pick another directory") from None
-    return handle
+    def __init__(self, run_dir: Path):
+        self.fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ValueError(f"--output-dir {run_dir}: another run is using it (it holds the directory's lock); "
+                             "wait for that run to end, or pick another directory") from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock(run_dir: Path) -> RunLock:
+    """Take ``run_dir``'s exclusive lock, or raise ValueError at once if another run holds it."""
+    return RunLock(Path(run_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import hashlib
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,7 @@ def _outputs(out: Path) -> dict:
     """Every output file a user reads, with the values that legitimately differ between runs (timings) dropped."""
     files = {}
     for p in sorted(out.iterdir()):
-        if p.is_dir() or p.name in ("LATEST", checkpoint.LOCK):
+        if p.is_dir() or p.name == "LATEST":
             continue
         if p.name == "metrics.jsonl":
             files[p.name] = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
@@ -97,13 +99,17 @@ def test_a_malicious_pickle_is_refused_by_resume_and_evaluate_without_running(fi
 def test_a_second_run_or_resume_on_a_live_directory_stops_at_once(finished, tmp_path, capsys):
     out = _copy(finished, tmp_path)
     before = _snapshot(out)
-    live = checkpoint.lock(out)  # another process's run: flock locks per open file, so this stands in for it
+    holder = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+              "print('locked', flush=True); time.sleep(60)")  # a live run's lock, in another process
+    live = subprocess.Popen([sys.executable, "-c", holder, str(out)], stdout=subprocess.PIPE, text=True)
     try:
+        assert live.stdout.readline().strip() == "locked"
         for argv in (["--resume"], []):
             assert main(argv + ["--preset", "smoke", "--output-dir", str(out)]) == 2
             assert "another run is using it" in capsys.readouterr().err
     finally:
-        live.close()
+        live.kill()
+        live.wait()
     assert _snapshot(out) == before
 
 
