@@ -73,7 +73,11 @@ class ZOOptimizer:
         seed: run seed; step ``t`` direction ``j`` uses ``derive_seed(seed, t, j)``.
         q: directions averaged per step (n-SPSA).
         one_sided: ``g = (L(w + eps z) - L(w)) / eps``; one forward for ``L(w)`` shared by the q directions.
-        lr_schedule: ``f(step) -> multiplier`` of ``lr``.
+        lr_schedule: ``f(step) -> multiplier`` of ``lr``. Every step's lr and eps are checked (finite, in range,
+            within the weights' float type) before its first weight pass, all of a ``step_many``'s before any.
+
+    ``state_dict()`` records the parameters' names, shapes and dtypes; ``load_state_dict`` and ``replay`` refuse a
+    state or log of another parameter set, or with invalid values, before changing anything.
     """
 
     def __init__(self, params, *, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, sampler=None,
@@ -106,12 +110,29 @@ class ZOOptimizer:
 
     # ---- the passes -------------------------------------------------------------------------------------------
     def current_lr(self) -> float:
-        if self._replaying is not None:
-            return self._replaying("lr")
-        return self.lr * (self.lr_schedule(self.step_count) if self.lr_schedule else 1.0)
+        return self._lr_at(self.step_count)
 
-    def _current_eps(self) -> float:
-        return self._replaying("eps") if self._replaying is not None else self.eps
+    def _lr_at(self, step: int) -> float:
+        if self._replaying is not None:
+            return self._replaying("lr", step)
+        return self.lr * (self.lr_schedule(step) if self.lr_schedule else 1.0)
+
+    def _eps_at(self, step: int) -> float:
+        return self._replaying("eps", step) if self._replaying is not None else self.eps
+
+    def _settings(self, n_steps: int) -> list[tuple[float, float]]:
+        """``(lr, eps)`` of the next ``n_steps`` steps, each checked before the first pass: finite, lr >= 0, eps > 0,
+        and no larger than the weights' float type can hold (a schedule giving 1e300 would make the weights inf)."""
+        limit = min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
+        settings = [(self._lr_at(self.step_count + i), self._eps_at(self.step_count + i)) for i in range(n_steps)]
+        for i, (lr, eps) in enumerate(settings):
+            for name, value, low_ok in (("lr", lr, True), ("eps", eps, False)):
+                if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if low_ok else
+                                                                                      value > 0) and value <= limit):
+                    raise ValueError(f"{name} of step {self.step_count + i} is {value!r}: it must be finite, "
+                                     f"{'non-negative' if low_ok else 'positive'} and at most {limit:g} (the weights' "
+                                     "largest value); nothing was changed")
+        return [(float(lr), float(eps)) for lr, eps in settings]
 
     def _decay(self, lr: float) -> torch.Tensor:
         ones = torch.ones(len(self.params), dtype=torch.float64)
@@ -212,7 +233,7 @@ class ZOOptimizer:
         Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient skips the
         update (weights restored within the rounding of the round trip) and is counted in ``skipped``.
         """
-        lr, eps = self.current_lr(), self._current_eps()
+        [(lr, eps)] = self._settings(1)
         self._log_settings(lr, eps)
         self._step_losses, self._done_losses = [], []
         seeds, grads, losses = self._estimate(closure, _recorded, eps)
@@ -228,11 +249,12 @@ class ZOOptimizer:
         Two weight passes per two-sided step (q = 1). Control returns only after the last update, with clean
         weights; if a closure raises, the weights are those after the last completed step (within rounding).
         """
+        closures = list(closures)
+        settings = self._settings(len(closures))  # all checked before the first pass
         results, pending = [], None
         self._step_losses, self._done_losses = [], []
         try:
-            for closure in closures:
-                lr, eps = self.current_lr(), self._current_eps()
+            for closure, (lr, eps) in zip(closures, settings):
                 self._log_settings(lr, eps)
                 previous, pending = pending, None  # _estimate applies it, also when a closure raises
                 seeds, grads, losses = self._estimate(closure, _recorded, eps, previous)
@@ -258,18 +280,64 @@ class ZOOptimizer:
                 "sampler": self.sampler.state_dict(),
                 "log": {"losses": torch.tensor(self.log["losses"], dtype=torch.float64),
                         "groups": torch.tensor(self.log["groups"], dtype=torch.int32),
-                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"])}}
+                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"]), "params": self._signature()}}
+
+    def _signature(self) -> dict:
+        """What a state or log belongs to: the parameters' names, shapes and dtypes, in order."""
+        return {"names": list(self.names), "shapes": [list(p.shape) for p in self.params],
+                "dtypes": [str(p.dtype) for p in self.params]}
+
+    def _checked_log(self, log, step_count: int | None = None) -> dict:
+        """A state's ``log`` as plain lists, after checking that it belongs to this parameter set and optimiser and
+        that its values are valid; raises ValueError naming what is wrong. ``step_count``: the steps it must hold."""
+        if not isinstance(log, dict) or not {"losses", "groups", "lr", "eps", "params"} <= set(log):
+            raise ValueError("log must be a dict with losses, groups, lr, eps and params (from state_dict())")
+        mine = self._signature()
+        for key in ("names", "shapes", "dtypes"):
+            theirs = [list(x) if isinstance(x, (list, tuple)) else x for x in log["params"].get(key, [])]
+            if theirs != mine[key]:
+                diff = next((f"{a!r} != {b!r}" for a, b in zip(theirs, mine[key]) if a != b),
+                            f"{len(theirs)} != {len(mine[key])} entries")
+                raise ValueError(f"log belongs to another parameter set: its parameter {key} differ ({diff})")
+        losses = log["losses"].tolist() if isinstance(log["losses"], torch.Tensor) else list(log["losses"])
+        groups = log["groups"].tolist() if isinstance(log["groups"], torch.Tensor) else list(log["groups"])
+        changes = {}
+        for key in ("lr", "eps"):
+            changes[key] = [(int(s), float(v)) for s, v in log[key]]
+            for step, value in changes[key]:
+                if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or step < 0:
+                    raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting")
+        if any(not isinstance(g, int) or g < 0 for g in groups):
+            raise ValueError(f"log has invalid step groups {groups[:5]}")
+        steps = sum(max(g, 1) for g in groups)
+        per_step = self.q + 1 if self.one_sided else 2 * self.q
+        if len(losses) != steps * per_step or (step_count is not None and steps != step_count):
+            raise ValueError(f"log holds {len(losses)} losses for {steps} steps ({per_step} a step)"
+                             + (f" but the state has {step_count} steps" if step_count is not None else ""))
+        return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``; everything is checked before anything is changed (ValueError)."""
+        required = {"step_count", "skipped", "seed", "lr", "eps", "weight_decay", "q", "one_sided", "sampler", "log"}
+        if not isinstance(state, dict) or not required <= set(state):
+            raise ValueError(f"state is missing {sorted(required - set(state or ()))}")
         for key in ("seed", "q", "one_sided"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state has {key}={state[key]!r} but this optimiser has {getattr(self, key)!r}")
-        self.step_count, self.skipped = int(state["step_count"]), int(state["skipped"])
-        self.lr, self.eps, self.weight_decay = state["lr"], state["eps"], state["weight_decay"]
-        self.sampler.load_state_dict(state["sampler"])
-        log = state["log"]
-        self.log = {"losses": log["losses"].tolist(), "groups": log["groups"].tolist(),
-                    "lr": [tuple(x) for x in log["lr"]], "eps": [tuple(x) for x in log["eps"]]}
+        step_count, skipped = state["step_count"], state["skipped"]
+        if not (isinstance(step_count, int) and isinstance(skipped, int) and 0 <= skipped <= step_count):
+            raise ValueError(f"state has step_count={step_count!r}, skipped={skipped!r}: not valid counts")
+        for key in ("lr", "eps", "weight_decay"):
+            value = state[key]
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                    key == "eps" and value == 0):
+                raise ValueError(f"state has {key}={value!r}: it must be a finite non-negative number")
+        log = self._checked_log(state["log"], step_count)
+        self.sampler.load_state_dict(state["sampler"])  # checks its own state before changing it
+        self.step_count, self.skipped = step_count, skipped
+        self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
+        self.log = {"losses": log["losses"], "groups": log["groups"], "lr": [tuple(x) for x in log["lr"]],
+                    "eps": [tuple(x) for x in log["eps"]]}
 
     def replay(self, log: dict) -> None:
         """Re-run a recorded log from this optimiser's current (starting) weights; no closure is evaluated.
@@ -278,14 +346,14 @@ class ZOOptimizer:
         seed, q, one_sided, weight decay). The final weights equal the recorded run's bit for bit on the same
         device and implementation: every pass is re-applied in the same order with the same coefficients.
         """
-        losses = log["losses"].tolist() if isinstance(log["losses"], torch.Tensor) else list(log["losses"])
-        groups = log["groups"].tolist() if isinstance(log["groups"], torch.Tensor) else list(log["groups"])
-        changes = {key: sorted((int(s), float(v)) for s, v in log[key]) for key in ("lr", "eps")}
+        checked = self._checked_log(log)  # before the first pass: another parameter set's log changes nothing
+        losses, groups = checked["losses"], checked["groups"]
+        changes = {key: sorted(checked[key]) for key in ("lr", "eps")}
 
-        def setting(key):
+        def setting(key, at_step):
             value = None
             for step, v in changes[key]:
-                if step > self.step_count:
+                if step > at_step:
                     break
                 value = v
             return value
