@@ -580,8 +580,10 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
                              f"{'; '.join(changed)} (only {', '.join(RESUME_OVERRIDES)} may change on resume)")
         cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
         loaded = checkpoint.load(out)
-        if loaded is None and (has_metrics or checkpoint.has_checkpoints(out)):
-            raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out} holds metrics or checkpoint directories; "
+        # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses
+        # nothing; with metrics it would silently append a new run to an old one's lines
+        if loaded is None and has_metrics:
+            raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out / 'metrics.jsonl'} holds a run's lines; "
                              "refusing to restart over them (restore the file, or start a new run elsewhere)")
         if loaded is not None:
             _check_metrics(metrics_path, loaded)
