@@ -57,7 +57,25 @@ def _named(params) -> tuple[list[str], list[torch.Tensor]]:
     for n, p in zip(names, tensors):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameter {n!r} is a {type(p).__name__}, not a tensor")
+    _check_disjoint(names, tensors)
     return names, tensors
+
+
+def _check_disjoint(names: list[str], tensors: list[torch.Tensor]) -> None:
+    """No two parameters may share memory (each would be perturbed and updated twice), compared by the byte ranges
+    they span in memory, not by start pointers: ``b[0:4]`` and ``b[2:6]`` start apart and overlap."""
+    spans = []
+    for n, t in zip(names, tensors):
+        if t.numel():
+            size = t.element_size()
+            start = t.untyped_storage().data_ptr() + t.storage_offset() * size
+            extent = 1 + sum((dim - 1) * abs(step) for dim, step in zip(t.shape, t.stride()))
+            spans.append((start, start + extent * size, n))
+    spans.sort()
+    # sorted by start, any overlap shows between neighbours: if X overlaps a later Y, X's successor starts inside X
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"parameters {first!r} and {second!r} share memory: each would be updated twice")
 
 
 class ZOOptimizer:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from zopro import checkpoint, memory
-from zopro.config import (RESUME_OVERRIDES, TrainConfig, from_args, load_saved, resume_differences,
+from zopro.config import (RESUME_OVERRIDES, TrainConfig, flag, from_args, load_saved, resume_differences,
                           validate)
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
 from zopro.optim import ZOOptimizer, derive_seed
@@ -576,8 +576,9 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
             raise ValueError(f"{config_path}: {err}") from None
         changed = resume_differences(saved_cfg, cfg)
         if changed:
+            allowed = ", ".join(map(flag, RESUME_OVERRIDES))
             raise ValueError(f"--resume: {out} was started with other settings; drop or restore them: "
-                             f"{'; '.join(changed)} (only {', '.join(RESUME_OVERRIDES)} may change on resume)")
+                             f"{'; '.join(changed)} (only {allowed} may change on resume)")
         cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
         loaded = checkpoint.load(out)
         # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses

@@ -139,3 +139,15 @@ def test_replay_of_its_own_log_still_reproduces_the_run():
     replayer = ZOOptimizer(replayer_params, lr=1e-2, seed=3)
     replayer.replay(opt.state_dict()["log"])
     assert all(torch.equal(replayer_params[n], params[n]) for n in params)
+
+
+@pytest.mark.parametrize("views", [
+    lambda b: [b[0:4], b[2:6]],  # start pointers differ, ranges overlap
+    lambda b: [b, b[1:]],
+    lambda b: [b.view(4, 4)[:, 1], b.view(4, 4)[2]],  # a strided column crossing a row
+])
+def test_overlapping_parameters_are_refused_by_their_memory_ranges(views):
+    b = torch.zeros(16)
+    with pytest.raises(ValueError, match="share memory"):
+        ZOOptimizer(views(b), lr=1e-2)
+    ZOOptimizer([b[0:4], b[4:8], b.view(4, 4)[3]], lr=1e-2)  # touching but disjoint ranges are fine

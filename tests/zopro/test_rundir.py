@@ -122,9 +122,9 @@ def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(
             return "LATEST->" + Path(tmp).read_text().split()[0].rsplit("-", 1)[1]
         return "ckpt->" + final.name.rsplit("-", 1)[1] if final.name.startswith("ckpt-") else final.name
 
-    kills = ["ckpt->train", "LATEST->train", "zo_log_iter1.pt", "ckpt->evaluate", "LATEST->evaluate", "ckpt->done", "LATEST->done",
-             "eval_samples.jsonl", "policy_adapter.safetensors", "reward_adapter.safetensors", "summary.md",
-             "summary.json"]
+    kills = ["ckpt->train", "LATEST->train", "zo_log_iter1.pt", "ckpt->evaluate", "LATEST->evaluate", "ckpt->done",
+             "LATEST->done", "eval_samples.jsonl", "policy_adapter.safetensors", "reward_adapter.safetensors",
+             "summary.md", "summary.json"]
     publish, seen = checkpoint._publish, []
 
     def killing_publish(tmp, final):
