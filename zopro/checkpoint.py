@@ -205,7 +205,7 @@ def load(run_dir: Path, *, fallback: bool = True) -> Loaded | None:
             skipped.append(str(err))
     if len(skipped) > 1:
         raise ValueError(f"{skipped[0]}; its fallback is damaged too: {skipped[1]}")
-    raise ValueError(skipped[0] + ("" if fallback or len(names) < 2 else " (a previous checkpoint exists)"))
+    raise ValueError(skipped[0])
 
 
 def _read_pointer(pointer: Path) -> list[str]:
