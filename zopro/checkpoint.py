@@ -189,9 +189,12 @@ def has_checkpoints(run_dir: Path) -> bool:
     return (run_dir / LATEST).exists() or any(run_dir.glob("ckpt-*"))
 
 
-def load(run_dir: Path, *, fallback: bool = True) -> Loaded | None:
+def load(run_dir: Path, *, fallback: bool = True, unverified_legacy: bool = False) -> Loaded | None:
     """The newest verified checkpoint named by ``LATEST`` (with ``fallback``, the previous one when the newest is
-    damaged), or None when the run has no ``LATEST``. Raises ValueError naming the damaged file otherwise."""
+    damaged), or None when the run has no ``LATEST``. Raises ValueError naming the damaged file otherwise.
+
+    ``unverified_legacy``: also accept a checkpoint without a manifest (written before checksums existed), loaded
+    as safely but unverified; for read-only uses such as re-scoring old finished runs, never for resuming."""
     run_dir = Path(run_dir)
     pointer = run_dir / LATEST
     if not pointer.exists():
@@ -200,7 +203,7 @@ def load(run_dir: Path, *, fallback: bool = True) -> Loaded | None:
     skipped = []
     for name in names if fallback else names[:1]:
         try:
-            return Loaded(*_load_one(run_dir / name), name=name, skipped=skipped)
+            return Loaded(*_load_one(run_dir / name, unverified_legacy), name=name, skipped=skipped)
         except ValueError as err:
             skipped.append(str(err))
     if len(skipped) > 1:
@@ -220,23 +223,12 @@ def _read_pointer(pointer: Path) -> list[str]:
     return names
 
 
-def _load_one(ckpt: Path) -> tuple[dict, dict, dict]:
+def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, dict]:
     if ckpt.is_symlink() or not ckpt.is_dir():
         raise ValueError(f"{ckpt}: missing or not a directory of this run")
     manifest = ckpt / MANIFEST
-    try:
-        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        assert isinstance(sums, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
-        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
-    present = {f.name for f in ckpt.iterdir()} - {MANIFEST}
-    if present != set(sums):
-        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
-        what = f"unlisted file {ckpt / extra[0]}" if extra else f"missing file {ckpt / missing[0]}"
-        raise ValueError(f"{ckpt}: damaged checkpoint ({what})")
-    for fname, expected in sums.items():
-        if (ckpt / fname).is_symlink() or _sha256(ckpt / fname) != expected:
-            raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
+    if not (unverified_legacy and not manifest.exists()):
+        _verify(ckpt, manifest)
     try:
         meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -249,3 +241,21 @@ def _load_one(ckpt: Path) -> tuple[dict, dict, dict]:
             raise ValueError(f"{f}: unreadable ({_first_line(err)})") from None
     objects = {f.stem: safe_torch_load(f) for f in sorted(ckpt.glob("*.pt"))}
     return meta, tensors, objects
+
+
+def _verify(ckpt: Path, manifest: Path) -> None:
+    """Every file of ``ckpt`` listed in its manifest, none missing, each with its recorded SHA-256."""
+    try:
+        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        if not isinstance(sums, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    present = {f.name for f in ckpt.iterdir()} - {MANIFEST}
+    if present != set(sums):
+        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
+        what = f"unlisted file {ckpt / extra[0]}" if extra else f"missing file {ckpt / missing[0]}"
+        raise ValueError(f"{ckpt}: damaged checkpoint ({what})")
+    for fname, expected in sums.items():
+        if (ckpt / fname).is_symlink() or _sha256(ckpt / fname) != expected:
+            raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")

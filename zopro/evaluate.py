@@ -34,7 +34,8 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
     except ValueError as err:
         raise ValueError(f"{config_path}: {err}") from None
     cfg = dataclasses.replace(saved, eval_samples=eval_samples, device=device or saved.device)
-    loaded = checkpoint.load(run_dir, fallback=False)  # the final checkpoint or nothing: never an earlier one
+    # the final checkpoint or nothing, never an earlier one; runs made before checksums existed load unverified
+    loaded = checkpoint.load(run_dir, fallback=False, unverified_legacy=True)
     if loaded is None or loaded.meta["phase"] != "done":
         raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
     _, held_out = load_prompts(cfg)

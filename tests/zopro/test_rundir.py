@@ -229,6 +229,16 @@ def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finishe
     assert _snapshot(out) == before
 
 
+def test_runs_made_before_checksums_load_only_for_reading(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    newest = _newest(out)
+    (newest / checkpoint.MANIFEST).unlink()
+    (out / "LATEST").write_text(newest.name + "\n")  # as an older zopro wrote them
+    with pytest.raises(ValueError, match="manifest.json: missing or damaged"):
+        checkpoint.load(out)  # what --resume uses
+    assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.evaluate uses
+
+
 def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
