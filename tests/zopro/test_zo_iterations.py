@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM
 from zopro import Targeted, ZOOptimizer
 from zopro.checkpoint import load as load_checkpoint
 from zopro.config import preset
+from zopro.evaluate import main as evaluate_main
 from zopro.models import PolicyRewardModel
 from zopro.rollout import collect_rollout, tokenize_prompts
 from zopro.train import adam_direction, logprob_temperature, next_guide, run, surrogate
@@ -153,3 +154,15 @@ def test_zo_epochs_take_several_steps_per_rollout(tmp_path):
     log = torch.load(tmp_path / "run" / "zo_log_iter1.pt", weights_only=True)
     assert log["step_count"] == 3 * cfg.steps_per_iteration
     assert log["sampler"]["t"] == 3 * cfg.steps_per_iteration
+
+
+def test_probe_guide_scores_the_policy_moved_along_the_runs_guide(tmp_path, capsys):
+    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, iterations=1)
+    run(cfg, progress=False)
+    guide = load_checkpoint(tmp_path / "run")[1]["guides_prev"]
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in guide.values()))
+    rows = evaluate_main([str(tmp_path / "run"), "--eval-samples", "2", "--probe-guide", "0", "30"])
+    assert [r["distance"] for r in rows] == [0.0, 30.0]
+    assert rows[0]["change"] == 0.0 and rows[0]["change_se"] == 0.0  # same weights, same sampling seeds
+    assert all(r["guide_norm"] == pytest.approx(norm, rel=1e-9) for r in rows)
+    assert f"| run | {norm:.4f} | 30 |" in capsys.readouterr().out
