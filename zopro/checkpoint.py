@@ -182,6 +182,12 @@ class Loaded:
     name: str
     skipped: list[str] = field(default_factory=list)
 
+    def __iter__(self):  # ``meta, tensors, objects = load(...)`` as before the checkpoint had a name
+        return iter((self.meta, self.tensors, self.objects))
+
+    def __getitem__(self, i: int):
+        return (self.meta, self.tensors, self.objects)[i]
+
 
 def has_checkpoints(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a pointer or any checkpoint directory (complete or not)."""

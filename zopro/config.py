@@ -13,6 +13,7 @@ from pathlib import Path
 
 ALGORITHMS = ("zopro", "rloo", "ppo")
 SAMPLERS = ("targeted", "rank_guided", "isotropic")
+GUIDES = ("prev", "adam", "cumulative", "placebo")
 LOSSES = ("sequence", "token")
 QUANTIZE = ("none", "nf4", "int8")
 DATASETS = ("default", "hh-rlhf", "tldr", "wmt20")
@@ -86,10 +87,26 @@ class TrainConfig:
     noise: str = field(default="gaussian", metadata={"help": "gaussian or rademacher"})
     rank: int = field(default=4, metadata={"help": "guide rank for rank_guided"})
     d0: float = 1 - 1e-3
-    d_schedule: str = field(default="exp", metadata={"help": "exp, linear or constant"})
+    d_schedule: str = field(default="linear", metadata={
+        "help": "mixing weight d of guide and noise: linear (d0 down to 0 over the iteration's ZO updates, the "
+                "authors' default), exp (d0 * exp(-t / tau)) or constant (d0)"})
     d_tau: float = field(default=1.0, metadata={"help": "exp schedule: d = d0 * exp(-t / tau)"})
-    rescale_direction: bool = field(default=False, metadata={
-        "help": "scale targeted directions to an isotropic Gaussian's norm, so eps and lr keep their meaning"})
+    zo_scale: str = field(default="unit", metadata={
+        "help": "length of a guided direction: unit (the whole direction has norm 1, so --zo-eps and a step "
+                "--zo-lr * g are distances in weight space whatever the guide's length), paper (each tensor's z as "
+                "long as its guide: a step moves zo_lr * g * |guide|^2) or numel (an isotropic Gaussian's norm)"})
+    zo_lr_decay: str = field(default="linear", metadata={
+        "help": "ZO learning rate over an iteration's updates: linear (down to 0, as the authors) or constant"})
+    guide: str = field(default="prev", metadata={
+        "help": "direction that ZO iterations target: prev (the policy's update over the previous iteration, the "
+                "paper), adam (the first-order optimiser's last step direction -m/sqrt(v), kept through ZO "
+                "iterations), cumulative (all policy movement since the start) or placebo (random, with prev's "
+                "per-tensor norms: the control)"})
+    zo_epochs: int = field(default=1, metadata={
+        "help": "ZO steps per rollout on the same tokens (fresh directions; the PPO clip bounds how far they go)"})
+    logprob_temperature: float = field(default=0.0, metadata={
+        "help": "temperature of the log-probs in the PPO ratio, the KL and the losses; 0: the sampling "
+                "--temperature (the importance ratio of the policy that sampled, as the authors and TRL)"})
     # reward model
     reward_lr: float = 1e-3
     reward_init_steps: int = 32
@@ -139,13 +156,15 @@ RANGES = {
     "k": "[2, inf)", "seed": "[0, 18446744073709551616)",  # seeds are 64-bit (derive_seed, torch generators)
     **dict.fromkeys(("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
                      "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
-                     "eval_batch"), "[1, inf)"),
+                     "eval_batch", "zo_epochs"), "[1, inf)"),
     **dict.fromkeys(("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature", "lora_alpha", "d_tau"), "(0, inf)"),
     **dict.fromkeys(("kl_coef", "weight_decay"), "[0, inf)"),
+    "logprob_temperature": "[0, inf)",  # 0: the sampling --temperature
     "clip": "(0, 1)", "d0": "[0, 1]", "reward_merge_alpha": "(0, 1]",
 }
 CHOICES = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
+           "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"), "guide": GUIDES,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
 # Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the
 # resumed run a different run from the one its checkpoints and metrics belong to.

@@ -24,6 +24,7 @@ from zokernels import perturb2_, perturb_
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 
 SCHEDULES = ("exp", "linear", "constant")
+SCALES = ("paper", "unit", "numel")
 
 
 class Isotropic:
@@ -81,10 +82,15 @@ class Targeted(Isotropic):
         prev: ``{name: previous-iteration update of that parameter}`` (new - old weights).
         reward_delta: ``{name: reward model's update over the previous iteration}``, same names; normalised here.
         d0: starting mixing weight (paper: 1 - 1e-3).
-        schedule: ``"exp"`` (``d = d0 * exp(-t / tau)``, the paper's with tau = 1), ``"linear"``
-            (``d = d0 - t / total_steps``, floored at 0) or ``"constant"``; ``t`` counts updates.
-        rescale: multiply each tensor's z by ``sqrt(numel) / |prev|`` so its norm matches an isotropic Gaussian's
-            (then eps and lr mean the same as for :class:`Isotropic`); off by default, as in the paper.
+        schedule: ``"exp"`` (``d = d0 * exp(-t / tau)``), ``"linear"`` (``d = d0 - t / total_steps``, floored
+            at 0; the authors' command-line default) or ``"constant"``; ``t`` counts updates.
+        scale: how long z is. ``"paper"``: each tensor's z has the norm of its ``prev`` (the paper's; a step then
+            moves ``lr * g * |prev|^2``, so lr means something else for every guide). ``"unit"``: the whole
+            direction is divided by the global ``|prev|`` (all tensors together), so z has norm ~1 and eps and a
+            step ``lr * g`` are distances in weight space whatever the guide's length; unguided tensors then get
+            ``xi / sqrt(D)`` (D: all elements), an isotropic direction of norm ~1. ``"numel"``: each tensor's z is
+            scaled by ``sqrt(numel) / |prev|`` to an isotropic Gaussian's norm (eps and lr as for
+            :class:`Isotropic`).
         guide_dtype: storage of the guides (bf16 halves what every weight pass reads).
     Tensors without a ``prev`` guide, or whose ``prev`` is all zeros, use isotropic noise; a tensor with ``prev``
     but no ``reward_delta`` skips the projection.
@@ -94,7 +100,7 @@ class Targeted(Isotropic):
 
     def __init__(self, prev: Mapping[str, torch.Tensor], reward_delta: Mapping[str, torch.Tensor] | None = None, *,
                  d0: float = 1 - 1e-3, schedule: str = "exp", tau: float = 1.0, total_steps: int | None = None,
-                 rescale: bool = False, guide_dtype: torch.dtype | None = None, dist: str = "gaussian",
+                 scale: str = "paper", guide_dtype: torch.dtype | None = None, dist: str = "gaussian",
                  impl: str = "auto"):
         super().__init__(dist, impl)
         if not 0.0 <= d0 <= 1.0:
@@ -103,11 +109,13 @@ class Targeted(Isotropic):
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if schedule == "linear" and not total_steps:
             raise ValueError("schedule='linear' needs total_steps")
-        if tau <= 0:
+        if not tau > 0:
             raise ValueError(f"tau must be positive, got {tau}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         self.prev_src, self.delta_src = dict(prev), dict(reward_delta or {})
         self.d0, self.schedule, self.tau, self.total_steps = d0, schedule, tau, total_steps
-        self.rescale, self.guide_dtype = rescale, guide_dtype
+        self.scale, self.guide_dtype = scale, guide_dtype
         self.t = 0
         self._cache: dict = {}
 
@@ -181,8 +189,13 @@ class Targeted(Isotropic):
         guided = torch.tensor(self.guided)
         c = torch.where(guided, math.sqrt(max(0.0, 1 - d * d)) * prev_norm / perp_sq.sqrt(), torch.ones_like(dot))
         a = torch.where(guided, torch.full_like(dot, d), torch.zeros_like(dot))
-        if self.rescale:
+        if self.scale == "numel":
             r = torch.where(guided, self.numel.sqrt() / prev_norm.clamp(min=1e-300), torch.ones_like(dot))
+            c, a = c * r, a * r
+        elif self.scale == "unit":
+            total = float(prev_norm.pow(2).sum().sqrt())  # 0 only when no tensor is guided
+            r = torch.where(guided, torch.full_like(dot, 1 / total if total > 0 else 0.0),
+                            torch.full_like(dot, 1 / math.sqrt(float(self.numel.sum()))))
             c, a = c * r, a * r
         # z = a*prev + c*xi - c*beta*delta
         self._cache = {k: v for k, v in self._cache.items() if k != seed}
@@ -219,7 +232,8 @@ class Targeted(Isotropic):
         return [(torch.tensor(idx), kind != "none", has_d) for (kind, has_d), idx in kinds.items()]
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "dist": self.dist, "t": self.t, "d0": self.d0, "schedule": self.schedule}
+        return {"name": self.name, "dist": self.dist, "t": self.t, "d0": self.d0, "schedule": self.schedule,
+                "scale": self.scale}
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)

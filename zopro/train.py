@@ -39,7 +39,7 @@ from zopro.rollout import collect_rollout, left_pad, prompt_ids, repeat_each, sa
 from zopro.samplers import Isotropic, RankGuided, Targeted
 
 # Seed domains, so that rollouts, pair sampling, evaluation and ZO directions never share a seed.
-ROLLOUT, PAIRS, EVAL, ZO, REWARD, BATCH = range(6)
+ROLLOUT, PAIRS, EVAL, ZO, REWARD, BATCH, PLACEBO = range(7)
 
 
 def _seed(cfg: TrainConfig, domain: int, *parts: int) -> int:
@@ -242,10 +242,16 @@ def paired_change(before: list[float], after: list[float]) -> tuple[float | None
 
 # ---------------------------------------------------------------------------------------------------------------------
 # One step of each kind
+def logprob_temperature(cfg) -> float:
+    """The temperature of every log-prob in the ratio, the KL and the losses: the sampling one unless set."""
+    return cfg.logprob_temperature or cfg.temperature
+
+
 def surrogate(bundle, rollout, rows, cfg, old_tok=None, grad=False):
-    """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights."""
+    """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights, at the rollout's log-prob
+    temperature (so the ratio is exactly 1 at the weights that sampled)."""
     args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
-    sums, tok = bundle.policy_logprobs(*args, grad=grad)
+    sums, tok = bundle.policy_logprobs(*args, grad=grad, temperature=rollout.logprob_temperature)
     if cfg.loss == "sequence":
         return ppo_clip_loss_sequence(sums, rollout.policy_logps[rows], rollout.advantages[rows], cfg.clip)
     mask = rollout.response_mask[rows]
@@ -276,27 +282,71 @@ def first_order_step(bundle, rollout, optimizer, cfg, old_tok):
 
 
 def zo_step(bundle, rollout, optimizer, cfg, old_tok):
-    """``--minibatches`` ZO steps over the rollout, back to back (two weight passes each)."""
+    """``--zo-epochs`` passes of ``--minibatches`` ZO steps over the rollout, back to back (two weight passes each;
+    every step a fresh direction). The surrogate's ratio is to the weights that sampled, so its clip stops steps
+    that move a row's probability too far from them."""
     n = len(rollout.sequences)
     chunks = torch.arange(n, device=rollout.sequences.device).chunk(cfg.minibatches)
-    closures = [lambda rows=rows: surrogate(bundle, rollout, rows, cfg, old_tok) for rows in chunks]
+    closures = [lambda rows=rows: surrogate(bundle, rollout, rows, cfg, old_tok) for rows in chunks] * cfg.zo_epochs
     results = optimizer.step_many(closures)
     return (sum(r.loss for r in results) / len(results), sum(r.grad for r in results) / len(results),
             sum(r.skipped for r in results))
 
 
+def zo_updates(cfg) -> int:
+    """ZO updates in one iteration: the span of the mixing schedule and of the lr decay."""
+    return cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs
+
+
 def make_zo_optimizer(bundle, cfg, iteration, guides):
     params = bundle.policy_parameters()
+    total = zo_updates(cfg)
     if iteration == 0 or cfg.sampler == "isotropic" or guides is None:
         sampler = Isotropic(cfg.noise)
     else:
         kind = RankGuided if cfg.sampler == "rank_guided" else Targeted
         extra = {"rank": cfg.rank, "svd_seed": cfg.seed} if kind is RankGuided else {}
         sampler = kind(guides["prev"], guides["delta"], d0=cfg.d0, schedule=cfg.d_schedule, tau=cfg.d_tau,
-                       total_steps=cfg.steps_per_iteration * cfg.minibatches, rescale=cfg.rescale_direction,
-                       dist=cfg.noise, **extra)
+                       total_steps=total, scale=cfg.zo_scale, dist=cfg.noise, **extra)
+    decay = (lambda t: max(0.0, 1.0 - t / total)) if cfg.zo_lr_decay == "linear" else None
     return ZOOptimizer(params, lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=sampler,
-                       seed=_seed(cfg, ZO, iteration))
+                       seed=_seed(cfg, ZO, iteration), lr_schedule=decay)
+
+
+def adam_direction(optimizer, params: dict) -> dict[str, torch.Tensor]:
+    """The direction of an Adam(W) optimiser's next step, ``-m_hat / (sqrt(v_hat) + eps)``, per named parameter
+    (weight decay aside): the first-order iteration's own estimate of where the loss falls."""
+    group = optimizer.param_groups[0]
+    (b1, b2), eps = group["betas"], group["eps"]
+    out = {}
+    for name, p in params.items():
+        state = optimizer.state[p]
+        t = float(state["step"])
+        m, v = state["exp_avg"] / (1 - b1 ** t), state["exp_avg_sq"] / (1 - b2 ** t)
+        out[name] = -(m / (v.sqrt() + eps))
+    return out
+
+
+def next_guide(cfg, moved, previous, fo_opt, params, seed) -> dict[str, torch.Tensor]:
+    """The direction the next ZO iteration targets (``--guide``), from the policy's movement over the iteration
+    that ends (``moved``), the current guide (``previous``, None before the first) and the iteration's first-order
+    optimiser (None after a ZO iteration).
+
+    ``prev`` is the paper's: after a ZO iteration it is that iteration's (small, noisy) movement. ``adam`` and
+    ``cumulative`` keep what a first-order iteration learned: Adam's last step direction, carried through ZO
+    iterations, or all movement since the start. ``placebo`` is the control: Gaussian noise with ``moved``'s
+    per-tensor norms, from ``seed``."""
+    if cfg.guide == "cumulative":
+        return moved if previous is None else {n: previous[n] + moved[n] for n in moved}
+    if cfg.guide == "adam":
+        if fo_opt is None:
+            return previous if previous is not None else moved
+        return adam_direction(fo_opt, params)
+    if cfg.guide == "placebo":
+        gen = torch.Generator().manual_seed(seed % 2**63)
+        noise = {n: torch.randn(m.shape, generator=gen, dtype=torch.float64) for n, m in moved.items()}
+        return {n: (noise[n] * (m.double().norm() / noise[n].norm())).to(m) for n, m in moved.items()}
+    return moved
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,7 +372,8 @@ class Run:
         if cfg.algorithm == "ppo":  # the critic: a value adapter on the shared base plus a head, kept for the run
             from zopro.ppo import PPOConfig, ValueModel
 
-            self.ppo_cfg = PPOConfig(kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, lr=cfg.fo_lr, seed=cfg.seed)
+            self.ppo_cfg = PPOConfig(kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, lr=cfg.fo_lr, seed=cfg.seed,
+                                     logprob_temperature=logprob_temperature(cfg))
             self.value_model = ValueModel(self.bundle, seed=cfg.seed)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
@@ -415,7 +466,8 @@ class Run:
         t0 = time.perf_counter()
         memory.reset_peak(self.device)
         rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), cfg.k, cfg.max_new_tokens,
-                                  cfg.temperature, cfg.kl_coef, _seed(cfg, ROLLOUT, it, step), cfg.max_prompt_len)
+                                  cfg.temperature, cfg.kl_coef, _seed(cfg, ROLLOUT, it, step), cfg.max_prompt_len,
+                                  logprob_temperature=logprob_temperature(cfg))
         old_tok = rollout.policy_token_logps if cfg.loss == "token" else None
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
@@ -468,7 +520,10 @@ class Run:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
             now = self.bundle.reward_parameters()
             delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
-        self.guides = {"prev": prev, "delta": delta}
+        previous = self.guides["prev"] if self.guides is not None else None
+        self.guides = {"prev": next_guide(cfg, prev, previous, self.fo_opt, self.bundle.policy_parameters(),
+                                          _seed(cfg, PLACEBO, it)),
+                       "delta": delta}
         if self.zo_opt is not None:  # the iteration's optimiser log: replays its ZO updates bit for bit
             checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", self.zo_opt.state_dict())
         if it + 1 < cfg.iterations:

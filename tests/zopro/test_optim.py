@@ -40,8 +40,8 @@ def _samplers(problem):
     return {
         "isotropic-gaussian": Isotropic("gaussian"),
         "isotropic-rademacher": Isotropic("rademacher"),
-        "targeted": Targeted(prev, delta, schedule="constant", d0=0.5, rescale=True),
-        "rank_guided": RankGuided(prev, delta, rank=2, schedule="constant", d0=0.5, rescale=True),
+        "targeted": Targeted(prev, delta, schedule="constant", d0=0.5, scale="numel"),
+        "rank_guided": RankGuided(prev, delta, rank=2, schedule="constant", d0=0.5, scale="numel"),
     }
 
 

@@ -38,8 +38,8 @@ def test_scale_space_zo_lowers_the_loss(kind, sampler):
     guide = {"scales": 0.05 * scales.detach().clone()}  # "previous update": grow every scale
     samplers = {"isotropic": Isotropic(),
                 "targeted": Targeted(guide, {"scales": torch.randn(scales.shape, generator=g)}, d0=0.5,
-                                     schedule="constant", rescale=True),
-                "rank_guided": RankGuided(guide, None, rank=2, d0=0.5, schedule="constant", rescale=True)}
+                                     schedule="constant", scale="numel"),
+                "rank_guided": RankGuided(guide, None, rank=2, d0=0.5, schedule="constant", scale="numel")}
     # lr 1e-2 halves the loss in 40 isotropic steps for both formats; 1e-1 diverges (measured)
     opt = ZOOptimizer({"scales": scales}, lr=1e-2, eps=1e-2,
                       sampler=samplers[sampler], seed=4)

@@ -1,0 +1,168 @@
+"""ZO iterations that move: log-prob temperature, steps in guide units, guides, epochs per rollout, lr decay."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from zopro import Targeted, ZOOptimizer
+from zopro.checkpoint import load as load_checkpoint
+from zopro.config import preset
+from zopro.evaluate import main as evaluate_main
+from zopro.models import PolicyRewardModel
+from zopro.rollout import collect_rollout, tokenize_prompts
+from zopro.train import adam_direction, logprob_temperature, next_guide, run, surrogate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
+
+PROMPTS = ["hello", "tell me about the blue sea", "why is the sky blue ?"]
+
+
+@pytest.fixture
+def bundle(tiny_llama_config, make_tiny_model):
+    bundle = PolicyRewardModel(make_tiny_model(LlamaForCausalLM, tiny_llama_config, seed=0), lora_r=4, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a policy that differs from the reference (the base with adapters off)
+        for name, p in bundle.policy_parameters().items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return bundle
+
+
+def test_logprobs_default_to_the_sampling_temperature():
+    cfg = preset("smoke")
+    assert cfg.logprob_temperature == 0 and logprob_temperature(cfg) == cfg.temperature == 0.7
+    assert logprob_temperature(dataclasses.replace(cfg, logprob_temperature=1.0)) == 1.0
+
+
+def test_ratio_is_exactly_one_at_the_sampling_weights(bundle, tiny_tokenizer):
+    ro = collect_rollout(bundle, tiny_tokenizer, PROMPTS, k=4, max_new_tokens=6, temperature=0.7, kl_coef=0.05,
+                         seed=5, max_prompt_len=16, logprob_temperature=0.7)
+    rows = torch.arange(len(ro.sequences))
+    # ratio exp(new - old) == 1 at the weights that sampled: the surrogate is -mean(A) to the last bit
+    assert surrogate(bundle, ro, rows, SimpleNamespace(loss="sequence", clip=0.2)).item() == \
+        (-ro.advantages).mean().item()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_kl_estimate_is_a_kl_of_the_sampling_distribution(bundle, tiny_tokenizer, temperature):
+    """One new token, every token of the vocabulary: at the sampling temperature the log-probs are those of the
+    distribution sampled from (they sum to 1), so the rollout's KL estimate has expectation KL(pi_T || ref_T) >= 0."""
+    ids, mask = tokenize_prompts(tiny_tokenizer, PROMPTS[1:2], 16, bundle.pad_token_id)
+    vocab = len(tiny_tokenizer)
+    seq = torch.cat([ids.repeat(vocab, 1), torch.arange(vocab)[:, None]], 1)
+    att = torch.cat([mask.repeat(vocab, 1), torch.ones(vocab, 1, dtype=torch.long)], 1)
+    resp = torch.zeros_like(seq)
+    resp[:, -1] = 1
+    policy = bundle.policy_logprobs(seq, att, resp, temperature=temperature)[0].double()
+    ref = bundle.reference_logprobs(seq, att, resp, temperature=temperature)[0].double()
+    p = policy.exp()
+    assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (p * (policy - ref)).sum().item() > 0  # the policy differs from the reference
+
+
+def _policy(path):
+    return {n: t for n, t in load_file(str(path)).items()}
+
+
+def test_smoke_zo_iteration_moves_the_weights_with_decaying_lr(tmp_path):
+    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1)
+    with pytest.raises(KeyboardInterrupt):  # stop at the start of iteration 1: the policy after iteration 0
+        run(cfg, progress=False, stop_after_steps=cfg.steps_per_iteration)
+    meta, tensors, _ = load_checkpoint(tmp_path / "run")
+    assert (meta["iteration"], meta["step"]) == (1, 0)
+    after_fo = {n[len("policy."):]: t for n, t in tensors["iter_start"].items() if n.startswith("policy.")}
+    run(dataclasses.replace(cfg), resume=True, progress=False)
+    final = _policy(tmp_path / "run" / "policy_adapter.safetensors")
+    moved = math.sqrt(sum(float((final[n] - after_fo[n]).double().pow(2).sum()) for n in after_fo))
+    zo = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    zo = [r for r in zo if r["mode"] == "zo-targeted"]
+    assert len(zo) == cfg.steps_per_iteration and all(r["grad"] != 0 for r in zo)
+    assert [r["lr"] for r in zo] == [cfg.zo_lr * (1 - t / len(zo)) for t in range(len(zo))]  # linear decay to 0
+    # unit-norm directions: a step moves lr * |g| (|z| = 1 up to the noise's cross term), so the whole iteration
+    # moves the policy by more than 0 and at most about the sum of the steps
+    steps = [abs(r["lr"] * r["grad"]) for r in zo]
+    assert 0 < moved < 1.5 * sum(steps)
+
+
+def test_unit_scale_directions_have_norm_one():
+    gen = torch.Generator().manual_seed(0)
+    prev = {"a": torch.randn(40, 30, generator=gen) * 3.0, "b": torch.randn(50, generator=gen) * 0.01}
+    total = math.sqrt(sum(float(t.pow(2).sum()) for t in prev.values()))
+
+    def direction(d0, seed):
+        params = {n: torch.zeros_like(t) for n, t in prev.items()}
+        sampler = Targeted(prev, None, d0=d0, schedule="constant", scale="unit", impl="torch")
+        opt = ZOOptimizer(params, lr=0.0, eps=1.0, sampler=sampler, seed=seed)
+        sampler.prepare(seed)
+        opt._pass([(seed, 1.0)])
+        return params
+
+    z = direction(1.0, 3)  # d = 1: exactly the unit guide
+    for n in prev:
+        torch.testing.assert_close(z[n], prev[n] / total, rtol=1e-6, atol=1e-7)
+    # d = 0.6: guide part of norm 0.6 plus noise of norm 0.8 per tensor share; |z|^2 = 1 up to the cross term
+    norms = [math.sqrt(sum(float(t.pow(2).sum()) for t in direction(0.6, s).values())) for s in range(20)]
+    assert statistics.fmean(norms) == pytest.approx(1.0, abs=0.05)
+
+
+def test_adam_guide_is_the_direction_adam_steps_in():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
+    start = w.detach().clone()
+    opt = torch.optim.AdamW([w], lr=0.01, weight_decay=0.0)
+    (w * torch.randn(6, 5, generator=gen)).sum().backward()
+    opt.step()
+    # after one step m_hat = g, v_hat = g^2: the step is -lr * g / (|g| + eps), the guide its direction
+    guide = adam_direction(opt, {"w": w})["w"]
+    torch.testing.assert_close(guide * 0.01, w.detach() - start, rtol=1e-5, atol=1e-9)
+
+
+def test_guides_carry_information_through_zo_iterations():
+    gen = torch.Generator().manual_seed(0)
+    moved = {"a": torch.randn(8, 4, generator=gen), "b": torch.randn(4, generator=gen) * 1e-3}
+    earlier = {n: torch.randn(t.shape, generator=gen) for n, t in moved.items()}
+
+    def guide(kind, previous=None, fo_opt=None, seed=0):
+        return next_guide(SimpleNamespace(guide=kind), moved, previous, fo_opt, {}, seed)
+
+    assert guide("prev", earlier) is moved
+    cumulative = guide("cumulative", earlier)
+    for n in moved:
+        assert torch.equal(cumulative[n], earlier[n] + moved[n])
+    assert guide("adam", earlier) is earlier  # a ZO iteration keeps the first-order direction it was given
+    placebo, again, other = guide("placebo", seed=1), guide("placebo", seed=1), guide("placebo", seed=2)
+    for n in moved:
+        assert torch.equal(placebo[n], again[n]) and not torch.equal(placebo[n], other[n])
+        assert placebo[n].norm().item() == pytest.approx(moved[n].norm().item(), rel=1e-6)
+        cos = torch.nn.functional.cosine_similarity(placebo[n].flatten(), moved[n].flatten(), dim=0)
+        assert abs(cos.item()) < 0.8
+
+
+def test_zo_epochs_take_several_steps_per_rollout(tmp_path):
+    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, zo_epochs=3,
+                              n_eval_prompts=1, eval_samples=1)
+    run(cfg, progress=False)
+    log = torch.load(tmp_path / "run" / "zo_log_iter1.pt", weights_only=True)
+    assert log["step_count"] == 3 * cfg.steps_per_iteration
+    assert log["sampler"]["t"] == 3 * cfg.steps_per_iteration
+
+
+def test_probe_guide_scores_the_policy_moved_along_the_runs_guide(tmp_path, capsys):
+    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, iterations=1)
+    run(cfg, progress=False)
+    guide = load_checkpoint(tmp_path / "run")[1]["guides_prev"]
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in guide.values()))
+    rows = evaluate_main([str(tmp_path / "run"), "--eval-samples", "2", "--probe-guide", "0", "30"])
+    assert [r["distance"] for r in rows] == [0.0, 30.0]
+    assert rows[0]["change"] == 0.0 and rows[0]["change_se"] == 0.0  # same weights, same sampling seeds
+    assert all(r["guide_norm"] == pytest.approx(norm, rel=1e-9) for r in rows)
+    assert f"| run | {norm:.4f} | 30 |" in capsys.readouterr().out
