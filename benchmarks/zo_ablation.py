@@ -35,7 +35,7 @@ from pathlib import Path
 
 from benchmarks.conftest import RESULTS_DIR, environment
 from zopro import checkpoint, train
-from zopro.config import TrainConfig, build_parser, from_args
+from zopro.config import TrainConfig, build_parser, coerce, from_args
 
 ARMS = {"iter1": {"iterations": 1}, "full": {}, "fo": {"algorithm": "rloo"}, "placebo": {"guide": "placebo"}}
 
@@ -54,7 +54,8 @@ def parse_arm(text: str) -> tuple[str, dict]:
             raise ValueError(f"--arms: {item!r} in {text!r} is not FIELD=VALUE")
         argv += [f"--{field.replace('_', '-')}", value]
     args = build_parser().parse_args(argv)
-    return name, {f: v for f, v in vars(args).items() if v is not None and f not in ("config", "resume")}
+    # the parser hands back text; coerce converts it as from_args does for the command line
+    return name, {f: coerce(f, v) for f, v in vars(args).items() if v is not None and f not in ("config", "resume")}
 
 
 def _write_config(cfg: TrainConfig) -> None:
