@@ -45,7 +45,8 @@ Tuning and report
     isotropic (MeZO's stable step on a quadratic) and ``1 / (h_bar |prev|^2)`` for ``scale="paper"``. The search
     starts at j = 0 (or where the same method's previous rho ended) and walks towards the lower final loss until
     the best point has a worse neighbour on each side (or the grid ends, flagged ``edge`` in the table), on
-    ``tune_seeds`` seeds that are not report seeds. The tuned
+    ``tune_seeds`` seeds that are not report seeds; while no point in view reduces the loss at all, it walks down
+    (not moving is then better than any of them). The tuned
     lr then runs on ``seeds`` fresh seeds; reported: mean ± std over seeds of the fraction of the loss removed,
     ``(L0 - L_T) / L0``, and of the reduction available by an exact line search along the guide. A method "wins"
     over another when the mean of the per-seed paired difference exceeds twice its standard error.
@@ -232,8 +233,11 @@ def tune(tasks: list[Task], method: str, rho: float, noise: float, cfg: Config, 
     j = start
     while True:
         around = [k for k in (j - 1, j, j + 1) if lo <= k <= hi]
-        if all(math.isinf(score(k)) for k in around) and j - 1 >= lo:
-            j -= 1  # everything around diverges: no minimum to compare, go down
+        if all(score(k) >= 1.0 for k in around) and j - 1 >= lo:
+            # nothing around removes any loss (or everything diverges): no step at all beats these, so the
+            # minimum is not here; smaller steps. (Without this rule the first full run stopped constant-1 at
+            # rho = 0.01, k = 17 on two lrs that both raised the tuning seed's loss.)
+            j -= 1
             continue
         best = min(around, key=lambda k: (score(k), k != j))
         if best == j:
