@@ -84,7 +84,8 @@ METHODS = {
     "linear-paper": {"schedule": "linear", "d0": 1 - 1e-3, "scale": "paper"},
     "placebo": {"schedule": "linear", "d0": 1 - 1e-3, "scale": "unit", "guide": "placebo"},
 }
-GUIDE_FREE = ("isotropic", "placebo")  # run once per noise level: they do not read the rho guide
+GUIDE_FREE = ("isotropic", "placebo")
+COLORS = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:pink", "tab:brown", "tab:orange")  # run once per noise level: they do not read the rho guide
 
 
 @dataclass
@@ -393,15 +394,19 @@ def plot(cfg: Config, rows: list[dict], path: Path) -> None:
             curves = torch.tensor([[1 - c for c in cur] for cur in r["curves"]], dtype=torch.float64) * 1e3
             m = curves.mean(0)
             sd = curves.std(0) if len(curves) > 1 else torch.zeros_like(m)
-            (line,) = ax.plot(steps, m.tolist(), lw=1.2, label=r["method"],
-                              ls="--" if r["rho"] is None else "-")
-            ax.fill_between(steps, (m - sd).tolist(), (m + sd).tolist(), color=line.get_color(), alpha=0.2, lw=0)
+            color = COLORS[list(METHODS).index(r["method"]) % len(COLORS)]  # one colour per method in every panel
+            ax.plot(steps, m.tolist(), lw=1.2, color=color, label=r["method"], ls="--" if r["rho"] is None else "-")
+            ax.fill_between(steps, (m - sd).tolist(), (m + sd).tolist(), color=color, alpha=0.2, lw=0)
         ax.set_title(f"k = {k:g}, rho = {rho:g}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     for row in axes:
         row[0].set_ylabel("loss removed (1e-3 of L0)", fontsize=8)
-    axes.flat[0].legend(fontsize=6)
+    labels = {}
+    for ax, _, _ in panels:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="lower right", fontsize=8, frameon=False)
     fig.suptitle(f"Targeted vs isotropic ZO on a known quadratic, D = {sum(math.prod(s) for s in cfg.shapes):,} "
                  f"(mean ± std over {cfg.seeds} seeds, lr tuned per method)", fontsize=9)
     fig.tight_layout()
