@@ -84,8 +84,8 @@ METHODS = {
     "linear-paper": {"schedule": "linear", "d0": 1 - 1e-3, "scale": "paper"},
     "placebo": {"schedule": "linear", "d0": 1 - 1e-3, "scale": "unit", "guide": "placebo"},
 }
-GUIDE_FREE = ("isotropic", "placebo")
-COLORS = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:pink", "tab:brown", "tab:orange")  # run once per noise level: they do not read the rho guide
+GUIDE_FREE = ("isotropic", "placebo")  # run once per noise level: they do not read the rho guide
+COLORS = ("tab:blue", "tab:green", "tab:red", "tab:purple", "tab:pink", "tab:brown", "tab:orange")
 
 
 @dataclass
