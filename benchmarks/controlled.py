@@ -5,7 +5,7 @@
 the size reported in ``benchmarks/RESULTS.md``. Any field of :class:`Config` can be set from the command line.
 
 The task (one per seed; every method sees the same draws)
-    Weights: named LoRA-like tensors (r = 8 factors of 4096/2048/1024-wide projections: D = 114,688 at full
+    Weights: named LoRA-like tensors (r = 8 factors of 4096/2048/256-wide projections: D = 102,400 at full
     size), starting at 0. Loss ``L(w) = 0.5 * sum_i h_i (w_i - w*_i)^2`` with ``w* ~ N(0, 1)`` and curvatures
     ``h_i`` log-uniform in ``[0.1, 1]`` (condition number 10: not the trivial ``H = I``, not so ill-conditioned
     that every method just fits the stiff coordinates). The gradient is known everywhere; reported is the true
@@ -37,7 +37,7 @@ The methods (``zopro.ZOOptimizer``, two-point SPSA, torch reference, CPU, one th
     lr tuned it should equal ``linear`` exactly, as it differs only in lr's unit); ``placebo`` (``linear``, the
     placebo guide). eps is set so that ``eps * |z| = 1``; on a quadratic the two-point estimate does not depend on
     eps except through float32 rounding of the perturbed weights (the kernels' only storage), which this size
-    keeps ~1e4 ulps away.
+    keeps >1e4 ulps away (|z_i| ~ 1/sqrt(D) = 3e-3, |w_i| < ~1).
 
 Tuning and report
     lr is tuned per (method, noise, rho) on a half-decade grid ``centre * 10^(j/2)``: the centre is ``1 / h_bar``
@@ -110,9 +110,9 @@ class Config:
 
 
 def full() -> Config:
-    # Sized to ~10 minutes on one shared EPYC core (a run of 100 steps at D ~ 1e5 takes ~3.5 s, ~9 runs per
-    # configuration): rho = 0 is left to the placebo (cosine ~ 1/sqrt(D)); without noise only the rhos around
-    # sqrt(T/D) = 0.031, where the theory puts the crossover.
+    # Sized for ~10 minutes on one EPYC core (a run of 100 steps at D ~ 1e5 took ~3.5 s, ~9 runs a configuration;
+    # beside other jobs, load average 6, the two full runs took 925 s and 1086 s): rho = 0 is left to the placebo
+    # (cosine ~ 1/sqrt(D)); without noise only the rhos around sqrt(T/D) = 0.031, where the theory puts the crossover.
     shapes = tuple(s for n in (4096, 2048, 256) for s in ((8, n), (n, 8)))  # D = 102,400
     return Config(size="full", shapes=shapes, steps=100, seeds=5, tune_seeds=1, rhos=(0.01, 0.03, 0.1, 0.3),
                   noise=(17.0, 0.0), methods=("isotropic", "placebo", "exp", "linear", "constant-1"),

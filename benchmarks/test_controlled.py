@@ -1,6 +1,7 @@
 """The controlled test of targeted sampling (``benchmarks/controlled.py``) at its small size: D = 6,144, 20 steps,
 2 seeds, seconds on a CPU. It checks that the sweep runs and writes its files; the size reported in
-``benchmarks/RESULTS.md`` is ``python -m benchmarks.controlled --full`` (about 10 minutes on one CPU core)."""
+``benchmarks/RESULTS.md`` is ``python -m benchmarks.controlled --full`` (925-1086 s on one core of the shared
+2-core CPU)."""
 
 from __future__ import annotations
 
