@@ -87,9 +87,12 @@ class TrainConfig:
     noise: str = field(default="gaussian", metadata={"help": "gaussian or rademacher"})
     rank: int = field(default=4, metadata={"help": "guide rank for rank_guided"})
     d0: float = 1 - 1e-3
-    d_schedule: str = field(default="linear", metadata={
-        "help": "mixing weight d of guide and noise: linear (d0 down to 0 over the iteration's ZO updates, the "
-                "authors' default), exp (d0 * exp(-t / tau)) or constant (d0)"})
+    # constant: on a known quadratic with the noise of a real rollout, d = 1 kept 75-100 % of what the guide offers,
+    # linear 64-97 %, exp (tau 1) 5-27 % (benchmarks/controlled.py, RESULTS.md); noise pays only below a guide
+    # cosine of ~sqrt(steps / D), ~0.003 for the default job's 20 ZO steps over its 2.4M LoRA weights
+    d_schedule: str = field(default="constant", metadata={
+        "help": "mixing weight d of guide and noise: constant (d0), linear (d0 down to 0 over the iteration's ZO "
+                "updates, the authors' default) or exp (d0 * exp(-t / tau), the paper's)"})
     d_tau: float = field(default=1.0, metadata={"help": "exp schedule: d = d0 * exp(-t / tau)"})
     zo_scale: str = field(default="unit", metadata={
         "help": "length of a guided direction: unit (the whole direction has norm 1, so --zo-eps and a step "

@@ -88,7 +88,7 @@ def test_targeted_direction_has_the_stated_norm_and_no_reward_component():
     names = ["a", "b"]
     prev = {"a": _rand(shapes[0], 1), "b": _rand(shapes[1], 2)}
     delta = {"a": _rand(shapes[0], 3), "b": _rand(shapes[1], 4)}
-    sampler = Targeted(prev, delta, d0=0.6, schedule="constant")
+    sampler = Targeted(prev, delta, d0=0.6, schedule="constant", scale="paper")
     z = _direction(sampler, names, shapes, seed=11)
     for name, zt in zip(names, z):
         perp = zt.double() - 0.6 * prev[name].double()
@@ -103,8 +103,8 @@ def test_rank_guided_at_full_rank_equals_targeted():
     names = ["a", "b"]
     prev = {"a": _rand(shapes[0], 1), "b": _rand(shapes[1], 2)}
     delta = {"a": _rand(shapes[0], 3), "b": _rand(shapes[1], 4)}
-    zt = _direction(Targeted(prev, delta, d0=0.7, schedule="constant"), names, shapes, 5)
-    rg = RankGuided(prev, delta, rank=12, d0=0.7, schedule="constant")
+    zt = _direction(Targeted(prev, delta, d0=0.7, schedule="constant", scale="paper"), names, shapes, 5)
+    rg = RankGuided(prev, delta, rank=12, d0=0.7, schedule="constant", scale="paper")
     zr = _direction(rg, names, shapes, 5)
     for a, b in zip(zt, zr):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
