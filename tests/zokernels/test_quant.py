@@ -438,10 +438,21 @@ def test_auto_uses_the_torch_reference_on_cpu(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("auto must not pick Triton for CPU tensors")
 
-    monkeypatch.setattr(Q, "_int8_triton", boom)
-    monkeypatch.setattr(Q, "_nf4_triton", boom)
-    int8_code_perturb_(Int8Weight.from_bnb(_int8_linear(64, 8)), 1, 1e-4, rounding_seed=1)
-    nf4_code_update_(NF4Weight.from_bnb(_nf4_linear(128, 8)), 1, 1e-3, rounding_seed=1)
+    results = {}
+    for impl in ("torch", "auto"):
+        if impl == "auto":
+            monkeypatch.setattr(Q, "_int8_triton", boom)
+            monkeypatch.setattr(Q, "_nf4_triton", boom)
+        i8 = Int8Weight.from_bnb(_int8_linear(64, 8))
+        nf = NF4Weight.from_bnb(_nf4_linear(128, 8))
+        before = (i8.codes.clone(), nf.codes.clone())
+        counts = (int8_code_perturb_(i8, 1, 2e-3, rounding_seed=1, impl=impl),
+                  nf4_code_update_(nf, 1, 4e-3, rounding_seed=1, impl=impl))
+        assert not torch.equal(i8.codes, before[0]) and not torch.equal(nf.codes, before[1])  # each op did something
+        results[impl] = (i8.codes, nf.codes, counts)
+    # auto on the CPU is the torch reference, code for code and count for count
+    assert torch.equal(results["auto"][0], results["torch"][0]) and torch.equal(results["auto"][1], results["torch"][1])
+    assert results["auto"][2] == results["torch"][2]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -230,7 +230,8 @@ def test_weight_decay_applies_to_matrices_only():
 def test_q_directions_and_one_sided():
     problem = Regression()
     sampler = CountingSampler()
-    opt = ZOOptimizer(problem.params(), lr=2e-3, q=4, one_sided=True, sampler=sampler, seed=9)
+    q, lr, eps, seed = 4, 2e-3, 1e-3, 9
+    opt = ZOOptimizer(problem.params(), lr=lr, eps=eps, q=q, one_sided=True, sampler=sampler, seed=seed)
     start = problem.loss().item()
     evals = {"n": 0}
 
@@ -238,8 +239,23 @@ def test_q_directions_and_one_sided():
         evals["n"] += 1
         return problem.loss()
 
-    for _ in range(50):
+    for t in range(50):
+        before = [p.double().clone() for p in (problem.w, problem.b)]
         opt.step(loss)
+        if t >= 10:  # ten steps checked: each regenerates its directions here
+            continue
+        # the update is the spec's, w - (lr / q) sum_j g_j z_j with g_j = (L(w + eps z_j) - L(w)) / eps, from the
+        # losses the closure returned (logged: L(w) first, then one per direction) and the directions' seeds
+        logged = opt.log["losses"][-(q + 1):]
+        grads = [(logged[1 + j] - logged[0]) / eps for j in range(q)]
+        for stream, (p, p0) in enumerate(zip((problem.w, problem.b), before)):
+            z = [rng.gaussian(derive_seed(seed, t, j), stream, 0, p.numel()).double().reshape(p.shape)
+                 for j in range(q)]
+            expected = p0 - lr / q * sum(g * zj for g, zj in zip(grads, z))
+            # float32 rounding only: 3q + 1 passes, each a product and a sum (|z| <= 4.72)
+            coef = max(eps, lr * max(abs(g) for g in grads))
+            bound = (3 * q + 1) * 2 * 2.0**-24 * (p0.abs() + 2 * coef * 4.72)
+            assert ((p.double() - expected).abs() <= bound).all(), (t, stream)
     assert evals["n"] == 50 * (4 + 1)  # one shared L(w) plus one per direction
     # per step: +eps for each direction (4), -eps restores for all but the last (3), then the q updates at the
     # same theta: 3 single passes plus the last direction's restore fused with its update (1)

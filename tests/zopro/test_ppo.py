@@ -1,5 +1,6 @@
 """Tests of zopro.ppo: hand-computed GAE, rewards and losses; the value model on the shared base; PPO learning a
-synthetic reward on a tiny Llama; rloo_step is train's first-order step (CPU, seconds)."""
+synthetic reward on a tiny Llama; rloo_step is one clipped gradient step on the hand-written RLOO objective (CPU,
+seconds)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from zopro.ppo import (
     value_loss,
 )
 from zopro.rollout import collect_rollout
-from zopro.train import first_order_step
 
 SEED = 0
 NAN = float("nan")
@@ -269,28 +269,39 @@ def test_ppo_takes_token_logprobs_from_the_rollout_at_its_temperature(make_bundl
 
 
 @pytest.mark.parametrize("loss", ["sequence", "token"])
-def test_rloo_step_is_trains_first_order_step(make_bundle, tiny_tokenizer, loss):
-    a, b = make_bundle(), make_bundle()
-    for bundle in (a, b):
-        bundle.reward_scores = _target_fraction_scorer(tiny_tokenizer)
-    r = collect_rollout(a, tiny_tokenizer, PROMPTS, 2, 6, 1.0, 0.05, 7, 32)
-    start = {n: p.detach().clone() for n, p in a.policy_parameters().items()}
-    opt_a = torch.optim.AdamW(list(a.policy_parameters().values()), lr=1e-2, weight_decay=0.0)
-    opt_b = torch.optim.AdamW(list(b.policy_parameters().values()), lr=1e-2, weight_decay=0.0)
-    metrics = rloo_step(a, r, opt_a, clip=0.2, loss=loss)
-    old_tok = None
-    if loss == "token":
-        old_tok = b.policy_logprobs(r.sequences, r.attention_mask, r.response_mask)[1].clone()
-    cfg = type("Cfg", (), {"loss": loss, "clip": 0.2, "fo_microbatch": 0})()
-    expected_loss, expected_norm = first_order_step(b, r, opt_b, cfg, old_tok)
-    assert metrics == {"loss": expected_loss, "grad_norm": expected_norm}
-    for n, p in a.policy_parameters().items():
-        assert torch.equal(p, b.policy_parameters()[n])
-    assert any(not torch.equal(p, start[n]) for n, p in a.policy_parameters().items())
+def test_rloo_step_is_one_clipped_sgd_step_on_the_hand_written_objective(make_bundle, tiny_tokenizer, loss):
+    # At the first update the policy is the one that sampled, so every ratio is 1 (inside the clip range) and the
+    # PPO-clip surrogate is the REINFORCE objective: sequence loss -mean_b A_b ratio_b, value -mean(A), gradient
+    # -mean_b A_b grad(log p_b); token loss -sum_{b,t} A_b ratio_bt / n_tokens. Written out here from the log-probs
+    # alone (no zopro loss function), with SGD so that the step is -lr * the gradient clipped to norm 1.
+    bundle = make_bundle()
+    r = collect_rollout(bundle, tiny_tokenizer, PROMPTS, 2, 6, 1.0, 0.05, 7, 32)
+    r.advantages = torch.linspace(-1.5, 3.0, len(r.advantages))  # known advantages that do not sum to 0
+    params = bundle.policy_parameters()
+    start = {n: p.detach().clone() for n, p in params.items()}
+    sums, tok = bundle.policy_logprobs(r.sequences, r.attention_mask, r.response_mask, grad=True)
+    if loss == "sequence":
+        objective = -(r.advantages * sums).mean()
+        value = -r.advantages.mean().item()
+    else:
+        mask = r.response_mask.float()
+        objective = -(r.advantages[:, None] * tok * mask).sum() / mask.sum()
+        value = -(r.advantages[:, None] * mask).sum().item() / mask.sum().item()
+    grads = dict(zip(params, torch.autograd.grad(objective, list(params.values()))))
+    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values())).item()
+    assert (norm > 1.0) == (loss == "sequence")  # one case is clipped to norm 1, the other not
+    factor = min(1.0, 1.0 / (norm + 1e-6))  # clip_grad_norm_(max_norm=1)
+
+    lr = 0.1
+    metrics = rloo_step(bundle, r, torch.optim.SGD(list(params.values()), lr=lr), clip=0.2, loss=loss)
+    assert metrics["loss"] == pytest.approx(value, rel=1e-5, abs=1e-6)
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), start[n] - lr * factor * grads[n], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="loss"):
-        rloo_step(a, r, opt_a, loss="tokens")
+        rloo_step(bundle, r, torch.optim.SGD(list(params.values()), lr=lr), loss="tokens")
     with pytest.raises(ValueError, match="microbatch"):
-        rloo_step(a, r, opt_a, microbatch=-1)
+        rloo_step(bundle, r, torch.optim.SGD(list(params.values()), lr=lr), microbatch=-1)
 
 
 @pytest.mark.parametrize("loss", ["sequence", "token"])

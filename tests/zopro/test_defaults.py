@@ -1,0 +1,106 @@
+"""Pinned defaults: the training config's default and preset values, and the README's statements of them.
+
+A default is part of the interface: a run's results depend on it and the README quotes it. The literal tables below
+are the expected values; changing a default means changing it in ``zopro/config.py``, here, and (where it is
+documented) in the README, deliberately, in the same commit.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from zopro.config import PRESETS, TrainConfig, preset
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+DEFAULTS = {
+    "preset": "default", "output_dir": "runs/zopro", "model": "smollm2", "gguf_file": "", "reward_model": "",
+    "dtype": "float32", "quantize": "none", "lora_r": 8, "lora_alpha": 16.0, "device": "auto", "threads": 0,
+    "dataset": "default", "dataset_path": "", "judge": "heuristic", "n_eval_prompts": 32, "eval_samples": 8,
+    "eval_batch": 64, "log_judge_score": True, "max_prompts": 0,
+    # rollout
+    "k": 4, "prompts_per_step": 4, "max_new_tokens": 32, "max_prompt_len": 96, "temperature": 0.7, "kl_coef": 0.05,
+    # optimisation
+    "algorithm": "zopro", "iterations": 3, "steps_per_iteration": 10, "first_order_iteration0": True,
+    "loss": "sequence", "clip": 0.2, "minibatches": 1, "fo_lr": 1e-3, "fo_microbatch": 4, "ppo_epochs": 4,
+    "zo_lr": 2e-3, "zo_eps": 1e-3, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
+    "d0": 1 - 1e-3, "d_schedule": "exp", "d_tau": 1.0, "rescale_direction": False,
+    # reward model
+    "reward_lr": 1e-3, "reward_init_steps": 32, "reward_steps": 6, "reward_pairs": 96, "reward_batch": 8,
+    "reward_soft_labels": True, "reward_merge_alpha": 0.5,
+    # run
+    "seed": 0, "checkpoint_every": 1,
+}
+
+SMOKE = dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
+             max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
+             reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0)
+LLAMA = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_new_tokens=53, k=2, kl_coef=0.05,
+             temperature=0.7, fo_lr=5e-5, zo_lr=1e-4, zo_eps=1e-3, prompts_per_step=32, max_prompt_len=512,
+             dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct", iterations=4, steps_per_iteration=50,
+             reward_pairs=256, reward_init_steps=200, reward_batch=16, reward_steps=50, n_eval_prompts=128,
+             eval_samples=4, eval_batch=128, fo_microbatch=16, max_prompts=20000)
+PRESET_OVERRIDES = {
+    "default": {},
+    "smoke": SMOKE,
+    "hh-rlhf": dict(LLAMA, dataset="hh-rlhf"),
+    "tldr": dict(LLAMA, dataset="tldr"),
+    "wmt20": dict(LLAMA, dataset="wmt20"),
+}
+
+
+def test_defaults_are_the_pinned_values():
+    assert dataclasses.asdict(TrainConfig()) == DEFAULTS
+
+
+@pytest.mark.parametrize("name", PRESET_OVERRIDES)
+def test_presets_are_the_pinned_values(name):
+    assert dataclasses.asdict(preset(name)) == {**DEFAULTS, **PRESET_OVERRIDES[name], "preset": name}
+
+
+def test_every_preset_is_pinned():
+    assert set(PRESETS) == set(PRESET_OVERRIDES)
+
+
+def _sci(x: float) -> str:
+    """A learning rate as the README writes it: 1e-3, not 0.001."""
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def _readme() -> str:
+    return " ".join(README.read_text(encoding="utf-8").split())  # sentences wrap across lines
+
+
+def test_the_readme_states_the_defaults_it_documents():
+    d = TrainConfig()
+    statements = [
+        # "What the default job does"
+        f"two LoRA adapters (r {d.lora_r}, all linear layers)",
+        f"Trains the reward adapter (Bradley–Terry, {d.reward_init_steps} steps) on {d.reward_pairs} pairs",
+        f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)})",
+        f"with the {d.loss}-level PPO-clip surrogate, its gradient accumulated over chunks of {d.fo_microbatch} rows",
+        f"iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
+        f"(merged with the previous one, alpha {d.reward_merge_alpha:g}). {d.steps_per_iteration} steps an iteration.",
+        f"judge's mean score on {d.n_eval_prompts} held-out prompts before and after training: {d.eval_samples} "
+        "sampled answers a prompt",
+        # the command line section: MeZO's learning rate against the default
+        f"at the default {_sci(d.zo_lr)}, sized for targeted directions",
+        # the preset table
+        f"the heuristic judge, {d.iterations} iterations",
+    ]
+    readme = _readme()
+    missing = [s for s in statements if s not in readme]
+    assert not missing, missing
+
+
+def test_the_readme_states_the_presets_it_documents():
+    smoke, llama = preset("smoke"), preset("hh-rlhf")
+    statements = [
+        f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps",
+        f"(LoRA r {llama.lora_r}, alpha {llama.lora_alpha:g}, {llama.max_new_tokens} new tokens, batch "
+        f"{llama.prompts_per_step}, k {llama.k}, KL {llama.kl_coef:g}, temperature {llama.temperature:g})",
+    ]
+    readme = _readme()
+    missing = [s for s in statements if s not in readme]
+    assert not missing, missing
