@@ -133,8 +133,10 @@ class TrainConfig:
 
 
 def _preset_values() -> dict[str, dict]:
+    # ZO lr and eps: the defaults (unit-norm directions); the paper's 1e-4 and 1e-3 were for z as long as its guide
+    # (--zo-scale paper), a length that depends on the model, rank and first-order lr
     llama = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_new_tokens=53, k=2,
-                 kl_coef=0.05, temperature=0.7, fo_lr=5e-5, zo_lr=1e-4, zo_eps=1e-3, prompts_per_step=32,
+                 kl_coef=0.05, temperature=0.7, fo_lr=5e-5, prompts_per_step=32,
                  max_prompt_len=512, dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct",
                  iterations=4, steps_per_iteration=50, reward_pairs=256, reward_init_steps=200, reward_batch=16,
                  reward_steps=50, n_eval_prompts=128, eval_samples=4, eval_batch=128, fo_microbatch=16,

@@ -24,8 +24,9 @@ DEFAULTS = {
     # optimisation
     "algorithm": "zopro", "iterations": 3, "steps_per_iteration": 10, "first_order_iteration0": True,
     "loss": "sequence", "clip": 0.2, "minibatches": 1, "fo_lr": 1e-3, "fo_microbatch": 4, "ppo_epochs": 4,
-    "zo_lr": 2e-3, "zo_eps": 1e-3, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
-    "d0": 1 - 1e-3, "d_schedule": "exp", "d_tau": 1.0, "rescale_direction": False,
+    "zo_lr": 10.0, "zo_eps": 1e-2, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
+    "d0": 1 - 1e-3, "d_schedule": "constant", "d_tau": 1.0, "zo_scale": "unit", "zo_lr_decay": "linear",
+    "guide": "prev", "zo_epochs": 1, "logprob_temperature": 0.0,
     # reward model
     "reward_lr": 1e-3, "reward_init_steps": 32, "reward_steps": 6, "reward_pairs": 96, "reward_batch": 8,
     "reward_soft_labels": True, "reward_merge_alpha": 0.5,
@@ -37,7 +38,7 @@ SMOKE = dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step
              max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
              reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0)
 LLAMA = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_new_tokens=53, k=2, kl_coef=0.05,
-             temperature=0.7, fo_lr=5e-5, zo_lr=1e-4, zo_eps=1e-3, prompts_per_step=32, max_prompt_len=512,
+             temperature=0.7, fo_lr=5e-5, prompts_per_step=32, max_prompt_len=512,
              dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct", iterations=4, steps_per_iteration=50,
              reward_pairs=256, reward_init_steps=200, reward_batch=16, reward_steps=50, n_eval_prompts=128,
              eval_samples=4, eval_batch=128, fo_microbatch=16, max_prompts=20000)
@@ -85,7 +86,7 @@ def test_the_readme_states_the_defaults_it_documents():
         f"judge's mean score on {d.n_eval_prompts} held-out prompts before and after training: {d.eval_samples} "
         "sampled answers a prompt",
         # the command line section: MeZO's learning rate against the default
-        f"at the default {_sci(d.zo_lr)}, sized for targeted directions",
+        f"at the default {d.zo_lr:g}, sized for guided directions, it diverges",
         # the preset table
         f"the heuristic judge, {d.iterations} iterations",
     ]

@@ -122,7 +122,7 @@ def _gain(mode: str, seed: int) -> float:
         _train_first_order(bundle, seed, **settings)
     elif mode == "zo-targeted":
         # z = 0.99 guide + 0.14 |guide| (unit noise), per tensor
-        _train_zo(bundle, params, Targeted(guide, d0=0.99, schedule="constant"), seed, **settings)
+        _train_zo(bundle, params, Targeted(guide, d0=0.99, schedule="constant", scale="paper"), seed, **settings)
     else:
         # Isotropic directions over all 2,176 LoRA numbers did not raise the reward in 160 steps at lr 1e-2 or 3e-2
         # (mean change -0.05 and +0.02 over 4 seeds): an SPSA step's useful part shrinks as 1/sqrt(d). Over the 128

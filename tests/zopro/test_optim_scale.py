@@ -123,7 +123,7 @@ def test_targeted_mixing_follows_the_schedule_across_steps_and_a_resume(name):
         return 0.0
 
     def optimiser():
-        sampler = Targeted({"w": prev}, {"w": prev}, **kwargs)
+        sampler = Targeted({"w": prev}, {"w": prev}, scale="paper", **kwargs)  # z . prev = d |prev|^2
         return ZOOptimizer({"w": w}, lr=0.0, eps=2.0**-7, sampler=sampler, seed=3)
 
     opt = optimiser()
