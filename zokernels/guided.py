@@ -229,27 +229,37 @@ if _common.triton_available():
     from zokernels.rounding import round_nearest_bf16_tl
 
     _COLS_TL = tl.constexpr(_COLS)
-    # LowRank guides rebuild an element from k products, KC ranks at a time: a (BLOCK, KC) tile instead of
-    # (BLOCK, k) keeps the registers of a 2048-element block bounded whatever the rank.
-    _KC = 4
+    # LowRank guides rebuild an element from k products in a loop over the tensor's own rank (a runtime bound), one
+    # rank per iteration: registers stay bounded whatever the rank. Unrolled over rank 64, the compiler kept every
+    # tile live (255 registers, 2.5-3.9 KB of spills per thread); a loop over (BLOCK, 4) tiles still needed 255
+    # registers, for the 64-bit addresses of both tiles.
 
     @triton.jit
-    def _guide_tl(gbase, row, G: tl.constexpr, idx, mask, ncols, LOWRANK: tl.constexpr, KP: tl.constexpr):
+    def _row_col_tl(start, BLOCK: tl.constexpr, ncols):
+        """Row (int64) and column (int32) of elements ``start + [0, BLOCK)`` of a matrix with ``ncols`` columns: one
+        64-bit division per program, 32-bit ones per element (``ncols + BLOCK < 2**31``, checked by the launcher)."""
+        i0 = start // ncols
+        n32 = ncols.to(tl.int32)
+        local = (start - i0 * ncols).to(tl.int32) + tl.arange(0, BLOCK)
+        di = local // n32
+        return i0 + di, local - di * n32
+
+    @triton.jit
+    def _guide_tl(gbase, row, G: tl.constexpr, start, idx, mask, ncols, BLOCK: tl.constexpr, LOWRANK: tl.constexpr):
         has = tl.load(row + 5 + 4 * G)
         off = tl.load(row + 6 + 4 * G)
         m = mask & ((tl.zeros(idx.shape, tl.int64) + has) != 0)
         if LOWRANK:
             v_off = tl.load(row + 7 + 4 * G)
             k = tl.load(row + 8 + 4 * G)
-            i = idx // ncols
-            j = idx - i * ncols
+            i, j = _row_col_tl(start, BLOCK, ncols)
+            u_ptrs = gbase + off + i * k
+            v_ptrs = gbase + v_off + j * k
             acc = tl.zeros(idx.shape, tl.float32)
-            for c in tl.static_range(0, KP, _KC):
-                kk = c + tl.arange(0, _KC)[None, :]
-                mk = m[:, None] & (kk < k)
-                u = tl.load(gbase + off + i[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
-                v = tl.load(gbase + v_off + j[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
-                acc += tl.sum(u * v, axis=1)
+            for r in tl.range(0, k):
+                u = tl.load(u_ptrs + r, mask=m, other=0.0).to(tl.float32)
+                v = tl.load(v_ptrs + r, mask=m, other=0.0).to(tl.float32)
+                acc += u * v
             return acc
         else:
             return tl.load(gbase + off + idx, mask=m, other=0.0).to(tl.float32)
@@ -265,13 +275,13 @@ if _common.triton_available():
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
     def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
                           BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                          LOWRANK: tl.constexpr, KP: tl.constexpr):
+                          LOWRANK: tl.constexpr):
         pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
         stream = tl.load(row + 2)
         ncols = tl.load(row + 13)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
         xi = tl.where(mask, noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST), 0.0)
-        g = _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
+        g = _guide_tl(gbase, row, 0, start, idx, mask, ncols, BLOCK, LOWRANK)
         tl.store(partial_ptr + pid * 2, tl.sum(g * xi, axis=0))
         tl.store(partial_ptr + pid * 2 + 1, tl.sum(xi * xi, axis=0))
 
@@ -279,7 +289,7 @@ if _common.triton_available():
     def _guided_perturb_kernel(wbase, gbase, table_ptr, coef_ptr, a0, a1, a2, a3, b0, b1, b2, b3,
                                BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                                N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
-                               KP: tl.constexpr, VEC: tl.constexpr):
+                               VEC: tl.constexpr):
         pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
         offset = tl.multiple_of(tl.load(row), VEC)
         stream = tl.load(row + 2)
@@ -294,26 +304,25 @@ if _common.triton_available():
             k0, k1 = seed_key_tl(b0, b1, b2, b3)
             y = y + tl.load(coef + 2) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
         if N_GUIDES >= 1:
-            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
+            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, idx, mask, ncols, BLOCK, LOWRANK)
         if N_GUIDES >= 2:
-            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, idx, mask, ncols, LOWRANK, KP)
+            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, idx, mask, ncols, BLOCK, LOWRANK)
         if wbase.dtype.element_ty == tl.bfloat16:
             y = round_nearest_bf16_tl(y)
         tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
 
 
 def _guide_storage(guide_lists):
-    """(base tensor, offsets function, rank padded to a power of two, lowrank?) for every guide in ``guide_lists``."""
+    """(base tensor of every guide in ``guide_lists``, lowrank?); the kernels find each guide by its offset from it."""
     flat = [g for gs in guide_lists for g in gs if g is not None]
     if not flat:
-        return None, False, 1
+        return None, False
     lowrank = isinstance(flat[0], LowRank)
     parts = [p for g in flat for p in ((g.u, g.v) if lowrank else (g,))]
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:
         raise ValueError(f"the Triton path needs all guides of one call in one dtype, got {sorted(map(str, dtypes))}")
-    kp = max(_KC, triton.next_power_of_2(max(g.rank for g in flat))) if lowrank else 1
-    return parts[0], lowrank, kp
+    return parts[0], lowrank
 
 
 def _triton_table(tensors, streams, guide_lists, gbase, block):
@@ -334,6 +343,8 @@ def _triton_table(tensors, streams, guide_lists, gbase, block):
             else:
                 guide_cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
         ncols = w.shape[-1] if w.dim() >= 1 else 1
+        if ncols + block >= 2**31:  # _row_col_tl divides in 32 bits
+            raise ValueError(f"tensors[{t}] has {ncols} columns; the Triton path takes fewer than 2**31 - {block}")
         for b in range((w.numel() + block - 1) // block):
             rows.append([w_off, w.numel(), stream, b, t, *guide_cols, ncols])
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS).to(wbase.device)
@@ -345,13 +356,14 @@ def _guide_dot_triton(tensors, guides, seed, dist, streams, block=TRITON_BLOCK):
     if not keep:
         return out.cpu()
     ts, gs, ss = [tensors[i] for i in keep], [guides[i] for i in keep], [streams[i] for i in keep]
-    gbase, lowrank, kp = _guide_storage([gs])
+    gbase, lowrank = _guide_storage([gs])
     table = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
     partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
     _guide_dot_kernel[(table.shape[0],)](
         gbase if gbase is not None else ts[0], table, partial, *_common.seed_pieces(seed),
-        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank, KP=kp,
-        num_warps=TRITON_WARPS)
+        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank,
+        num_warps=TRITON_WARPS,
+        enable_fp_fusion=False)  # pinned: Triton's default changes in 3.10, and replays rely on these sums' bits
     # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
     # and differences at segment ends avoid atomics, whose order changes from run to run.
     counts = torch.tensor([(w.numel() + block - 1) // block for w in ts])
@@ -374,7 +386,7 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
     for idx in by_dtype.values():
         ts = [tensors[i] for i in idx]
         gl = [[gs[i] for i in idx] for gs in guide_lists]
-        gbase, lowrank, kp = _guide_storage(gl)
+        gbase, lowrank = _guide_storage(gl)
         table = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], block)
         coef = torch.stack([c.float()[idx] for c in coef_cols], dim=1).contiguous().to(ts[0].device)
         aligned = all(w.data_ptr() % 16 == 0 for w in ts)
@@ -382,8 +394,9 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
             ts[0], gbase if gbase is not None else ts[0], table, coef,
             *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
             BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
-            N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank, KP=kp,
-            VEC=16 // ts[0].element_size() if aligned else 1, num_warps=TRITON_WARPS)
+            N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank,
+            VEC=16 // ts[0].element_size() if aligned else 1, num_warps=TRITON_WARPS,
+            enable_fp_fusion=False)  # each term is multiplied, then added (two roundings), as in the torch reference
 
 
 # ---------------------------------------------------------------------------------------------------------------------
