@@ -179,7 +179,8 @@ def _compiled_z_error_bound(series, series_below):
     dr = torch.maximum(torch.sqrt(2 * (neg_ln + err)) - r, r - torch.sqrt(2 * (neg_ln - err).clamp(min=0)))
     dr = dr + (r + dr) * rng.SQRT_APPROX_REL_ERR + r * eps  # sqrt.approx, then the product by C
     # theta rounded once (|theta| <= pi), cos/sin.approx, the product radius * cos rounded once
-    return rng.GAUSSIAN_C * (dr + r * (math.pi * eps + rng.SINCOS_APPROX_ABS_ERR + eps) + dr * rng.SINCOS_APPROX_ABS_ERR)
+    trig = math.pi * eps + rng.SINCOS_APPROX_ABS_ERR
+    return rng.GAUSSIAN_C * (dr + r * (trig + eps) + dr * trig)
 
 
 def test_compiled_gaussian_is_bounded_for_every_uniform(device):
