@@ -82,6 +82,13 @@ DISTRIBUTIONS = ("gaussian", "rademacher")
 PER_CALL = {"gaussian": GAUSSIAN_PER_CALL, "rademacher": RADEMACHER_PER_CALL}
 
 
+def arranged_group(dist: str, itemsize: int) -> int:
+    """The group size G by which a kernel arranges its elements (``arranged_offsets_tl``): a whole 128-bit access
+    (``16 // itemsize`` elements) and a whole part of a call (8 Gaussian elements; 16 Rademacher elements, half a
+    word)."""
+    return max(16 // itemsize, GAUSSIAN_PER_CALL if dist == "gaussian" else 16)
+
+
 def check_seed(seed, name: str = "seed") -> int:
     """Return ``seed`` as a Python int after checking it is an integer in [0, 2**64)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -394,3 +401,99 @@ if triton is not None:
         R: tl.constexpr = BLOCK // 4
         w0, w1, w2, w3 = calls_words_tl(start // 4, R, stream, DOMAIN, k0, k1)
         return tl.reshape(select_word_tl(w0, w1, w2, w3), (BLOCK,))
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # The same noise, arranged so that each Philox word is computed once, by the thread that uses it.
+    #
+    # A kernel that works on elements ``start + [0, BLOCK)`` as a flat tensor gets Triton's layout of V elements per
+    # 128-bit access per thread, repeated: a thread's elements then fall in several Philox calls, each shared with
+    # neighbouring threads, and every thread recomputes whole calls (3.6 calls per thread for 16 fp32 Gaussian
+    # elements where 2 suffice; 3.6 for Rademacher where a thread's 16 elements lie in one call). Arranged as
+    # ``(G // V, BLOCK // G, V)`` with ``[h, c, q] = start + G*c + V*h + q``, one thread holds the G consecutive
+    # elements of group c (the first and last axes stay inside a thread), so the calls of a group are computed once
+    # per group. The values per element are those of the flat helpers above, bit for bit.
+    @triton.jit
+    def arranged_offsets_tl(BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        """Offsets ``G*c + V*h + q`` from a block's first element, as an int32 ``(G // V, BLOCK // G, V)`` tensor."""
+        h = tl.arange(0, G // V)[:, None, None]
+        c = tl.arange(0, BLOCK // G)[None, :, None]
+        q = tl.arange(0, V)[None, None, :]
+        return G * c + (V * h + q)
+
+    @triton.jit
+    def _position_tl(G: tl.constexpr, V: tl.constexpr):
+        """Each element's position ``V*h + q`` in its group, ``(G // V, 1, V)`` int32 (constants inside a thread)."""
+        return V * tl.arange(0, G // V)[:, None, None] + tl.arange(0, V)[None, None, :]
+
+    @triton.jit
+    def _word_tl(w0, w1, w2, w3, J: tl.constexpr):
+        if J == 0:
+            return w0
+        elif J == 1:
+            return w1
+        elif J == 2:
+            return w2
+        else:
+            return w3
+
+    @triton.jit
+    def gaussian_arranged_tl(k0, k1, stream, start, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                             FAST: tl.constexpr):
+        """:func:`gaussian_tl` arranged as :func:`arranged_offsets_tl` (G a multiple of 8, ``start`` of G)."""
+        C: tl.constexpr = BLOCK // G
+        pos = _position_tl(G, V)
+        z = tl.zeros((G // V, C, V), tl.float32)
+        for m in tl.static_range(G // 8):  # the calls of a group
+            calls = start // 8 + m + (G // 8) * tl.arange(0, C).to(tl.int64)
+            w0, w1, w2, w3 = philox_tl((calls & 0xFFFFFFFF).to(tl.uint32), (calls >> 32).to(tl.uint32),
+                                       tl.full((C,), 0, tl.uint32) + stream.to(tl.uint32),
+                                       tl.full((C,), 0, tl.uint32), k0, k1)
+            for j in tl.static_range(4):  # one Box–Muller pair per word: elements 2j (cos) and 2j + 1 (sin)
+                w = _word_tl(w0, w1, w2, w3, j)
+                theta = ((w >> 16).to(tl.int32) - 32768).to(tl.float32) * (6.283185307179586 / 65536.0)
+                radius = _radius_tl((w & 0xFFFF).to(tl.float32), FAST)
+                zc = (radius * _cos_tl(theta, FAST))[None, :, None]
+                zs = (radius * _sin_tl(theta, FAST))[None, :, None]
+                z = tl.where(pos == 8 * m + 2 * j, zc, tl.where(pos == 8 * m + 2 * j + 1, zs, z))
+        return z
+
+    @triton.jit
+    def rademacher_arranged_tl(k0, k1, stream, start, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        """:func:`rademacher_tl` arranged as :func:`arranged_offsets_tl` with G = 16 (``start`` a multiple of 128):
+        a group is half of one word, so each thread computes one call per group."""
+        tl.static_assert(G == 16)
+        C: tl.constexpr = BLOCK // G
+        c = tl.arange(0, C).to(tl.int64)
+        calls = start // 128 + c // 8
+        w0, w1, w2, w3 = philox_tl((calls & 0xFFFFFFFF).to(tl.uint32), (calls >> 32).to(tl.uint32),
+                                   tl.full((C,), 0, tl.uint32) + stream.to(tl.uint32),
+                                   tl.full((C,), 0, tl.uint32), k0, k1)
+        j = (c % 8) // 2  # group c holds bits 16*(c % 2) + [0, 16) of word j of its call
+        w = tl.where(j == 0, w0, tl.where(j == 1, w1, tl.where(j == 2, w2, w3)))
+        w = (w >> (16 * (c % 2)).to(tl.uint32))[None, :, None]
+        bits = (w >> _position_tl(G, V).to(tl.uint32)) & 1
+        return 1.0 - 2.0 * bits.to(tl.float32)
+
+    @triton.jit
+    def noise_arranged_tl(k0, k1, stream, start, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                          GAUSSIAN: tl.constexpr, FAST: tl.constexpr):
+        if GAUSSIAN:
+            return gaussian_arranged_tl(k0, k1, stream, start, BLOCK, G, V, FAST)
+        else:
+            return rademacher_arranged_tl(k0, k1, stream, start, BLOCK, G, V)
+
+    @triton.jit
+    def uniform_words_arranged_tl(k0, k1, stream, start, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                                  DOMAIN: tl.constexpr):
+        """:func:`uniform_words_tl` arranged as :func:`arranged_offsets_tl` (G a multiple of 4)."""
+        C: tl.constexpr = BLOCK // G
+        pos = _position_tl(G, V)
+        out = tl.zeros((G // V, C, V), tl.uint32)
+        for m in tl.static_range(G // 4):
+            calls = start // 4 + m + (G // 4) * tl.arange(0, C).to(tl.int64)
+            w0, w1, w2, w3 = philox_tl((calls & 0xFFFFFFFF).to(tl.uint32), (calls >> 32).to(tl.uint32),
+                                       tl.full((C,), 0, tl.uint32) + stream.to(tl.uint32),
+                                       tl.full((C,), DOMAIN, tl.uint32), k0, k1)
+            for j in tl.static_range(4):
+                out = tl.where(pos == 4 * m + j, _word_tl(w0, w1, w2, w3, j)[None, :, None], out)
+        return out

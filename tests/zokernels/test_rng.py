@@ -194,3 +194,34 @@ def test_compiled_gaussian_is_bounded_for_every_uniform(device):
     assert ((series - neg_ln).abs() / neg_ln)[used].max().item() <= 4 * 2.0**-24
     # without it, lg2.approx's absolute error alone exceeds GAUSSIAN_ATOL at the top uniform (the issue-14 finding)
     assert _compiled_z_error_bound(series, 0.0)[65535].item() > rng.GAUSSIAN_ATOL
+
+
+# ---- The arranged helpers (each Philox call computed once per thread) give the flat helpers' values, bit for bit ----
+@triton.jit
+def _arranged_kernel(out, words, s0, s1, s2, s3, stream, start, BLOCK: tl.constexpr, G: tl.constexpr,
+                     V: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr):
+    k0, k1 = rng.seed_key_tl(s0, s1, s2, s3)
+    first = start + tl.program_id(0).to(tl.int64) * BLOCK
+    local = rng.arranged_offsets_tl(BLOCK, G, V)
+    z = rng.noise_arranged_tl(k0, k1, stream, first, BLOCK, G, V, GAUSSIAN, FAST)
+    tl.store(out + (first - start) + local, z)
+    w = rng.uniform_words_arranged_tl(k0, k1, stream, first, BLOCK, G, V, 2)
+    tl.store(words + (first - start) + local, w.to(tl.int64))
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("itemsize", [4, 2, 1])
+def test_arranged_noise_is_the_flat_noise(device, dist, itemsize):
+    from zokernels._common import fast_math
+
+    block, start = 512, 5 * 512
+    g = rng.arranged_group(dist, itemsize)
+    out = torch.empty(3 * block, device=device)
+    words = torch.empty(3 * block, dtype=torch.int64, device=device)
+    _arranged_kernel[(3,)](out, words, *_pieces(SEED), 9, start, BLOCK=block, G=g, V=16 // itemsize,
+                           GAUSSIAN=dist == "gaussian", FAST=fast_math(out.device))
+    flat = torch.empty(3 * block, device=device)
+    _noise_kernel[(3,)](flat, *_pieces(SEED), 9, start, BLOCK=block, GAUSSIAN=dist == "gaussian",
+                        FAST=fast_math(out.device))
+    assert torch.equal(out, flat)
+    assert torch.equal(words.cpu(), rng.uniform_words(SEED, 9, start, 3 * block, rng.DOMAIN_CODES))
