@@ -225,7 +225,7 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
-    from zokernels.rng import noise_tl, seed_key_tl
+    from zokernels.rng import arranged_offsets_tl, noise_arranged_tl, seed_key_tl
     from zokernels.rounding import round_nearest_bf16_tl
 
     _COLS_TL = tl.constexpr(_COLS)
@@ -233,83 +233,106 @@ if _common.triton_available():
     # rank per iteration: registers stay bounded whatever the rank. Unrolled over rank 64, the compiler kept every
     # tile live (255 registers, 2.5-3.9 KB of spills per thread); a loop over (BLOCK, 4) tiles still needed 255
     # registers, for the 64-bit addresses of both tiles.
+    #
+    # Elements are arranged as in perturb (rng.arranged_offsets_tl: each thread computes its Philox calls once), and
+    # full blocks load and store without a mask (128-bit accesses where the data is aligned).
 
     @triton.jit
-    def _row_col_tl(start, BLOCK: tl.constexpr, ncols):
-        """Row (int64) and column (int32) of elements ``start + [0, BLOCK)`` of a matrix with ``ncols`` columns: one
-        64-bit division per program, 32-bit ones per element (``ncols + BLOCK < 2**31``, checked by the launcher)."""
+    def _row_col_tl(start, local, ncols):
+        """Row (int64) and column (int32) of elements ``start + local`` of a matrix with ``ncols`` columns: one 64-bit
+        division per program, 32-bit ones per element (``ncols + BLOCK < 2**31``, checked by the launcher)."""
         i0 = start // ncols
         n32 = ncols.to(tl.int32)
-        local = (start - i0 * ncols).to(tl.int32) + tl.arange(0, BLOCK)
-        di = local // n32
-        return i0 + di, local - di * n32
+        in_row = (start - i0 * ncols).to(tl.int32) + local
+        di = in_row // n32
+        return i0 + di, in_row - di * n32
 
     @triton.jit
-    def _guide_tl(gbase, row, G: tl.constexpr, start, idx, mask, ncols, BLOCK: tl.constexpr, LOWRANK: tl.constexpr):
-        has = tl.load(row + 5 + 4 * G)
-        off = tl.load(row + 6 + 4 * G)
-        m = mask & ((tl.zeros(idx.shape, tl.int64) + has) != 0)
+    def _guide_tl(gbase, row, K: tl.constexpr, start, local, mask, full, ncols, LOWRANK: tl.constexpr,
+                  GVEC: tl.constexpr):
+        """Guide ``K`` of this block's tensor at elements ``start + local`` (0 where it has none), float32."""
+        has = tl.load(row + 5 + 4 * K)
+        off = tl.load(row + 6 + 4 * K)
         if LOWRANK:
-            v_off = tl.load(row + 7 + 4 * G)
-            k = tl.load(row + 8 + 4 * G)
-            i, j = _row_col_tl(start, BLOCK, ncols)
+            m = mask & ((tl.zeros(local.shape, tl.int64) + has) != 0)
+            v_off = tl.load(row + 7 + 4 * K)
+            k = tl.load(row + 8 + 4 * K)
+            i, j = _row_col_tl(start, local, ncols)
             u_ptrs = gbase + off + i * k
             v_ptrs = gbase + v_off + j * k
-            acc = tl.zeros(idx.shape, tl.float32)
+            acc = tl.zeros(local.shape, tl.float32)
             for r in tl.range(0, k):
                 u = tl.load(u_ptrs + r, mask=m, other=0.0).to(tl.float32)
                 v = tl.load(v_ptrs + r, mask=m, other=0.0).to(tl.float32)
                 acc += u * v
             return acc
         else:
-            return tl.load(gbase + off + idx, mask=m, other=0.0).to(tl.float32)
+            ptrs = gbase + (tl.multiple_of(off, GVEC) + start) + local
+            if has == 0:
+                g = tl.zeros(local.shape, tl.float32)
+            elif full:
+                g = tl.load(ptrs).to(tl.float32)
+            else:
+                g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            return g
 
     @triton.jit
-    def _block_start(table_ptr, BLOCK: tl.constexpr):
+    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        """(program, its table row, first element, arranged offsets, tail mask, full block?)."""
         pid = tl.program_id(0).to(tl.int64)
         row = table_ptr + pid * _COLS_TL
         start = tl.load(row + 3) * BLOCK
-        idx = start + tl.arange(0, BLOCK)
-        return pid, row, start, idx, idx < tl.load(row + 1)
+        numel = tl.load(row + 1)
+        local = arranged_offsets_tl(BLOCK, G, V)
+        return pid, row, start, local, local < tl.minimum(numel - start, BLOCK).to(tl.int32), start + BLOCK <= numel
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
     def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
                           BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                          LOWRANK: tl.constexpr):
-        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+                          LOWRANK: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
         stream = tl.load(row + 2)
         ncols = tl.load(row + 13)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
-        xi = tl.where(mask, noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST), 0.0)
-        g = _guide_tl(gbase, row, 0, start, idx, mask, ncols, BLOCK, LOWRANK)
-        tl.store(partial_ptr + pid * 2, tl.sum(g * xi, axis=0))
-        tl.store(partial_ptr + pid * 2 + 1, tl.sum(xi * xi, axis=0))
+        xi = tl.where(mask, noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST), 0.0)
+        g = _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK, GVEC)
+        tl.store(partial_ptr + pid * 2, tl.sum(tl.sum(tl.sum(g * xi, axis=2), axis=1), axis=0))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(tl.sum(tl.sum(xi * xi, axis=2), axis=1), axis=0))
 
     @triton.jit(do_not_specialize=["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"])
     def _guided_perturb_kernel(wbase, gbase, table_ptr, coef_ptr, a0, a1, a2, a3, b0, b1, b2, b3,
                                BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                                N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
-                               VEC: tl.constexpr):
-        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+                               VEC: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
         offset = tl.multiple_of(tl.load(row), VEC)
         stream = tl.load(row + 2)
         coef = coef_ptr + tl.load(row + 4) * (1 + N_NOISE + N_GUIDES)
         ncols = tl.load(row + 13)
-        ptrs = wbase + offset + idx
-        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(coef)
+        ptrs = wbase + (offset + start) + local
+        if full:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        y = x.to(tl.float32) * tl.load(coef)
         if N_NOISE >= 1:
             k0, k1 = seed_key_tl(a0, a1, a2, a3)
-            y = y + tl.load(coef + 1) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+            y = y + tl.load(coef + 1) * noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST)
         if N_NOISE >= 2:
             k0, k1 = seed_key_tl(b0, b1, b2, b3)
-            y = y + tl.load(coef + 2) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+            y = y + tl.load(coef + 2) * noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST)
         if N_GUIDES >= 1:
-            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, idx, mask, ncols, BLOCK, LOWRANK)
+            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK,
+                                                            GVEC)
         if N_GUIDES >= 2:
-            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, idx, mask, ncols, BLOCK, LOWRANK)
-        if wbase.dtype.element_ty == tl.bfloat16:
+            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, local, mask, full, ncols, LOWRANK,
+                                                            GVEC)
+        if wbase.dtype.element_ty == tl.bfloat16 and not FAST:  # see perturb: compiled for NVIDIA, the cast is RNE
             y = round_nearest_bf16_tl(y)
-        tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
+        if full:
+            tl.store(ptrs, y.to(wbase.dtype.element_ty))
+        else:
+            tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
 
 
 def _guide_storage(guide_lists):
@@ -323,6 +346,15 @@ def _guide_storage(guide_lists):
     if len(dtypes) > 1:
         raise ValueError(f"the Triton path needs all guides of one call in one dtype, got {sorted(map(str, dtypes))}")
     return parts[0], lowrank
+
+
+def _guide_vec(guides, lowrank) -> int:
+    """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary (then the kernel may
+    promise aligned vector loads), else 1."""
+    dense = [g for g in guides if g is not None and not lowrank]
+    if not dense or any(g.data_ptr() % 16 for g in dense):
+        return 1
+    return 16 // dense[0].element_size()
 
 
 def _triton_table(tensors, streams, guide_lists, gbase, block):
@@ -359,9 +391,12 @@ def _guide_dot_triton(tensors, guides, seed, dist, streams, block=TRITON_BLOCK):
     gbase, lowrank = _guide_storage([gs])
     table = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
     partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
+    gtensor = gbase if gbase is not None else ts[0]
     _guide_dot_kernel[(table.shape[0],)](
-        gbase if gbase is not None else ts[0], table, partial, *_common.seed_pieces(seed),
+        gtensor, table, partial, *_common.seed_pieces(seed),
         BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank,
+        GVEC=_guide_vec(gs, lowrank), G=rng.arranged_group(dist, gtensor.element_size()),
+        V=16 // gtensor.element_size(),
         num_warps=TRITON_WARPS,
         enable_fp_fusion=False)  # pinned: Triton's default changes in 3.10, and replays rely on these sums' bits
     # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
@@ -395,7 +430,8 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
             *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
             BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
             N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank,
-            VEC=16 // ts[0].element_size() if aligned else 1, num_warps=TRITON_WARPS,
+            VEC=16 // ts[0].element_size() if aligned else 1, GVEC=_guide_vec([g for gs in gl for g in gs], lowrank),
+            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), num_warps=TRITON_WARPS,
             enable_fp_fusion=False)  # each term is multiplied, then added (two roundings), as in the torch reference
 
 
