@@ -16,11 +16,10 @@ the session; see ``benchmarks/conftest.py`` for how they are measured.
 """
 
 import pytest
+import torch
 
 from benchmarks.baselines import mezo_perturb_
 from benchmarks.conftest import copy_pass
-import torch
-
 from zokernels import perturb2_, perturb_
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 

@@ -361,8 +361,14 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
-    from zokernels.rng import (arranged_offsets_tl, noise_arranged_tl, noise_tl, seed_key_tl,
-                               uniform_words_arranged_tl, uniform_words_tl)
+    from zokernels.rng import (
+        arranged_offsets_tl,
+        noise_arranged_tl,
+        noise_tl,
+        seed_key_tl,
+        uniform_words_arranged_tl,
+        uniform_words_tl,
+    )
 
     @triton.jit
     def _int8_inv_scale_tl(scb_ptr, i0, first, local, rem, cols, BLOCK: tl.constexpr, G: tl.constexpr,
