@@ -9,7 +9,7 @@ measurements: ``benchmarks/run_gpu.sh`` measures on a GPU.
 
 Instructions per element: SASS instructions along the shortest path from entry to exit (the full-block path: the tail
 path with masked scalar accesses is longer), loop bodies counted once per iteration (the LowRank rank loop runs
-``rank`` times), divided by the elements a thread owns (BLOCK / (32 * num_warps)).
+``ceil(rank / LOWRANK_UNROLL)`` times), divided by the elements a thread owns (BLOCK / (32 * num_warps)).
 
 Roofline: an element costs ``bytes / 4.26e12`` s of copy bandwidth (H200 ``copy_`` measured by the prototype) and
 ``instructions / 3.3e13`` s of issue (132 SMs x 4 schedulers x 32 lanes x ~1.98 GHz, one instruction per lane per
@@ -95,7 +95,7 @@ def _width(op: str) -> int:
 def stats(compiled, sass: str) -> dict:
     instrs = parse(sass)
     path, loops = path_and_loops(instrs)
-    iters = compiled.launch.meta.get("rank", 1)
+    iters = compiled.launch.meta.get("loop_iterations", 1)
     executed = len(path) + sum(body * (iters - 1 if on_path else iters) for body, on_path in loops)
     per_thread = compiled.constexprs["BLOCK"] / compiled.threads
     ops = [instrs[i][2] for i in sorted(path)]  # widths and Philox on the full-block path

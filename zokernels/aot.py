@@ -88,6 +88,13 @@ def _w(n, dtype, shape=None):
     return t.reshape(shape) if shape else t
 
 
+def _loop_meta(rank: int) -> dict:
+    """What the SASS report needs to count a LowRank kernel's rank loop: its iterations."""
+    from zokernels import guided
+
+    return {"rank": rank, "loop_iterations": -(-rank // guided.LOWRANK_UNROLL)}
+
+
 def variants() -> list[tuple[str, bool, dict, object]]:
     from zokernels import guided, perturb, quant
 
@@ -118,7 +125,7 @@ def variants() -> list[tuple[str, bool, dict, object]]:
                             dist=dist)))
     for rank in (1, 8, 64):
         lr = guided.LowRank(torch.randn(64, rank), torch.randn(96, rank))
-        out.append((f"guide_dot lowrank r{rank}", rank == 64, {"rank": rank},
+        out.append((f"guide_dot lowrank r{rank}", rank == 64, _loop_meta(rank),
                     lambda lr=lr: guided.guide_dot([torch.zeros(64, 96)], [lr], 3)))
     c = torch.ones(2)
     for wdt in (f32, bf16):
@@ -132,7 +139,7 @@ def variants() -> list[tuple[str, bool, dict, object]]:
         for rank in (1, 8, 64):
             lr = guided.LowRank(torch.randn(64, rank), torch.randn(96, rank))
             out.append((f"guided_perturb_ {names[wdt]} 1noise 2lowrank r{rank}", wdt == bf16 and rank == 64,
-                        {"rank": rank},
+                        _loop_meta(rank),
                         lambda ws=ws, lr=lr: guided.guided_perturb_(ws[:1], noise=[(1, c[:1])],
                                                                     guides=[([lr], c[:1]), ([lr], c[:1])])))
     for dist in ("gaussian", "rademacher"):

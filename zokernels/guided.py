@@ -27,6 +27,9 @@ TRITON_BLOCK = 2048
 TRITON_WARPS = 8
 MAX_NOISE = 2
 MAX_GUIDES = 2
+# LowRank ranks per iteration of the kernels' rank loop: unrolled, their loads take immediate address offsets
+# (one rank per iteration spent two 64-bit address adds per element and rank).
+LOWRANK_UNROLL = 4
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ if _common.triton_available():
     from zokernels.rounding import round_nearest_bf16_tl
 
     _COLS_TL = tl.constexpr(_COLS)
+    _UNROLL = tl.constexpr(LOWRANK_UNROLL)
     # LowRank guides rebuild an element from k products in a loop over the tensor's own rank (a runtime bound), one
     # rank per iteration: registers stay bounded whatever the rank. Unrolled over rank 64, the compiler kept every
     # tile live (255 registers, 2.5-3.9 KB of spills per thread); a loop over (BLOCK, 4) tiles still needed 255
@@ -261,10 +265,12 @@ if _common.triton_available():
             u_ptrs = gbase + off + i * k
             v_ptrs = gbase + v_off + j * k
             acc = tl.zeros(local.shape, tl.float32)
-            for r in tl.range(0, k):
-                u = tl.load(u_ptrs + r, mask=m, other=0.0).to(tl.float32)
-                v = tl.load(v_ptrs + r, mask=m, other=0.0).to(tl.float32)
-                acc += u * v
+            for r0 in tl.range(0, k, _UNROLL):
+                for dr in tl.static_range(_UNROLL):
+                    mr = m & ((tl.zeros(local.shape, tl.int64) + (r0 + dr)) < k)
+                    u = tl.load(u_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
+                    v = tl.load(v_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
+                    acc += u * v
             return acc
         else:
             ptrs = gbase + (tl.multiple_of(off, GVEC) + start) + local
