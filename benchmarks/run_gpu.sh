@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check in one script: the kernel tests on CUDA, then the benchmark suite. Run from the repository root on a
+# The GPU check in one script: the kernel tests on CUDA, then the benchmark suite, then the static-analysis estimates
+# (benchmarks/sass.py, no GPU needed) to set beside the measurements. Run from the repository root on a
 # machine with a CUDA GPU and torch + triton preinstalled (no internet, so no `pip install -e .`: the repository is
 # put on PYTHONPATH instead). Everything lands in $OUT (default ./gpu_out): the two pytest logs, pytest-benchmark's
 # raw JSON, the environment, and a copy of benchmarks/results/. Exits non-zero if either pytest run failed; the
@@ -29,6 +30,9 @@ bench_json=()
 "$PY" -c "import pytest_benchmark" >/dev/null 2>&1 && bench_json=(--benchmark-json="$OUT/pytest-benchmark.json")
 "$PY" -m pytest benchmarks/ -q -p no:cacheprovider ${bench_json[@]+"${bench_json[@]}"} 2>&1 | tee "$OUT/benchmarks.log"
 bench_rc=$?
+
+# The estimates the measurements are compared with in RESULTS.md (compiled for sm_90 from the same launch sites).
+"$PY" -m benchmarks.sass --markdown 2>&1 | tee "$OUT/sass_estimates.md"
 
 cp benchmarks/results/* "$OUT/" 2>/dev/null || echo "no files in benchmarks/results/" | tee -a "$OUT/benchmarks.log"
 echo "tests/zokernels exit $tests_rc, benchmarks exit $bench_rc" | tee "$OUT/exit_codes.txt"

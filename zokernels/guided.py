@@ -23,10 +23,17 @@ import torch
 from zokernels import _common, rng
 
 TORCH_CHUNK = 1 << 18  # elements per chunk of the torch reference (see perturb.TORCH_CHUNK for the measurement)
-TRITON_BLOCK = 2048
+# Elements per program: 4096 (16 per thread) lets each thread own whole 16-element Rademacher groups (at 2048, two
+# threads recomputed each group's Philox call: 2.8-4.6 calls per thread instead of 1); LowRank guides keep 2048,
+# where their rank loop fits in registers (4096: 255 registers and 256-384 bytes of spills).
+TRITON_BLOCK = 4096
+TRITON_BLOCK_LOWRANK = 2048
 TRITON_WARPS = 8
 MAX_NOISE = 2
 MAX_GUIDES = 2
+# LowRank ranks per iteration of the kernels' rank loop: unrolled, their loads take immediate address offsets
+# (one rank per iteration spent two 64-bit address adds per element and rank).
+LOWRANK_UNROLL = 4
 
 
 @dataclass(frozen=True)
@@ -225,95 +232,139 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
-    from zokernels.rng import noise_tl, seed_key_tl
+    from zokernels.rng import arranged_offsets_tl, noise_arranged_tl, seed_key_tl
     from zokernels.rounding import round_nearest_bf16_tl
 
     _COLS_TL = tl.constexpr(_COLS)
-    # LowRank guides rebuild an element from k products, KC ranks at a time: a (BLOCK, KC) tile instead of
-    # (BLOCK, k) keeps the registers of a 2048-element block bounded whatever the rank.
-    _KC = 4
+    _UNROLL = tl.constexpr(LOWRANK_UNROLL)
+    # LowRank guides rebuild an element from k products in a loop over the tensor's own rank (a runtime bound), one
+    # rank per iteration: registers stay bounded whatever the rank. Unrolled over rank 64, the compiler kept every
+    # tile live (255 registers, 2.5-3.9 KB of spills per thread); a loop over (BLOCK, 4) tiles still needed 255
+    # registers, for the 64-bit addresses of both tiles.
+    #
+    # Elements are arranged as in perturb (rng.arranged_offsets_tl: each thread computes its Philox calls once), and
+    # full blocks load and store without a mask (128-bit accesses where the data is aligned).
 
     @triton.jit
-    def _guide_tl(gbase, row, G: tl.constexpr, idx, mask, ncols, LOWRANK: tl.constexpr, KP: tl.constexpr):
-        has = tl.load(row + 5 + 4 * G)
-        off = tl.load(row + 6 + 4 * G)
-        m = mask & ((tl.zeros(idx.shape, tl.int64) + has) != 0)
+    def _row_col_tl(start, local, ncols):
+        """Row (int64) and column (int32) of elements ``start + local`` of a matrix with ``ncols`` columns: one 64-bit
+        division per program, 32-bit ones per element (``ncols + BLOCK < 2**31``, checked by the launcher)."""
+        i0 = start // ncols
+        n32 = ncols.to(tl.int32)
+        in_row = (start - i0 * ncols).to(tl.int32) + local
+        di = in_row // n32
+        return i0 + di, in_row - di * n32
+
+    @triton.jit
+    def _guide_tl(gbase, row, K: tl.constexpr, start, local, mask, full, ncols, LOWRANK: tl.constexpr,
+                  GVEC: tl.constexpr):
+        """Guide ``K`` of this block's tensor at elements ``start + local`` (0 where it has none), float32."""
+        has = tl.load(row + 5 + 4 * K)
+        off = tl.load(row + 6 + 4 * K)
         if LOWRANK:
-            v_off = tl.load(row + 7 + 4 * G)
-            k = tl.load(row + 8 + 4 * G)
-            i = idx // ncols
-            j = idx - i * ncols
-            acc = tl.zeros(idx.shape, tl.float32)
-            for c in tl.static_range(0, KP, _KC):
-                kk = c + tl.arange(0, _KC)[None, :]
-                mk = m[:, None] & (kk < k)
-                u = tl.load(gbase + off + i[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
-                v = tl.load(gbase + v_off + j[:, None] * k + kk, mask=mk, other=0.0).to(tl.float32)
-                acc += tl.sum(u * v, axis=1)
+            m = mask & ((tl.zeros(local.shape, tl.int64) + has) != 0)
+            v_off = tl.load(row + 7 + 4 * K)
+            k = tl.load(row + 8 + 4 * K)
+            i, j = _row_col_tl(start, local, ncols)
+            u_ptrs = gbase + off + i * k
+            v_ptrs = gbase + v_off + j * k
+            acc = tl.zeros(local.shape, tl.float32)
+            for r0 in tl.range(0, k, _UNROLL):
+                for dr in tl.static_range(_UNROLL):
+                    mr = m & ((tl.zeros(local.shape, tl.int64) + (r0 + dr)) < k)
+                    u = tl.load(u_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
+                    v = tl.load(v_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
+                    acc += u * v
             return acc
         else:
-            return tl.load(gbase + off + idx, mask=m, other=0.0).to(tl.float32)
+            ptrs = gbase + (tl.multiple_of(off, GVEC) + start) + local
+            if has == 0:
+                g = tl.zeros(local.shape, tl.float32)
+            elif full:
+                g = tl.load(ptrs).to(tl.float32)
+            else:
+                g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            return g
 
     @triton.jit
-    def _block_start(table_ptr, BLOCK: tl.constexpr):
+    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        """(program, its table row, first element, arranged offsets, tail mask, full block?)."""
         pid = tl.program_id(0).to(tl.int64)
         row = table_ptr + pid * _COLS_TL
         start = tl.load(row + 3) * BLOCK
-        idx = start + tl.arange(0, BLOCK)
-        return pid, row, start, idx, idx < tl.load(row + 1)
+        numel = tl.load(row + 1)
+        local = arranged_offsets_tl(BLOCK, G, V)
+        return pid, row, start, local, local < tl.minimum(numel - start, BLOCK).to(tl.int32), start + BLOCK <= numel
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
     def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
                           BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                          LOWRANK: tl.constexpr, KP: tl.constexpr):
-        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+                          LOWRANK: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
         stream = tl.load(row + 2)
         ncols = tl.load(row + 13)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
-        xi = tl.where(mask, noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST), 0.0)
-        g = _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
-        tl.store(partial_ptr + pid * 2, tl.sum(g * xi, axis=0))
-        tl.store(partial_ptr + pid * 2 + 1, tl.sum(xi * xi, axis=0))
+        xi = tl.where(mask, noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST), 0.0)
+        g = _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK, GVEC)
+        tl.store(partial_ptr + pid * 2, tl.sum(tl.sum(tl.sum(g * xi, axis=2), axis=1), axis=0))
+        tl.store(partial_ptr + pid * 2 + 1, tl.sum(tl.sum(tl.sum(xi * xi, axis=2), axis=1), axis=0))
 
     @triton.jit(do_not_specialize=["a0", "a1", "a2", "a3", "b0", "b1", "b2", "b3"])
     def _guided_perturb_kernel(wbase, gbase, table_ptr, coef_ptr, a0, a1, a2, a3, b0, b1, b2, b3,
                                BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                                N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
-                               KP: tl.constexpr, VEC: tl.constexpr):
-        pid, row, start, idx, mask = _block_start(table_ptr, BLOCK)
+                               VEC: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
         offset = tl.multiple_of(tl.load(row), VEC)
         stream = tl.load(row + 2)
         coef = coef_ptr + tl.load(row + 4) * (1 + N_NOISE + N_GUIDES)
         ncols = tl.load(row + 13)
-        ptrs = wbase + offset + idx
-        y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * tl.load(coef)
+        ptrs = wbase + (offset + start) + local
+        if full:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        y = x.to(tl.float32) * tl.load(coef)
         if N_NOISE >= 1:
             k0, k1 = seed_key_tl(a0, a1, a2, a3)
-            y = y + tl.load(coef + 1) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+            y = y + tl.load(coef + 1) * noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST)
         if N_NOISE >= 2:
             k0, k1 = seed_key_tl(b0, b1, b2, b3)
-            y = y + tl.load(coef + 2) * noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST)
+            y = y + tl.load(coef + 2) * noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST)
         if N_GUIDES >= 1:
-            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, idx, mask, ncols, LOWRANK, KP)
+            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK,
+                                                            GVEC)
         if N_GUIDES >= 2:
-            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, idx, mask, ncols, LOWRANK, KP)
-        if wbase.dtype.element_ty == tl.bfloat16:
+            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, local, mask, full, ncols, LOWRANK,
+                                                            GVEC)
+        if wbase.dtype.element_ty == tl.bfloat16 and not FAST:  # see perturb: compiled for NVIDIA, the cast is RNE
             y = round_nearest_bf16_tl(y)
-        tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
+        if full:
+            tl.store(ptrs, y.to(wbase.dtype.element_ty))
+        else:
+            tl.store(ptrs, y.to(wbase.dtype.element_ty), mask=mask)
 
 
 def _guide_storage(guide_lists):
-    """(base tensor, offsets function, rank padded to a power of two, lowrank?) for every guide in ``guide_lists``."""
+    """(base tensor of every guide in ``guide_lists``, lowrank?); the kernels find each guide by its offset from it."""
     flat = [g for gs in guide_lists for g in gs if g is not None]
     if not flat:
-        return None, False, 1
+        return None, False
     lowrank = isinstance(flat[0], LowRank)
     parts = [p for g in flat for p in ((g.u, g.v) if lowrank else (g,))]
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:
         raise ValueError(f"the Triton path needs all guides of one call in one dtype, got {sorted(map(str, dtypes))}")
-    kp = max(_KC, triton.next_power_of_2(max(g.rank for g in flat))) if lowrank else 1
-    return parts[0], lowrank, kp
+    return parts[0], lowrank
+
+
+def _guide_vec(guides, lowrank) -> int:
+    """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary (then the kernel may
+    promise aligned vector loads), else 1."""
+    dense = [g for g in guides if g is not None and not lowrank]
+    if not dense or any(g.data_ptr() % 16 for g in dense):
+        return 1
+    return 16 // dense[0].element_size()
 
 
 def _triton_table(tensors, streams, guide_lists, gbase, block):
@@ -334,24 +385,31 @@ def _triton_table(tensors, streams, guide_lists, gbase, block):
             else:
                 guide_cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
         ncols = w.shape[-1] if w.dim() >= 1 else 1
+        if ncols + block >= 2**31:  # _row_col_tl divides in 32 bits
+            raise ValueError(f"tensors[{t}] has {ncols} columns; the Triton path takes fewer than 2**31 - {block}")
         for b in range((w.numel() + block - 1) // block):
             rows.append([w_off, w.numel(), stream, b, t, *guide_cols, ncols])
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS).to(wbase.device)
 
 
-def _guide_dot_triton(tensors, guides, seed, dist, streams, block=TRITON_BLOCK):
+def _guide_dot_triton(tensors, guides, seed, dist, streams, block=None):
     keep = [i for i, w in enumerate(tensors) if w.numel()]
     out = torch.zeros(len(tensors), 2, dtype=torch.float64, device=tensors[0].device)
     if not keep:
         return out.cpu()
     ts, gs, ss = [tensors[i] for i in keep], [guides[i] for i in keep], [streams[i] for i in keep]
-    gbase, lowrank, kp = _guide_storage([gs])
+    gbase, lowrank = _guide_storage([gs])
+    block = block or (TRITON_BLOCK_LOWRANK if lowrank else TRITON_BLOCK)
     table = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
     partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
+    gtensor = gbase if gbase is not None else ts[0]
     _guide_dot_kernel[(table.shape[0],)](
-        gbase if gbase is not None else ts[0], table, partial, *_common.seed_pieces(seed),
-        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank, KP=kp,
-        num_warps=TRITON_WARPS)
+        gtensor, table, partial, *_common.seed_pieces(seed),
+        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank,
+        GVEC=_guide_vec(gs, lowrank), G=rng.arranged_group(dist, gtensor.element_size()),
+        V=16 // gtensor.element_size(),
+        num_warps=TRITON_WARPS,
+        enable_fp_fusion=False)  # pinned: Triton's default changes in 3.10, and replays rely on these sums' bits
     # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
     # and differences at segment ends avoid atomics, whose order changes from run to run.
     counts = torch.tensor([(w.numel() + block - 1) // block for w in ts])
@@ -363,7 +421,7 @@ def _guide_dot_triton(tensors, guides, seed, dist, streams, block=TRITON_BLOCK):
     return out.cpu()
 
 
-def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, dist, block=TRITON_BLOCK):
+def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, dist, block=None):
     coef_cols = [decay] + [c for _, c in noise_terms] + [c for _, c in guide_terms]
     seeds = [s for s, _ in noise_terms] + [0] * (MAX_NOISE - len(noise_terms))
     guide_lists = [g for g, _ in guide_terms]
@@ -374,16 +432,19 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
     for idx in by_dtype.values():
         ts = [tensors[i] for i in idx]
         gl = [[gs[i] for i in idx] for gs in guide_lists]
-        gbase, lowrank, kp = _guide_storage(gl)
-        table = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], block)
+        gbase, lowrank = _guide_storage(gl)
+        blk = block or (TRITON_BLOCK_LOWRANK if lowrank else TRITON_BLOCK)
+        table = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], blk)
         coef = torch.stack([c.float()[idx] for c in coef_cols], dim=1).contiguous().to(ts[0].device)
         aligned = all(w.data_ptr() % 16 == 0 for w in ts)
         _guided_perturb_kernel[(table.shape[0],)](
             ts[0], gbase if gbase is not None else ts[0], table, coef,
             *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
-            BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
-            N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank, KP=kp,
-            VEC=16 // ts[0].element_size() if aligned else 1, num_warps=TRITON_WARPS)
+            BLOCK=blk, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
+            N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank,
+            VEC=16 // ts[0].element_size() if aligned else 1, GVEC=_guide_vec([g for gs in gl for g in gs], lowrank),
+            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), num_warps=TRITON_WARPS,
+            enable_fp_fusion=False)  # each term is multiplied, then added (two roundings), as in the torch reference
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -409,7 +470,7 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
         return torch.zeros(0, 2, dtype=torch.float64)
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            return _guide_dot_triton(tensors, guides, seed, dist, streams, block or TRITON_BLOCK)
+            return _guide_dot_triton(tensors, guides, seed, dist, streams, block)
         return _guide_dot_torch(tensors, guides, seed, dist, streams)
 
 
@@ -449,6 +510,6 @@ def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "ga
         return
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            _guided_perturb_triton(tensors, streams, noise, guides, decay, dist, block or TRITON_BLOCK)
+            _guided_perturb_triton(tensors, streams, noise, guides, decay, dist, block)
         else:
             _guided_perturb_torch(tensors, streams, noise, guides, decay, dist)

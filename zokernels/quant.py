@@ -361,38 +361,82 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
-    from zokernels.rng import noise_tl, seed_key_tl, uniform_words_tl
+    from zokernels.rng import (
+        arranged_offsets_tl,
+        noise_arranged_tl,
+        noise_tl,
+        seed_key_tl,
+        uniform_words_arranged_tl,
+        uniform_words_tl,
+    )
+
+    @triton.jit
+    def _int8_inv_scale_tl(scb_ptr, i0, first, local, rem, cols, BLOCK: tl.constexpr, G: tl.constexpr,
+                           WIDE: tl.constexpr):
+        """``127 / SCB[row]`` (IEEE division, as the reference; 0 for an all-zero row) of the elements ``local`` after
+        the block's first (row ``i0``, column ``first``; those with ``local < rem`` exist), rows of ``cols`` elements:
+        32-bit divisions only. With ``WIDE`` (every row at least G long) a group
+        of G elements spans at most two rows, so the scales are loaded and divided twice per group, not per element.
+        """
+        n32 = cols.to(tl.int32)
+        if WIDE:
+            g0 = G * tl.arange(0, BLOCK // G)  # each group's first offset
+            dr = (first + g0) // n32
+            boundary = (dr + 1) * n32 - (first + g0)  # the group's elements from this position on are in row + 1
+            s_a = tl.load(scb_ptr + i0 + dr, mask=g0 < rem, other=1.0)
+            s_b = tl.load(scb_ptr + i0 + dr + 1, mask=(boundary < G) & (g0 + boundary < rem), other=1.0)
+            inv_a = tl.where(s_a > 0, tl.div_rn(tl.full(s_a.shape, 127.0, tl.float32), tl.where(s_a > 0, s_a, 1.0)),
+                             0.0)
+            inv_b = tl.where(s_b > 0, tl.div_rn(tl.full(s_b.shape, 127.0, tl.float32), tl.where(s_b > 0, s_b, 1.0)),
+                             0.0)
+            pos = local - g0[None, :, None]
+            return tl.where(pos >= boundary[None, :, None], inv_b[None, :, None], inv_a[None, :, None])
+        else:
+            in_row = first + local
+            s = tl.load(scb_ptr + i0 + in_row // n32, mask=local < rem, other=1.0)
+            return tl.where(s > 0, tl.div_rn(tl.full(s.shape, 127.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3", "r0", "r1", "r2", "r3", "eps", "times"])
     def _int8_kernel(codes_ptr, scb_ptr, table_ptr, partial_ptr, s0, s1, s2, s3, r0, r1, r2, r3, eps, times,
-                     BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr):
+                     BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr, VEC: tl.constexpr,
+                     G: tl.constexpr, WIDE: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
-        row = table_ptr + pid * 6
-        offset = tl.load(row)
+        row = table_ptr + pid * 8
+        offset = tl.multiple_of(tl.load(row), VEC)
         numel = tl.load(row + 1)
         stream = tl.load(row + 2)
         start = tl.load(row + 3) * BLOCK
         scb_offset = tl.load(row + 4)
         cols = tl.load(row + 5)
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < numel
-        c = tl.load(codes_ptr + offset + idx, mask=mask, other=0).to(tl.int32)
-        s = tl.load(scb_ptr + scb_offset + idx // cols, mask=mask, other=1.0)
-        # IEEE division (div_rn), as in the torch reference; 0 for an all-zero row.
-        inv = tl.where(s > 0, tl.div_rn(tl.full((BLOCK,), 127.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+        # Arranged as in perturb (each thread computes its Philox calls once); full blocks unmasked (128-bit).
+        local = arranged_offsets_tl(BLOCK, G, 16)
+        rem = tl.minimum(numel - start, BLOCK).to(tl.int32)
+        mask = local < rem
+        full = start + BLOCK <= numel
+        ptrs = codes_ptr + (offset + start) + local
+        if full:
+            c = tl.load(ptrs).to(tl.int32)
+        else:
+            c = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+        inv = _int8_inv_scale_tl(scb_ptr + scb_offset, tl.load(row + 6), tl.load(row + 7).to(tl.int32), local, rem,
+                                 cols, BLOCK, G, WIDE)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
-        x = (noise_tl(k0, k1, stream, start, BLOCK, GAUSSIAN, FAST) * eps) * inv
+        x = (noise_arranged_tl(k0, k1, stream, start, BLOCK, G, 16, GAUSSIAN, FAST) * eps) * inv
         x = tl.where(x > 255.0, 255.0, tl.where(x < -255.0, -255.0, x))
         x = tl.where(x == x, x, 0.0)
         k0, k1 = seed_key_tl(r0, r1, r2, r3)
-        u = (uniform_words_tl(k0, k1, stream, start, BLOCK, 2) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+        u = (uniform_words_arranged_tl(k0, k1, stream, start, BLOCK, G, 16, 2) >> 8).to(tl.float32) * (
+            1.0 / 16777216.0)
         fl = tl.floor(x)
         delta = fl.to(tl.int32) + (u < x - fl).to(tl.int32)
         new = c + times * delta
         saturated = ((new > 127) | (new < -127)) & mask
-        new = tl.minimum(tl.maximum(new, -127), 127)
-        tl.store(codes_ptr + offset + idx, new.to(tl.int8), mask=mask)
-        tl.store(partial_ptr + pid, tl.sum(saturated.to(tl.int32), axis=0))
+        new = tl.minimum(tl.maximum(new, -127), 127).to(tl.int8)
+        if full:
+            tl.store(ptrs, new)
+        else:
+            tl.store(ptrs, new, mask=mask)
+        tl.store(partial_ptr + pid, tl.sum(tl.sum(tl.sum(saturated.to(tl.int32), axis=2), axis=1), axis=0))
 
     @triton.jit
     def _nf4_absmax_tl(absmax_ptr, n2_absmax_ptr, n2_code_ptr, offset_ptr, block_idx, mask,
@@ -441,7 +485,9 @@ if _common.triton_available():
 
 def _int8_table(weights, streams, block):
     """One row per program: (codes offset from weights[0].codes, numel, stream, block index, scb offset from
-    weights[0].scb in fp32 elements, columns). One launch serves the whole list, like ``_common.block_table``."""
+    weights[0].scb in fp32 elements, columns, the block's first row, its first element's column). One launch serves
+    the whole list, like ``_common.block_table``; the row and column are divided here, not per program on the GPU
+    (a 64-bit division is a ~70-instruction subroutine call there)."""
     base_codes, base_scb = weights[0].codes.data_ptr(), weights[0].scb.data_ptr()
     parts = []
     for w, stream in zip(weights, streams):
@@ -451,9 +497,11 @@ def _int8_table(weights, streams, block):
         scb_distance = w.scb.data_ptr() - base_scb
         assert scb_distance % 4 == 0, "fp32 tensors are aligned to 4 bytes"
         blocks = torch.arange(-(-n // block), dtype=torch.int64)
-        fixed = torch.tensor([w.codes.data_ptr() - base_codes, n, stream, 0, scb_distance // 4, w.shape[1]])
+        fixed = torch.tensor([w.codes.data_ptr() - base_codes, n, stream, 0, scb_distance // 4, w.shape[1], 0, 0])
         rows = fixed.repeat(blocks.numel(), 1)
         rows[:, 3] = blocks
+        rows[:, 6] = blocks * block // w.shape[1]
+        rows[:, 7] = blocks * block % w.shape[1]
         parts.append(rows)
     return torch.cat(parts).to(weights[0].codes.device) if parts else None
 
@@ -464,11 +512,14 @@ def _int8_triton(weights, streams, seed, eps, times, rounding_seed, dist, block)
         return 0
     partial = torch.zeros(table.shape[0], dtype=torch.int32, device=table.device)
     device = weights[0].codes.device
+    g = rng.arranged_group(dist, 1)
     # enable_fp_fusion=False: (eps*z)*inv and code + x must round exactly as in the torch reference (no FMA).
     _int8_kernel[(table.shape[0],)](
         weights[0].codes, weights[0].scb, table, partial, *_common.seed_pieces(seed),
         *_common.seed_pieces(rounding_seed), eps, times,
-        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(device), num_warps=TRITON_WARPS,
+        BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(device),
+        VEC=16 if all(w.codes.data_ptr() % 16 == 0 for w in weights) else 1, G=g,
+        WIDE=all(w.shape[1] >= g for w in weights if w.codes.numel()), num_warps=TRITON_WARPS,
         enable_fp_fusion=False)
     return int(partial.sum())
 

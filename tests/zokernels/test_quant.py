@@ -263,6 +263,23 @@ def test_int8_spsa_cycle_restores_and_counts_forced_saturation(impl, device):
     assert ((w.codes != codes0) <= touched).all() and sum(counts) >= touched.sum().item() > 0
 
 
+@pytest.mark.parametrize("cols", [5, 16, 17])
+def test_int8_triton_matches_torch_on_narrow_rows(device, cols):
+    """Rows narrower than a group of the kernel (16 elements: per-element rows) or just as wide (per-group scales,
+    groups straddling rows); a zero row scale gives no step."""
+    g = torch.Generator().manual_seed(cols)
+    codes = torch.randint(-127, 128, (50, cols), dtype=torch.int8, generator=g)
+    scb = torch.rand(50, generator=g) * 2
+    scb[3] = 0.0
+    got = {}
+    for impl in ("torch", "triton"):
+        w = Int8Weight(codes.clone().to(device), scb.to(device))
+        n = int8_code_perturb_(w, 9, 5e-2, rounding_seed=4, dist="rademacher", impl=impl, block=256)
+        got[impl] = (n, w.codes.cpu())
+    assert got["triton"][0] == got["torch"][0] and torch.equal(got["triton"][1], got["torch"][1])
+    assert not torch.equal(got["torch"][1], codes)
+
+
 def test_int8_triton_and_torch_give_identical_codes_on_a_list(device):
     lins = [_int8_linear(n_in, n_out, device, seed=i) for i, (n_in, n_out) in enumerate([(64, 40), (33, 7), (128, 64)])]
     results = {}
