@@ -332,32 +332,29 @@ def _read_mapping(path: Path, what: str) -> dict:
     return data
 
 
-def load_saved(path: Path) -> dict:
-    """The settings in a run's ``config.json``, each converted and checked as a flag's would be (raw mapping; the
-    caller fills missing fields)."""
-    data = _read_mapping(Path(path), "--resume")
+def _settings(path: Path, what: str, where: str) -> dict:
+    """The settings in a JSON/YAML file, each converted and checked as a flag's text would be (``coerce``); errors
+    name ``what`` (the flag that read it) or ``where``."""
+    data = _read_mapping(path, what)
     unknown = sorted(set(data) - set(_DEFAULTS))
     if unknown:
-        raise ValueError(f"--resume: unknown settings in {path}: {', '.join(unknown)}")
+        raise ValueError(f"{what}: unknown settings in {path}: {', '.join(unknown)}")
     try:
         return {k: coerce(k, v) for k, v in data.items()}
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
+
+
+def load_saved(path: Path) -> dict:
+    """The settings in a run's ``config.json`` (raw mapping; the caller fills missing fields)."""
+    return _settings(Path(path), "--resume", str(path))
 
 
 def load_file(path: str) -> dict:
-    """A config file's settings, each converted as its flag's text would be (``coerce``)."""
-    p = Path(path)
-    if not p.is_file():
+    """A config file's settings."""
+    if not Path(path).is_file():
         raise ValueError(f"--config: file not found: {path}")
-    data = _read_mapping(p, "--config")
-    unknown = sorted(set(data) - set(_DEFAULTS))
-    if unknown:
-        raise ValueError(f"--config: unknown settings in {path}: {', '.join(unknown)}")
-    try:
-        return {k: coerce(k, v) for k, v in data.items()}
-    except ValueError as err:
-        raise ValueError(f"--config {path}: {err}") from None
+    return _settings(Path(path), "--config", f"--config {path}")
 
 
 def from_args(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:

@@ -102,7 +102,7 @@ def test_resume_refuses_changed_settings_and_lists_them(saved_run, capsys):
     before = sorted(out.iterdir())
     assert main(["--resume", "--output-dir", str(out), "--zo-lr", "0.5", "--seed", "9", "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--zo-lr 0.5 (run: 0.002)" in err and "--seed 9 (run: 0)" in err and "--threads" not in err.split(";")[0]
+    assert "--zo-lr 0.5 (run: 10.0)" in err and "--seed 9 (run: 0)" in err and "--threads" not in err.split(";")[0]
     assert len(err.splitlines()) == 1 and sorted(out.iterdir()) == before
     with pytest.raises(ValueError, match=r"--k 3 \(run: 2\)"):  # the API checks the same way
         run(dataclasses.replace(cfg, k=3), resume=True, progress=False)
