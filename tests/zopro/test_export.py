@@ -254,3 +254,23 @@ def test_a_kill_while_peft_writes_the_policy_keeps_the_old_folder_and_resume_rew
         config = json.loads((out / name / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str((out / "base").resolve())
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Benchmark history
+def test_benchmark_history_goes_where_git_ignores_it(tmp_path):
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    # in a subprocess: importing benchmarks.conftest drops TRITON_INTERPRET, which this test session relies on
+    code = "from benchmarks.conftest import RESULTS_DIR; print(RESULTS_DIR)"
+    env = {k: v for k, v in _env().items() if k != "ZOPRO_BENCH_HISTORY"}
+    default = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert default.returncode == 0, default.stderr[-2000:]
+    history = Path(default.stdout.strip().splitlines()[-1])
+    probe = history / "kernels-cpu.json"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", str(probe)], cwd=ROOT)
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "ZOPRO_BENCH_HISTORY": str(tmp_path)},
+                            capture_output=True, text=True, timeout=120)
+    assert Path(chosen.stdout.strip().splitlines()[-1]) == tmp_path
