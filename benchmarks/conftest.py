@@ -1,10 +1,14 @@
 """Shared machinery of the benchmark suite: device, timing, the copy-bandwidth reference, and the result files.
 
 Run with ``python -m pytest benchmarks/``. Every measured configuration becomes one JSON record in
-``benchmarks/results/<suite>-<device-kind>.json`` (merged with earlier runs) and a row of the markdown tables in
-``benchmarks/results/<suite>-<device-kind>.md``, both written at the end of the session. ``<suite>`` is the test
-module's name without ``test_``; ``<device-kind>`` is ``cpu`` or the GPU's name as a slug (``nvidia-h100-80gb-hbm3``),
-so runs on different cards never overwrite each other.
+``<history>/<suite>-<device-kind>.json`` (merged with earlier runs) and a row of the markdown tables in
+``<history>/<suite>-<device-kind>.md``, both written at the end of the session. ``<suite>`` is the test module's name
+without ``test_``; ``<device-kind>`` is ``cpu`` or the GPU's name as a slug (``nvidia-h100-80gb-hbm3``), so runs on
+different cards never overwrite each other.
+
+``<history>`` (``RESULTS_DIR``) is ``$ZOPRO_BENCH_HISTORY`` or, by default, ``benchmarks/results/history/``, which
+git ignores: a benchmark run leaves ``git status`` clean. The curated tables live in ``benchmarks/RESULTS.md`` (with
+the figures it cites, copied from the history into ``benchmarks/results/`` on purpose).
 
 Timing. CPU: pytest-benchmark's own timer (``time.perf_counter``), median of ``CPU_ROUNDS`` rounds after
 ``CPU_WARMUP``. CUDA: what ``triton.testing.do_bench`` does, written out so that it reads the same on every Triton
@@ -46,7 +50,8 @@ _KERNELS_INTERPRETED = _INTERPRETER_ON and "zokernels" in sys.modules
 from benchmarks import shapes  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-RESULTS_DIR = Path(__file__).with_name("results")
+# history, not record: untracked by default (see the module docstring); the scripts' --results-dir defaults to it
+RESULTS_DIR = Path(os.environ.get("ZOPRO_BENCH_HISTORY") or Path(__file__).with_name("results") / "history")
 
 # CPU: on a quiet 2-core machine the slowest pass (perturb2_ Gaussian over the 4 M list) measured 51 ms at commit
 # b7a66ae and the whole suite 2.5 s with 10 rounds (4.3 s with 20), medians within 7 % of minima. Beside other
@@ -111,6 +116,10 @@ def environment() -> dict:
 # in one run on the 2-core machine, 8 ms in another beside a test run): the load average before the suite ran
 # tells a reader which kind of run a table comes from.
 _LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def pytest_configure(config):
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)  # the suites' own writers create only the last level
 
 
 def pytest_generate_tests(metafunc):
@@ -319,7 +328,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     env = environment()
     records = [{**env, **r} for r in derive(_RECORDS)]
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     for suite in sorted({r["suite"] for r in records}):
         stem = RESULTS_DIR / f"{suite}-{env['device_kind']}"
         merged = merge_json(stem.with_suffix(".json"), [r for r in records if r["suite"] == suite])

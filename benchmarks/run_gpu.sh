@@ -3,8 +3,8 @@
 # (benchmarks/sass.py, no GPU needed) to set beside the measurements. Run from the repository root on a
 # machine with a CUDA GPU and torch + triton preinstalled (no internet, so no `pip install -e .`: the repository is
 # put on PYTHONPATH instead). Everything lands in $OUT (default ./gpu_out): the two pytest logs, pytest-benchmark's
-# raw JSON, the environment, and a copy of benchmarks/results/. Exits non-zero if either pytest run failed; the
-# benchmarks run even when a test fails, so a run is never wasted.
+# raw JSON, the environment, and a copy of the benchmark history (benchmarks/results/history/). Exits non-zero if
+# either pytest run failed; the benchmarks run even when a test fails, so a run is never wasted.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -34,6 +34,7 @@ bench_rc=$?
 # The estimates the measurements are compared with in RESULTS.md (compiled for sm_90 from the same launch sites).
 "$PY" -m benchmarks.sass --markdown 2>&1 | tee "$OUT/sass_estimates.md"
 
-cp benchmarks/results/* "$OUT/" 2>/dev/null || echo "no files in benchmarks/results/" | tee -a "$OUT/benchmarks.log"
+HISTORY="${ZOPRO_BENCH_HISTORY:-benchmarks/results/history}"  # where benchmarks/conftest.py writes
+cp "$HISTORY"/* "$OUT/" 2>/dev/null || echo "no files in $HISTORY/" | tee -a "$OUT/benchmarks.log"
 echo "tests/zokernels exit $tests_rc, benchmarks exit $bench_rc" | tee "$OUT/exit_codes.txt"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

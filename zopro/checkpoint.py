@@ -76,6 +76,24 @@ def atomic_torch_save(path: Path, obj) -> None:
     _publish(tmp, path)
 
 
+def atomic_publish_dir(tmp: Path, final: Path) -> None:
+    """Publish ``tmp``, a directory the caller has filled completely, as ``final``, replacing an earlier ``final``.
+
+    Its files are fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier
+    one is removed. A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent
+    (the caller rewrites it on resume), never half written; the next call removes a stray aside folder."""
+    tmp, final = Path(tmp), Path(final)
+    aside = final.with_name(f".{final.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    if final.exists():
+        os.replace(final, aside)
+    _publish(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def safe_torch_load(path: Path):
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never code."""
     try:

@@ -22,8 +22,10 @@ import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import logging
 import pathlib
 import string
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -39,6 +41,30 @@ LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Special tokens of the tiny tokenizer, at fixed ids so build_tiny_model can agree with it without seeing it.
 TINY_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 TINY_PAD_ID, TINY_BOS_ID, TINY_EOS_ID, TINY_UNK_ID = range(4)
+
+
+class _DropBnbCpuKernelMessage(logging.Filter):
+    """peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, at ``import peft``), and bitsandbytes
+    0.50 then logs "Failed to load CPU gemm_4bit_forward from kernels-community" on CPUs with AVX512-BF16 when the
+    optional ``kernels`` package cannot fetch its 4-bit kernel; it falls back to its own, so a run that quantises
+    nothing printed what looked like an error. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# added before anything here imports peft (imports of peft are lazy, inside functions)
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBnbCpuKernelMessage())
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """Around our calls that wrap a base in a ``PeftModel``: peft 0.21's ``PeftModel.__init__`` reads transformers'
+    deprecated ``is_gradient_checkpointing`` (a FutureWarning on every run, from peft's line, not ours), so exactly
+    that message is silenced for the call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -186,6 +212,10 @@ def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 def _rng_devices(module: nn.Module) -> list[int]:
     dev = next(module.parameters()).device
     return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+
+def _sorted_targets(targets):
+    return sorted(targets) if isinstance(targets, (set, frozenset)) else targets
 
 
 def _check_batch(input_ids, attention_mask, response_mask=None) -> None:
@@ -365,9 +395,11 @@ class PolicyRewardModel:
         from peft import PeftModel, get_peft_model
 
         if sft_adapter is None:
-            model = self._get_peft_model(get_peft_model, base, config)
+            with _peft_wrapping():
+                model = self._get_peft_model(get_peft_model, base, config)
         else:
-            model = PeftModel.from_pretrained(base, str(sft_adapter), adapter_name=REFERENCE, is_trainable=False)
+            with _peft_wrapping():
+                model = PeftModel.from_pretrained(base, str(sft_adapter), adapter_name=REFERENCE, is_trainable=False)
             model.load_adapter(str(sft_adapter), adapter_name=POLICY, is_trainable=True)
             config = copy.deepcopy(model.peft_config[REFERENCE])
             config.inference_mode = False
@@ -490,6 +522,53 @@ class PolicyRewardModel:
         with torch.no_grad():
             for n, p in own.items():
                 p.copy_(state[n])
+
+    # -- standard formats ------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory, base_model_name_or_path: str | None = None) -> list[str]:
+        """Write the adapters as standard PEFT adapter folders in ``directory``; returns the folders' names.
+
+        - ``policy``: PEFT's own ``PeftModel.save_pretrained`` of the policy adapter (task ``CAUSAL_LM``); loads with
+          ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)``.
+        - ``reward`` (shared reward model only): the reward adapter as a ``SEQ_CLS`` LoRA adapter, the score head its
+          saved module ``score``: PEFT's own config writer and key names, as PEFT saves a LoRA-tuned
+          ``AutoModelForSequenceClassification``; loads with ``PeftModel.from_pretrained(
+          AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), folder)``. That class pools the
+          last token that is not ``pad_token_id`` at positions ``0..T-1``: the scores of :meth:`reward_scores` for
+          unpadded or right-padded rows.
+
+        ``base_model_name_or_path`` (default: the one peft reads off the base) goes into both ``adapter_config.json``.
+        Not atomic: the caller publishes the folders (``checkpoint.atomic_publish_dir``)."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        directory = pathlib.Path(directory)
+        policy_config = self.model.peft_config[POLICY]
+        kept = policy_config.base_model_name_or_path, policy_config.target_modules
+        try:
+            if base_model_name_or_path is not None:
+                policy_config.base_model_name_or_path = base_model_name_or_path
+            # peft keeps "all-linear" resolved as a set, written in hash order: sorted, a rewrite is byte-identical
+            policy_config.target_modules = _sorted_targets(policy_config.target_modules)
+            # non-default adapter names go to a subfolder of that name: directory / "policy"
+            self.model.save_pretrained(str(directory), selected_adapters=[POLICY])
+            base_name = policy_config.base_model_name_or_path  # peft fills it in when it was None
+        finally:
+            policy_config.base_model_name_or_path, policy_config.target_modules = kept
+        if self.external_reward is not None:
+            return [POLICY]
+        config = copy.deepcopy(self.model.peft_config[REWARD])
+        config.task_type, config.modules_to_save, config.inference_mode = "SEQ_CLS", ["score"], True
+        config.base_model_name_or_path = base_name
+        config.target_modules = _sorted_targets(config.target_modules)
+        tensors = get_peft_model_state_dict(self.model, adapter_name=REWARD)
+        tensors["base_model.model.score.weight"] = self.score_head.weight  # the key PEFT writes for a saved module
+        folder = directory / REWARD
+        folder.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(str(folder))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return [POLICY, REWARD]
 
     # -- forward passes --------------------------------------------------------------------------------------------
 

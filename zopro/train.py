@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -552,14 +553,47 @@ class Run:
                    for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
                                                ev["after_per_prompt"])]
         checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-        save_adapters(self.bundle, self.out)
+        base_name = None
+        if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
+            base_name = str(save_tiny_base(self.tokenizer, self.cfg.seed, self.out / "base").resolve())
+        save_adapters(self.bundle, self.out, base_name)
 
 
-def save_adapters(bundle, out: Path):
+def save_tiny_base(tokenizer, seed: int, folder: Path) -> Path:
+    """The smoke preset's base (the random tiny Llama of ``seed``, rebuilt: the run never changes it) and its
+    tokenizer in ``save_pretrained`` format at ``folder``, published atomically; returns ``folder``."""
+    from transformers.utils import logging as hf_logging
+
+    from zopro import models
+
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar for one 0.1 MB shard, after the run's own bar
+    try:
+        models.build_tiny_model(len(tokenizer), seed=seed).save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(tmp)
+    checkpoint.atomic_publish_dir(tmp, folder)
+    return folder
+
+
+def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
+    """The trained adapters, twice: zopro's flat files (``policy_adapter.safetensors``; ``reward_adapter.safetensors``
+    with the score head), which zopro's tools read, and the standard PEFT folders ``policy/`` and ``reward/``
+    (:meth:`PolicyRewardModel.save_pretrained`), each written whole to a scratch folder and then renamed into place,
+    so a kill never leaves a half folder and a resume rewrites them."""
     for name, params in (("policy_adapter", bundle.policy_parameters()),
                          ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
             checkpoint.atomic_save_tensors(out / f"{name}.safetensors", params)
+    scratch = out / ".adapters.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    for name in bundle.save_pretrained(scratch, base_model_name_or_path):
+        checkpoint.atomic_publish_dir(scratch / name, out / name)
+    shutil.rmtree(scratch)
 
 
 def _check_model_reference(name: str, what: str) -> None:

@@ -1,0 +1,116 @@
+"""``python -m zopro.export RUN_DIR --merged OUT``: a finished run's policy merged into its base, for transformers.
+
+Reads the run's standard PEFT folder ``RUN_DIR/policy`` (written when the run finished), loads the base the way the
+run did (the smoke preset's tiny base from ``RUN_DIR/base``; a GGUF base dequantised to the run's ``--dtype``),
+merges the LoRA weights into it (``merge_and_unload``) and writes ``OUT`` in ``save_pretrained`` format
+(``config.json``, ``model.safetensors``, ``generation_config.json``) with the run's tokenizer, so that
+``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` load it without zopro or peft.
+
+Every check runs before anything is written: one line on stderr and exit status 2 when ``RUN_DIR`` is not a finished
+run, lacks its ``policy`` folder, was trained on a bitsandbytes-quantised base, or ``OUT`` exists and is not an empty
+directory. ``OUT`` is written whole under a temporary name beside it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from zopro import checkpoint
+from zopro.config import TrainConfig, load_saved, validate
+
+
+def _finished_config(run_dir: Path) -> TrainConfig:
+    """The typed config of the finished run in ``run_dir`` whose policy folder is written; ValueError otherwise."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = validate(TrainConfig(**load_saved(config_path)))
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    loaded = checkpoint.load(run_dir, fallback=False)
+    if loaded is None or loaded.meta["phase"] != "done":
+        raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (run_dir / "policy" / name).is_file():
+            raise ValueError(f"{run_dir / 'policy' / name}: missing (a run finished by an older zopro: "
+                             f"`python -m zopro.train --resume --output-dir {run_dir}` writes it)")
+    if cfg.quantize != "none":
+        raise ValueError(f"{run_dir}: trained on a bitsandbytes-quantised base (--quantize {cfg.quantize}); merging "
+                         "into quantised weights would change the model, so --merged is for unquantised runs only")
+    if cfg.model == "tiny" and not (run_dir / "base" / "config.json").is_file():
+        raise ValueError(f"{run_dir / 'base'}: missing (the smoke preset's base is saved there when the run finishes)")
+    return cfg
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(f"--merged {out}: exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise ValueError(f"--merged {out}: its parent directory does not exist")
+
+
+def _base(cfg: TrainConfig, run_dir: Path):
+    """``(causal LM, tokenizer)``: the run's base, unquantised, on the CPU."""
+    from zopro import models
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model == "tiny":
+        return models.load_base(str(run_dir / "base"), dtype=dtype)
+    if cfg.model == "smollm2":
+        gguf = models.find_smollm2_gguf()
+        return models.load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    return models.load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype)
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Write the merged policy of the finished run in ``run_dir`` to ``out`` (see the module docstring)."""
+    from peft import PeftModel
+
+    from zopro.models import _peft_wrapping
+
+    run_dir, out = Path(run_dir), Path(out)
+    try:
+        lock = checkpoint.lock(run_dir) if run_dir.is_dir() else None
+    except ValueError:
+        raise ValueError(f"{run_dir}: a run is using it (it holds the directory's lock); export when it ends") from None
+    try:
+        cfg = _finished_config(run_dir)
+        _check_out(out)
+        base, tokenizer = _base(cfg, run_dir)
+        with _peft_wrapping():
+            merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)  # safetensors
+        tokenizer.save_pretrained(tmp)
+        checkpoint.atomic_publish_dir(tmp, out)
+        return out
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zopro.export", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="the directory of a finished run")
+    parser.add_argument("--merged", type=Path, required=True, metavar="OUT",
+                        help="write the policy merged into its base here (a new or empty directory)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_merged(args.run_dir, args.merged)
+    except ValueError as err:  # what the user passed is wrong: one line, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
