@@ -25,7 +25,8 @@ class StubPolicy:
     def __init__(self, log_ratios):
         self.theta = torch.nn.Parameter(torch.tensor(log_ratios, dtype=torch.float32))
 
-    def policy_logprobs(self, sequences, attention_mask, response_mask, *, grad=False):
+    def policy_logprobs(self, sequences, attention_mask, response_mask, *, grad=False, temperature=1.0):
+        self.temperature = temperature  # the log-probs of the policy that sampled: the rollout's temperature
         b = sequences[:, 0]
         sums = torch.tensor(OLD)[b] + self.theta[b]
         tok = torch.stack([sums / 2, sums / 2], 1)
@@ -37,7 +38,8 @@ def _rollout():
     old = torch.tensor(OLD)
     return SimpleNamespace(sequences=torch.arange(n)[:, None].repeat(1, 2), attention_mask=torch.ones(n, 2),
                            response_mask=torch.ones(n, 2, dtype=torch.long), policy_logps=old,
-                           policy_token_logps=torch.stack([old / 2, old / 2], 1), advantages=torch.tensor(ADVANTAGES))
+                           policy_token_logps=torch.stack([old / 2, old / 2], 1), advantages=torch.tensor(ADVANTAGES),
+                           logprob_temperature=0.7)
 
 
 CFG = SimpleNamespace(loss="sequence", clip=CLIP, fo_microbatch=0)
@@ -53,6 +55,7 @@ def test_sequence_surrogate_value_by_hand():
     #   row 3: A = -0.5, r = 1:   0.5
     # mean: (-1.2 + 0.8 - 2.2 + 0.5) / 4 = -0.525
     assert value == pytest.approx(-0.525, abs=1e-6)
+    assert policy.temperature == 0.7
     assert surrogate(policy, _rollout(), torch.tensor([0, 2]), CFG).item() == pytest.approx(-1.7, abs=1e-6)
 
 
