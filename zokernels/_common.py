@@ -61,7 +61,6 @@ def as_tensor_list(tensors, name: str = "tensors") -> list[torch.Tensor]:
 def check_float_tensors(tensors: list[torch.Tensor], name: str = "tensors", dtypes=FLOAT_DTYPES) -> None:
     """Floating dtype, one device, contiguous, no two tensors sharing memory. Raises before anything is modified."""
     device = tensors[0].device if tensors else None
-    seen = {}
     for i, t in enumerate(tensors):
         if t.dtype not in dtypes:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of {', '.join(map(str, dtypes))}")
@@ -69,12 +68,17 @@ def check_float_tensors(tensors: list[torch.Tensor], name: str = "tensors", dtyp
             raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {device}: one device per call")
         if not t.is_contiguous():
             raise ValueError(f"{name}[{i}] (shape {tuple(t.shape)}) is not contiguous")
-        if t.numel() == 0:
-            continue
-        ptr = t.data_ptr()
-        if ptr in seen:
-            raise ValueError(f"{name}[{i}] and {name}[{seen[ptr]}] share memory: each would be updated twice")
-        seen[ptr] = i
+    check_disjoint(tensors, name, "share memory: each would be updated twice")
+
+
+def check_disjoint(tensors: list[torch.Tensor], name: str, why: str) -> None:
+    """No two (contiguous) tensors' byte ranges overlap: views of one storage count, not only equal start pointers
+    (``[b[0:4], b[2:6]]`` would update ``b[2:4]`` twice). Sorted by start, any overlap shows between neighbours."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(tensors) if t.numel())
+    for (_, end, i), (start, _, j) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] {why}")
 
 
 def check_scale(scale, name: str = "scale") -> float:

@@ -159,6 +159,16 @@ class NF4Weight:
         _check(self.nested_offset.dtype == torch.float32 and self.nested_offset.numel() == 1,
                "NF4Weight.nested_offset must be a float32 scalar tensor")
 
+    def check_absmax(self) -> None:
+        """Raise ValueError unless every block's (dequantised) absmax is finite and non-negative (0: an all-zero
+        block, which the code update leaves as it is): a host sync."""
+        absmax = self.block_absmax(0, self.n_blocks)
+        bad = ~(torch.isfinite(absmax) & (absmax >= 0))
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"NF4Weight absmax of block {b} is {float(absmax[b])}: it must be finite and "
+                             "non-negative")
+
     @classmethod
     def from_bnb(cls, param) -> NF4Weight:
         """The NF4 weight of a quantised ``bnb.nn.Params4bit`` (or of a ``bnb.nn.Linear4bit``), sharing storage."""
@@ -584,13 +594,11 @@ def _check_block(block):
 
 
 def _check_disjoint(tensors, name):
-    device, seen = tensors[0].device, {}
+    device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {device}: one device per call")
-        if t.numel() and t.data_ptr() in seen:
-            raise ValueError(f"{name}[{i}] and {name}[{seen[t.data_ptr()]}] share codes: each would move twice")
-        seen[t.data_ptr()] = i
+    _common.check_disjoint(tensors, name, "share codes: each would move twice")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -681,6 +689,9 @@ def nf4_code_update_(weight: NF4Weight, seed: int, coef: float, *, rounding_seed
     block = _check_block(block)
     if weight.numel == 0:
         return 0
+    # a host sync before the codes move: the update divides by the block scale (a scale-space ZO step may have
+    # changed it since construction), and a NaN, infinite or negative one would turn codes into garbage
+    weight.check_absmax()
     with torch.no_grad():
         if _common.resolve_impl(impl, weight.codes.device) == "triton":
             return _nf4_triton(weight, seed, coef, stream, rounding_seed, dist, block)

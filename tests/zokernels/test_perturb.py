@@ -200,3 +200,12 @@ def test_decay_scales_the_weights_first(impl, device):
     expected = reference(w * 0.75, 8, 0.1, "rademacher")
     perturb_(w, 8, 0.1, dist="rademacher", decay=0.75, impl=impl)
     assert torch.equal(w.cpu(), expected)
+
+
+@pytest.mark.parametrize("views", [lambda b: [b[0:4], b[2:6]], lambda b: [b, b[1:]], lambda b: [b[5:], b[:6]]])
+def test_overlapping_views_are_refused_before_anything_changes(views):
+    b = torch.arange(10, dtype=torch.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        perturb_(views(b), seed=1, scale=1.0, impl="torch")
+    assert torch.equal(b, torch.arange(10, dtype=torch.float32))
+    perturb_([b[0:5], b[5:]], seed=1, scale=1.0, impl="torch")  # adjacent, disjoint: accepted

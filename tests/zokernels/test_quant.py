@@ -506,3 +506,27 @@ def test_spsa_on_nf4_absmax_lowers_a_regression_loss():
     end = loss()
     assert end < 0.3 * start, (start, end)
     assert torch.equal(w.codes, codes0)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_nf4_code_update_refuses_broken_block_scales_before_the_codes_move(nested, bad):
+    nf = NF4Weight.from_bnb(_nf4_linear(256, 8, nested=nested))
+    codes = nf.codes.clone()
+    if nested:  # the dequantised absmax goes through the nested scale of its group
+        nf.nested_absmax[0] = bad
+    else:  # e.g. after a scale-space step went wrong
+        nf.absmax[1] = bad
+    with pytest.raises(ValueError, match="absmax of block .* must be finite and non-negative"):
+        nf4_code_update_(nf, 1, 1e-3, rounding_seed=1)
+    assert torch.equal(nf.codes, codes)
+
+
+def test_overlapping_views_are_refused_by_their_memory_ranges():
+    m = torch.randint(-100, 100, (6, 64), dtype=torch.int8)
+    scb = torch.rand(6) + 0.5
+    rows = [Int8Weight(m[0:3], scb[0:3].clone()), Int8Weight(m[2:5], scb[2:5].clone())]  # row 2 in both
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share codes"):
+        int8_code_perturb_(rows, 1, 1e-3, rounding_seed=1)
+    disjoint = [Int8Weight(m[0:3], scb[0:3].clone()), Int8Weight(m[3:6], scb[3:6].clone())]
+    int8_code_perturb_(disjoint, 1, 1e-3, rounding_seed=1)  # neighbours that touch but do not overlap are fine
