@@ -151,7 +151,8 @@ def variants() -> list[tuple[str, bool, dict, object]]:
         kw, absmax = {}, torch.rand(m // 64) + 0.1
         if nested:
             absmax = torch.randint(0, 256, (m // 64,), dtype=torch.uint8)
-            kw = dict(nested_absmax=torch.rand(1), nested_code=torch.linspace(-1, 1, 256),
+            # dequantised block scales code * nested_absmax + offset stay positive, as nf4_code_update_ requires
+            kw = dict(nested_absmax=torch.rand(1), nested_code=torch.linspace(0, 1, 256),
                       nested_offset=torch.tensor(0.1), nested_blocksize=256)
         nw = quant.NF4Weight(codes=torch.randint(0, 256, (m // 2,), dtype=torch.uint8), absmax=absmax,
                              code=torch.linspace(-1, 1, 16), blocksize=64, shape=(64, 64), **kw)
