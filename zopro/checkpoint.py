@@ -283,3 +283,21 @@ def _verify(ckpt: Path, manifest: Path) -> None:
     for fname, expected in sums.items():
         if (ckpt / fname).is_symlink() or _sha256(ckpt / fname) != expected:
             raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
+
+
+def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
+    """``(typed config, final checkpoint)`` of the finished run in ``run_dir``: the config checked as flags are, the
+    checkpoint in phase 'done' (never an earlier one). ValueError naming the file otherwise."""
+    from zopro.config import TrainConfig, load_saved, validate
+
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        cfg = validate(TrainConfig(**load_saved(config_path)))
+    except ValueError as err:
+        raise ValueError(f"{config_path}: {err}") from None
+    loaded = load(run_dir, fallback=False, unverified_legacy=unverified_legacy)
+    if loaded is None or loaded.meta["phase"] != "done":
+        raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    return cfg, loaded

@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 from zopro import checkpoint
-from zopro.config import TrainConfig, load_saved, validate
 from zopro.train import evaluate, load_judge, load_models, load_prompts, paired_change, resolve_device
 
 
@@ -31,18 +30,9 @@ def _finished_run(run_dir: Path, eval_samples: int, device: str | None):
     """``(cfg, checkpoint tensors, bundle, tokenizer, judge, held-out prompts)`` of the finished run in ``run_dir``,
     its config's evaluation set to ``eval_samples`` samples per prompt on ``device`` (default: the run's own); the
     bundle holds the base policy (adapters at their start)."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        saved = validate(TrainConfig(**load_saved(config_path)))
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
+    # runs made before checksums existed load unverified (reading only)
+    saved, loaded = checkpoint.load_finished(run_dir, unverified_legacy=True)
     cfg = dataclasses.replace(saved, eval_samples=eval_samples, device=device or saved.device)
-    # the final checkpoint or nothing, never an earlier one; runs made before checksums existed load unverified
-    loaded = checkpoint.load(run_dir, fallback=False, unverified_legacy=True)
-    if loaded is None or loaded.meta["phase"] != "done":
-        raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
     _, held_out = load_prompts(cfg)
     if not held_out:
         raise ValueError(f"{run_dir}: the run has no held-out prompts (--n-eval-prompts 0)")

@@ -21,21 +21,12 @@ from pathlib import Path
 import torch
 
 from zopro import checkpoint
-from zopro.config import TrainConfig, load_saved, validate
+from zopro.config import TrainConfig
 
 
 def _finished_config(run_dir: Path) -> TrainConfig:
     """The typed config of the finished run in ``run_dir`` whose policy folder is written; ValueError otherwise."""
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        cfg = validate(TrainConfig(**load_saved(config_path)))
-    except ValueError as err:
-        raise ValueError(f"{config_path}: {err}") from None
-    loaded = checkpoint.load(run_dir, fallback=False)
-    if loaded is None or loaded.meta["phase"] != "done":
-        raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    cfg, _ = checkpoint.load_finished(run_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (run_dir / "policy" / name).is_file():
             raise ValueError(f"{run_dir / 'policy' / name}: missing (a run finished by an older zopro: "
