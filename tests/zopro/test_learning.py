@@ -100,7 +100,8 @@ def _gradient_guide(bundle, params, seed):
 LAST_WRITES = re.compile(r"layers\.1\.(self_attn\.o_proj|mlp\.down_proj)\.lora_B")
 
 # Explicit settings (measured, not the config's defaults). At zo-targeted lr 5e-2 the flipped run of seed 0 gained
-# +0.009 instead of losing; a guide from a 2-step first-order phase instead of the gradient gained less (+0.05 mean over 4 seeds).
+# +0.009 instead of losing; a guide from a 2-step first-order phase instead of the gradient gained less
+# (+0.05 mean over 4 seeds).
 SETTINGS = {
     "first-order": dict(lr=1e-2, steps=6, repeat=2, k=8),
     "zo-targeted": dict(lr=2e-2, eps=1e-2, rollouts=20, steps_per_rollout=4, repeat=1, k=4),
