@@ -64,8 +64,8 @@ class PPOConfig:
     adam_eps: float = 1e-8  # TrainingArguments.adam_epsilon
     # OpenRLHF --max_norm 1.0 and TrainingArguments.max_grad_norm (PPOv2Trainer's loop does not clip); None: off.
     max_grad_norm: float | None = 1.0
-    # Ours: log-probs at temperature 1.0, as train.surrogate and the rollout's KL; TRL divides the logits by the
-    # sampling temperature instead (set this to the rollout temperature to match it).
+    # 1.0 here (the model's own distribution); python -m zopro.train sets the sampling temperature, as TRL does and
+    # as train.surrogate and the rollout's KL use (--logprob-temperature).
     logprob_temperature: float = 1.0
     seed: int = 0  # value adapter/head initialisation and minibatch shuffling (ours)
 

@@ -18,8 +18,9 @@ from zopro.models import PolicyRewardModel
 class Rollout:
     """A batch of ``N = P * k`` sampled sequences and everything RLOO needs about them.
 
-    The log-prob sums are over response tokens, at ``logprob_temperature`` (1.0 by default: the model's own
-    distribution, as :meth:`PolicyRewardModel.policy_logprobs` computes them later for the PPO ratio).
+    The log-prob sums are over response tokens, at ``logprob_temperature`` (the training program passes the
+    sampling temperature, so the PPO ratio that ``train.surrogate`` forms at the same temperature is the importance
+    ratio of the policy that sampled; ``collect_rollout``'s own default is 1.0, the model's own distribution).
     """
 
     prompts: list[str]  # [P] the prompt texts as given
