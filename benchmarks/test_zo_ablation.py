@@ -29,3 +29,9 @@ def test_an_arm_is_the_fresh_run_of_its_config(tmp_path):
     assert json.loads((arm / "config.json").read_text()) == dataclasses.asdict(
         dataclasses.replace(cfg, output_dir=str(arm)))
     assert (tmp_path / "results" / "zo-ablation-smoke-cpu.md").is_file()
+    # the movement figures: the arm's final adapter minus iteration 0's, read back from the adapters users get
+    moved = json.loads((tmp_path / "results" / "zo-ablation-smoke-cpu.json").read_text())["results"]["adam"]["0"]
+    first = load_file(str(tmp_path / "runs" / "smoke-seed0" / "iter1" / "policy_adapter.safetensors"))
+    last = load_file(str(arm / "policy_adapter.safetensors"))
+    u = torch.cat([(last[k].double() - first[k].double()).flatten() for k in sorted(first)])
+    assert u.norm().item() > 0 and abs(moved["movement"]["later_norm"] - u.norm().item()) < 1e-9 * u.norm().item()

@@ -101,7 +101,24 @@ def arm_run(base: Path, cfg0: TrainConfig, overrides: dict, out: Path) -> dict:
             "peak_later_update_mib": max((r["peak_update"] for r in later), default=0) / 2**20,
             "later_judge_score": statistics.fmean(r["judge_score"] for r in later)
             if later and None not in [r["judge_score"] for r in later] else None,
-            "later_kl": statistics.fmean(r["kl"] for r in later) if later else None}
+            "later_kl": statistics.fmean(r["kl"] for r in later) if later else None,
+            # the projected gradients of ZO steps: their sign agreement is what a line search along the guide has
+            "later_grads": [r["grad"] for r in later if r["mode"].startswith("zo")]}
+
+
+def movement(iter1: Path, arm: Path) -> dict:
+    """How the arm's later iterations moved the policy adapter, against iteration 0's update (both from checkpoints).
+
+    ``u0`` is iteration 0's update (the guide ``prev`` that ``iter1`` ends with), ``u`` the arm's final policy minus
+    iteration 0's last; ``back`` = -<u, u0> / |u0|^2 is the share of iteration 0's update that ``u`` undoes."""
+    ref, end = checkpoint.load(iter1), checkpoint.load(arm)
+    u0 = ref.tensors["guides_prev"]
+    u = {n: end.tensors["trainable"][f"policy.{n}"] - ref.tensors["trainable"][f"policy.{n}"] for n in u0}
+    dot = sum(float((u[n].double() * u0[n].double()).sum()) for n in u0)
+    n0 = math.sqrt(sum(float(u0[n].double().square().sum()) for n in u0))
+    nu = math.sqrt(sum(float(u[n].double().square().sum()) for n in u0))
+    return {"iteration0_norm": n0, "later_norm": nu, "cosine": dot / (n0 * nu) if n0 and nu else None,
+            "back": -dot / n0**2 if n0 else None}
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -152,6 +169,18 @@ def markdown(env: dict, tag: str, extra: list[str], results: dict, table: dict) 
                      f"{pm(row['vs_iter1']) if 'vs_iter1' in row else '-'} | {per_seed or '-'} | "
                      f"{avg('later_judge_score', '.3f')} | {avg('later_kl', '.3f')} | {avg('later_step_time', '.2f')} "
                      f"| {avg('peak_later_update_mib', '.0f')} |")
+    moved = [(name, s, r["movement"]) for name, per_seed in results.items() for s, r in per_seed.items()
+             if r.get("movement")]
+    if moved:
+        lines += ["", "| arm | seed | iteration 0's update (L2) | later iterations' movement (L2) | cosine with iteration "
+                      "0's update | share of iteration 0's update undone | ZO steps with g > 0 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, s, m in moved:
+            grads = results[name][s]["later_grads"]
+            pos = f"{sum(g > 0 for g in grads)}/{len(grads)}" if grads else "-"
+            cos = f"{m['cosine']:+.4f}" if m["cosine"] is not None else "-"
+            back = f"{m['back']:+.3f}" if m["back"] is not None else "-"
+            lines.append(f"| {name} | {s} | {m['iteration0_norm']:.3f} | {m['later_norm']:.3f} | {cos} | {back} | {pos} |")
     if table.get("full", {}).get("recovered_share_of_fo") is not None:
         lines += ["", f"Share of first-order's gain over iter1 that the ZO iterations recover: "
                       f"{table['full']['recovered_share_of_fo']:.2f}."]
@@ -178,6 +207,8 @@ def main(argv=None) -> dict:
         for name, overrides in arms.items():
             t0 = time.perf_counter()
             results[name][seed] = arm_run(base, cfg0, overrides, base.parent / name)
+            if name != "iter1" and "iter1" in arms:
+                results[name][seed]["movement"] = movement(base.parent / "iter1", base.parent / name)
             print(f"seed {seed}: {name} change {results[name][seed]['change']:+.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     table = analyse(results)
