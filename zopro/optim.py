@@ -21,16 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from zopro.samplers import Isotropic
-
-MASK64 = (1 << 64) - 1
-
-
-def derive_seed(seed: int, step: int, direction: int = 0) -> int:
-    """A 64-bit seed for (run seed, step, direction): SplitMix64's finaliser over a Weyl sequence."""
-    x = (seed + 0x9E3779B97F4A7C15 * ((step << 16) + direction + 1)) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
+from zopro.seeds import derive_seed
 
 
 @dataclass

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zopro.train.config import TrainConfig, load_saved, validate
+
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
@@ -288,8 +290,6 @@ def _verify(ckpt: Path, manifest: Path) -> None:
 def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     """``(typed config, final checkpoint)`` of the finished run in ``run_dir``: the config checked as flags are, the
     checkpoint in phase 'done' (never an earlier one). ValueError naming the file otherwise."""
-    from zopro.config import TrainConfig, load_saved, validate
-
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no config.json)")

@@ -1,20 +1,10 @@
-"""Score finished runs' held-out prompts again, with another number of samples per prompt.
-
-``python -m zopro.evaluate RUN_DIR [RUN_DIR ...] [--eval-samples 8] [--device auto|cpu|cuda] [--threads N]
-[--probe-guide A [A ...]]``
-
-For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
-identity) and the run's final policy adapter, both evaluated as the training program does
-(``zopro.train.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after, change with its
-paired standard error) and writes nothing into the run. Use it on runs made before a change of the evaluation, or
-to tell a run's effect from sampling noise with more samples than the job itself spent. ``--probe-guide`` scores
-the final policy moved along the run's guide instead (:func:`probe_guide`): whether the guide carries reward before
-ZO steps are spent on it.
+"""Held-out evaluation: the training program's (:func:`evaluate`, before and after a run) and a finished run's
+again, from its run directory alone (:func:`reevaluate`, with another number of samples per prompt; :func:`probe_guide`,
+the final policy moved along the run's guide). ``python -m zopro.train.evaluate`` is the command line of the last two.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import statistics
@@ -22,8 +12,50 @@ from pathlib import Path
 
 import torch
 
-from zopro import checkpoint
-from zopro.train import evaluate, load_judge, load_models, load_prompts, paired_change, resolve_device
+from zopro.seeds import RunSeeds
+from zopro.train import checkpoint
+from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
+from zopro.train.rollout import repeat_each, sample_completions
+
+
+def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
+    """Held-out evaluation: ``cfg.eval_samples`` sampled completions per prompt.
+
+    Prompts go ``max(1, eval_batch // eval_samples)`` to a generate call; call ``c`` samples from seed
+    ``RunSeeds.of(cfg).evaluation(c)``, so "before" and "after" draw the same random numbers and their difference is not
+    blurred by fresh sampling noise. transformers samples a call's rows from one generator, so the answers depend on
+    ``eval_batch`` as they do on the seed. Each prompt's value is the mean judge score of its completions, or, for
+    pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]`` (0.5 with no
+    reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
+    if not prompts:
+        return "none", [], []
+    n, seeds = cfg.eval_samples, RunSeeds.of(cfg)
+    per_call = max(1, cfg.eval_batch // n)
+    texts = []
+    for c, start in enumerate(range(0, len(prompts), per_call)):
+        chunk = prompts[start:start + per_call]
+        _, answers = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
+                                        seeds.evaluation(c), cfg.max_prompt_len)
+        texts += [answers[i * n:(i + 1) * n] for i in range(len(chunk))]
+    rows = repeat_each(prompts, n)
+    flat = [t for ts in texts for t in ts]
+    if hasattr(judge, "score"):
+        metric, values = "mean judge score", judge.score(rows, flat).float()
+    elif reference_texts is None:
+        metric, values = "win rate vs before", torch.full((len(flat),), 0.5)
+    else:
+        reference = [t for ts in reference_texts for t in ts]
+        metric, values = "win rate vs before", judge.prefer(rows, flat, reference).float()
+    return metric, values.view(len(prompts), n).mean(1).tolist(), texts
+
+
+def paired_change(before: list[float], after: list[float]) -> tuple[float | None, float | None]:
+    """Mean per-prompt change ``after - before`` and its standard error over prompts; the error is None with fewer
+    than two prompts, and both are None with none."""
+    d = [a - b for a, b in zip(after, before, strict=True)]
+    if len(d) < 2:
+        return (d[0] if d else None), None
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
 def _finished_run(run_dir: Path, eval_samples: int, device: str | None):
@@ -81,58 +113,3 @@ def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device
         rows.append({"run": str(run_dir), "metric": metric, "distance": a, "guide_norm": norm,
                      "score": statistics.fmean(values), "change": change, "change_se": se})
     return rows
-
-
-def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m zopro.evaluate", allow_abbrev=False,
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of finished runs")
-    parser.add_argument("--eval-samples", type=int, default=8, help="sampled completions per held-out prompt")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
-    parser.add_argument("--probe-guide", type=float, nargs="+", metavar="A", help=(
-        "instead: score the final policy moved A along the run's guide (A a distance in weight space), "
-        "against A = 0"))
-    args = parser.parse_args(argv)
-    if args.eval_samples < 1:
-        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
-    if args.probe_guide and not all(math.isfinite(a) for a in args.probe_guide):
-        parser.error(f"--probe-guide distances must be finite, got {args.probe_guide}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.probe_guide:
-        return _print_probe(parser, args)
-    print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
-    rows = []
-    for run_dir in args.runs:
-        try:
-            r = reevaluate(run_dir, args.eval_samples, args.device)
-        except ValueError as err:
-            parser.error(str(err))
-        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} "
-              f"| {r['change']:+.4f}{_se(r)} |", flush=True)
-        rows.append(r)
-    return rows
-
-
-def _se(row) -> str:
-    return f" ± {row['change_se']:.4f}" if row["change_se"] is not None else ""
-
-
-def _print_probe(parser, args) -> list[dict]:
-    print("| run | guide norm | distance | score | change vs 0 ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
-    rows = []
-    for run_dir in args.runs:
-        try:
-            found = probe_guide(run_dir, args.probe_guide, args.eval_samples, args.device)
-        except ValueError as err:
-            parser.error(str(err))
-        for r in found:
-            print(f"| {run_dir.name} | {r['guide_norm']:.4f} | {r['distance']:g} | {r['score']:.4f} "
-                  f"| {r['change']:+.4f}{_se(r)} |", flush=True)
-        rows += found
-    return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -640,7 +640,7 @@ class PolicyRewardModel:
         its tensors by canonical name (see :meth:`value_parameters`).
 
         For a PPO critic that does not share LoRA weights with the policy while the base is still held once. The
-        value head lives with the caller (``zopro.ppo.ValueModel``). Nothing else changes: checkpoints
+        value head lives with the caller (``zopro.train.ppo.ValueModel``). Nothing else changes: checkpoints
         (:meth:`trainable_state`) still hold policy, reward and score head only. ``seed`` seeds the LoRA
         initialisation (the global RNG is not touched). Raises ``ValueError`` if the adapter exists already.
         """

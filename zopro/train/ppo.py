@@ -1,7 +1,7 @@
 """First-order baselines on our rollouts: PPO with a value model (GAE, clipped surrogate, clipped value loss, AdamW)
 and RLOO with backprop (the paper's iteration 0).
 
-Both consume the :class:`~zopro.rollout.Rollout` that ZOPrO trains on (same sampling, same reward model, same
+Both consume the :class:`~zopro.train.rollout.Rollout` that ZOPrO trains on (same sampling, same reward model, same
 reference), so in a benchmark only the optimisation differs. PPO follows the TRL ``PPOv2Trainer`` (trl 0.9-0.11,
 ``trl/trainer/ppov2_trainer.py``) step by step; the defaults are TRL's, with their source next to each field.
 
@@ -16,15 +16,14 @@ token ``input_ids[:, t]``; ``values[:, t]`` is the value of the state *before* t
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from zopro.models import PolicyRewardModel
-from zopro.rollout import Rollout
-from zopro.train import first_order_step
+from zopro.train.models import PolicyRewardModel
+from zopro.train.rollout import Rollout
+from zopro.train.updaters import first_order_step, old_token_logps
 
 __all__ = [
     "PPOConfig",
@@ -65,7 +64,7 @@ class PPOConfig:
     # OpenRLHF --max_norm 1.0 and TrainingArguments.max_grad_norm (PPOv2Trainer's loop does not clip); None: off.
     max_grad_norm: float | None = 1.0
     # 1.0 here (the model's own distribution); python -m zopro.train sets the sampling temperature, as TRL does and
-    # as train.surrogate and the rollout's KL use (--logprob-temperature).
+    # as updaters.surrogate and the rollout's KL use (--logprob-temperature).
     logprob_temperature: float = 1.0
     seed: int = 0  # value adapter/head initialisation and minibatch shuffling (ours)
 
@@ -315,7 +314,7 @@ def ppo_step(bundle: PolicyRewardModel, value_model: ValueModel, rollout: Rollou
 
 def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.optim.Optimizer, clip: float = 0.2,
               loss: str = "sequence", microbatch: int = 0) -> dict[str, float]:
-    """First-order RLOO with backprop (the paper's iteration 0): :func:`zopro.train.first_order_step` on the
+    """First-order RLOO with backprop (the paper's iteration 0): :func:`zopro.train.updaters.first_order_step` on the
     rollout's RLOO advantages, so the baseline is the very code ``python -m zopro.train`` runs.
 
     ``loss``: ``"sequence"`` (PPO-clip on summed log-probs, the paper) or ``"token"``; ``microbatch``: rows per
@@ -325,7 +324,6 @@ def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.opti
         raise ValueError(f"loss must be 'sequence' or 'token', got {loss!r}")
     if not isinstance(microbatch, int) or microbatch < 0:
         raise ValueError(f"microbatch must be a non-negative int, got {microbatch!r}")
-    old_tok = rollout.policy_token_logps if loss == "token" else None  # as train.Run.train_step
-    cfg = types.SimpleNamespace(loss=loss, clip=clip, fo_microbatch=microbatch)
-    value, grad_norm = first_order_step(bundle, rollout, optimizer, cfg, old_tok)
+    value, grad_norm = first_order_step(bundle, rollout, optimizer, loss=loss, clip=clip, microbatch=microbatch,
+                                        old_tok=old_token_logps(rollout, loss))
     return {"loss": value, "grad_norm": grad_norm}

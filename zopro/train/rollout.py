@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zopro.losses import kl_penalised_rewards, rloo_advantages
-from zopro.models import PolicyRewardModel
+from zopro.train.losses import kl_penalised_rewards, rloo_advantages
+from zopro.train.models import PolicyRewardModel
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Rollout:
     """A batch of ``N = P * k`` sampled sequences and everything RLOO needs about them.
 
     The log-prob sums are over response tokens, at ``logprob_temperature`` (the training program passes the
-    sampling temperature, so the PPO ratio that ``train.surrogate`` forms at the same temperature is the importance
+    sampling temperature, so the PPO ratio that ``updaters.surrogate`` forms at the same temperature is the importance
     ratio of the policy that sampled; ``collect_rollout``'s own default is 1.0, the model's own distribution).
     """
 

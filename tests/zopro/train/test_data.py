@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from zopro import data
-from zopro.data import (
+from zopro.train import data
+from zopro.train.data import (
     PROMPTS_PATH,
     PromptRecord,
     load_default_prompts,

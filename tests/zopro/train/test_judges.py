@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zopro.judges import DEFAULT_JUDGE_TEMPLATE, CallableJudge, HeuristicJudge, Judge, LLMJudge, RewardModelJudge
+from zopro.train.judges import DEFAULT_JUDGE_TEMPLATE, CallableJudge, HeuristicJudge, Judge, LLMJudge, RewardModelJudge
 
 pytestmark = pytest.mark.usefixtures("hf_home")
 

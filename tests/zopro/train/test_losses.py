@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zopro.losses import (
+from zopro.train.losses import (
     bradley_terry_loss,
     kl_penalised_rewards,
     masked_logprob_sums,

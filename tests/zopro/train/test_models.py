@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro import models
-from zopro.models import (
+from zopro.train import models
+from zopro.train.models import (
     TINY_EOS_ID,
     TINY_PAD_ID,
     AnyRewardModel,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro.models import AnyRewardModel, PolicyRewardModel
-from zopro.rollout import Rollout, _rloo, collect_rollout, tokenize_prompts
+from zopro.train.models import AnyRewardModel, PolicyRewardModel
+from zopro.train.rollout import Rollout, _rloo, collect_rollout, tokenize_prompts
 
 PROMPTS = ["hello", "tell me about the blue sea", "why is the sky blue ?"]
 K = 4

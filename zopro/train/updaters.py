@@ -1,0 +1,103 @@
+"""The policy updates of one training step, one per kind, on a :class:`~zopro.train.rollout.Rollout`: first-order
+RLOO (backprop through the policy adapter, AdamW) and ZO-RLOO (:class:`~zopro.ZOOptimizer` on the same surrogate);
+PPO's lives in :mod:`zopro.train.ppo`. Both use :func:`surrogate`, the PPO-clip loss of rollout rows under the
+current policy weights."""
+
+from __future__ import annotations
+
+import torch
+
+from zopro.optim import ZOOptimizer
+from zopro.samplers import Isotropic, RankGuided, Targeted
+from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token
+
+LOSSES = ("sequence", "token")
+
+
+def logprob_temperature(cfg) -> float:
+    """The temperature of every log-prob in the ratio, the KL and the losses: the sampling one unless set."""
+    return cfg.logprob_temperature or cfg.temperature
+
+
+def surrogate(bundle, rollout, rows, *, loss: str = "sequence", clip: float = 0.2, old_tok=None, grad=False):
+    """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights, at the rollout's log-prob
+    temperature (so the ratio is exactly 1 at the weights that sampled). ``loss``: ``"sequence"`` (summed log-probs,
+    the paper) or ``"token"`` (against ``old_tok``, the sampling policy's token log-probs ``[N, T]``)."""
+    args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
+    sums, tok = bundle.policy_logprobs(*args, grad=grad, temperature=rollout.logprob_temperature)
+    if loss == "sequence":
+        return ppo_clip_loss_sequence(sums, rollout.policy_logps[rows], rollout.advantages[rows], clip)
+    mask = rollout.response_mask[rows]
+    return ppo_clip_loss_token(tok, old_tok[rows], rollout.advantages[rows], mask, clip)
+
+
+def old_token_logps(rollout, loss: str):
+    """What the token loss compares with: the sampling policy's token log-probs (None for the sequence loss)."""
+    return rollout.policy_token_logps if loss == "token" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# First-order RLOO
+def first_order_step(bundle, rollout, optimizer, *, loss: str = "sequence", clip: float = 0.2, microbatch: int = 0,
+                     old_tok=None) -> tuple[float, float]:
+    """One AdamW step on the surrogate of the whole rollout, its gradient accumulated over chunks of ``microbatch``
+    rows (0: one chunk), each weighted by its share of the loss's mean: the same gradient up to float summation
+    order, with activation memory for one chunk instead of the whole batch. Returns ``(loss, grad norm before
+    clipping at 1.0)``."""
+    n = len(rollout.sequences)
+    size = microbatch or n
+    # what the loss averages over, per row: the row itself (sequence loss) or its response tokens (token loss; an
+    # empty mask makes that loss 0, see ppo_clip_loss_token). One host sync here, none per chunk.
+    per_row = [1] * n if loss == "sequence" else rollout.response_mask.sum(1).tolist()
+    count = max(sum(per_row), 1)
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for start in range(0, n, size):
+        rows = torch.arange(start, min(start + size, n), device=rollout.sequences.device)
+        value = surrogate(bundle, rollout, rows, loss=loss, clip=clip, old_tok=old_tok, grad=True)
+        value = value * (sum(per_row[start:start + size]) / count)
+        value.backward()
+        total = total + value.detach()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return float(total), norm.item()  # log line values
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ZO-RLOO
+def zo_step(bundle, rollout, optimizer, *, loss: str = "sequence", clip: float = 0.2, minibatches: int = 1,
+            epochs: int = 1, old_tok=None) -> tuple[float, float, int]:
+    """``epochs`` passes of ``minibatches`` ZO steps over the rollout, back to back (two weight passes each; every
+    step a fresh direction). The surrogate's ratio is to the weights that sampled, so its clip stops steps that move
+    a row's probability too far from them. Returns the mean loss and projected gradient and the skipped count."""
+    n = len(rollout.sequences)
+    chunks = torch.arange(n, device=rollout.sequences.device).chunk(minibatches)
+    closures = [lambda rows=rows: surrogate(bundle, rollout, rows, loss=loss, clip=clip, old_tok=old_tok)
+                for rows in chunks] * epochs
+    results = optimizer.step_many(closures)
+    return (sum(r.loss for r in results) / len(results), sum(r.grad for r in results) / len(results),
+            sum(r.skipped for r in results))
+
+
+def zo_updates(cfg) -> int:
+    """ZO updates in one iteration: the span of the mixing schedule and of the lr decay."""
+    return cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs
+
+
+def make_zo_optimizer(bundle, cfg, iteration, guides, seeds) -> ZOOptimizer:
+    """The ZO optimiser of ``iteration`` over the policy adapter: isotropic in iteration 0 (or with ``--sampler
+    isotropic``, or without guides), else targeted / rank-guided from ``guides`` (``{"prev", "delta"}``); its seed and
+    the SVD's from ``seeds`` (:class:`~zopro.seeds.RunSeeds`)."""
+    params = bundle.policy_parameters()
+    total = zo_updates(cfg)
+    if iteration == 0 or cfg.sampler == "isotropic" or guides is None:
+        sampler = Isotropic(cfg.noise)
+    else:
+        kind = RankGuided if cfg.sampler == "rank_guided" else Targeted
+        extra = {"rank": cfg.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
+        sampler = kind(guides["prev"], guides["delta"], d0=cfg.d0, schedule=cfg.d_schedule, tau=cfg.d_tau,
+                       total_steps=total, scale=cfg.zo_scale, dist=cfg.noise, **extra)
+    decay = (lambda t: max(0.0, 1.0 - t / total)) if cfg.zo_lr_decay == "linear" else None
+    return ZOOptimizer(params, lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=sampler,
+                       seed=seeds.zo(iteration), lr_schedule=decay)
