@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from zopro.train.models import PolicyRewardModel
+from zopro.train.losses import clipped_terms, masked_mean
+from zopro.train.models import PolicyRewardModel, last_true_index
 from zopro.train.rollout import Rollout
 from zopro.train.updaters import first_order_step, old_token_logps
 
@@ -138,12 +139,6 @@ def _check_bt(ref_name: str, ref: Tensor, **others: Tensor) -> None:
             raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}")
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask``; 0 if the mask is empty (no device sync to check it)."""
-    m = mask.bool()
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp(min=1)
-
-
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """TRL's ``masked_whiten``: ``(x - mean) / sqrt(var + 1e-8)`` over ``mask`` (unbiased variance), plus the mean
     back if ``shift_mean`` is False; 0 outside the mask."""
@@ -172,7 +167,7 @@ def token_rewards(scores: Tensor, policy_token_logps: Tensor, ref_token_logps: T
     m = mask.bool()
     kl = policy_token_logps.float() - ref_token_logps.float()
     rewards = torch.where(m, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    last = m.shape[1] - 1 - m.flip(-1).long().argmax(-1)  # last True per row (T - 1 for an empty row)
+    last = last_true_index(m)  # last response token per row (T - 1 for an empty row)
     score = scores.to(rewards) * m.any(-1)
     return rewards.scatter_add(1, last.unsqueeze(1), score.unsqueeze(1))
 
@@ -199,15 +194,15 @@ def compute_gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam
 
 
 def policy_loss(new_logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, cliprange: float):
-    """Clipped surrogate per token, masked mean (TRL): ``(loss, clip fraction, approx KL)``, all 0-D.
+    """Clipped surrogate per token (:func:`~zopro.train.losses.clipped_terms`), masked mean (TRL):
+    ``(loss, clip fraction, approx KL)``, all 0-D.
 
     ``l_t = max(-A_t * ratio_t, -A_t * clamp(ratio_t, 1 - c, 1 + c))``, ``ratio_t = exp(new_t - old_t)``;
     approx KL ``= 0.5 * mean((new - old)^2)`` over the mask.
     """
     _check_bt("new_logps", new_logps, old_logps=old_logps, advantages=advantages, mask=mask)
     log_ratio = new_logps - old_logps
-    ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    unclipped, clipped = clipped_terms(log_ratio, advantages, cliprange)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     return loss, masked_mean((clipped > unclipped).float(), mask), 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
 

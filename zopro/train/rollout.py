@@ -46,11 +46,6 @@ class Rollout:
         return len(self.prompts)
 
 
-def _rloo(rewards: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out advantages of ``rewards [P, k]`` (kept as a named helper; the formula lives in losses)."""
-    return rloo_advantages(rewards)
-
-
 def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
     """The text to tokenize and whether the tokenizer should add its special tokens."""
     if getattr(tokenizer, "chat_template", None):
@@ -147,7 +142,7 @@ def collect_rollout(
                                       completions=completions)
         scores = scores.to(policy_logps.device)
         rewards, kl = kl_penalised_rewards(scores, policy_logps, ref_logps, float(kl_coef))
-        advantages = _rloo(rewards.view(len(prompts), k)).reshape(-1)
+        advantages = rloo_advantages(rewards.view(len(prompts), k)).reshape(-1)
     # Clone outside inference mode: inference tensors cannot be modified in place or saved for backward later.
     return Rollout(
         prompts=list(prompts),
