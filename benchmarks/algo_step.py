@@ -6,15 +6,16 @@ rollout of B sequences of T tokens (the second half is the response), runs one w
 steps, and prints one JSON line: median seconds per step, and the peak memory of the process from the loaded model
 on (CPU: the resident-set high-water mark, VmHWM, reset after loading; CUDA: ``torch.cuda.max_memory_allocated``).
 
-Algorithms share the model, the rollout and the surrogate (``zopro.train.updaters.surrogate``): only the optimisation differs.
+Algorithms share the model, the rollout and the surrogate (``zopro.train.updaters.surrogate``): only the
+optimisation differs.
 
 * ``forward2``: two inference forwards of the policy, the floor of any two-point ZO step;
 * ``zopro-isotropic`` / ``zopro-targeted`` / ``zopro-rank_guided``: ``ZOOptimizer.step`` (guides: random tensors of
   the policy's shapes standing in for the previous updates);
 * ``mezo``: MeZO's step, per-tensor torch noise, four passes (``benchmarks.baselines.mezo_perturb_``);
-* ``rloo``: first-order RLOO with backprop through the policy adapter and AdamW (``zopro.ppo.rloo_step``);
+* ``rloo``: first-order RLOO with backprop through the policy adapter and AdamW (``zopro.train.ppo.rloo_step``);
   ``rloo-mb2``: the same with the gradient accumulated over chunks of 2 rows (``--fo-microbatch 2``);
-* ``ppo``: first-order PPO with a value adapter and head, GAE, 4 epochs (``zopro.ppo.ppo_step``, TRL defaults).
+* ``ppo``: first-order PPO with a value adapter and head, GAE, 4 epochs (``zopro.train.ppo.ppo_step``, TRL defaults).
 
 ``--quantize nf4|int8`` puts the frozen base in bitsandbytes storage; ``rloo`` on an NF4 base is QLoRA (AdamW on
 the adapters, backprop through the 4-bit base).

@@ -51,7 +51,7 @@ def _fsync_file(path: Path) -> None:
 
 
 def _atomic_file(path: Path, write) -> None:
-    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: the one tmp-then-replace write of a file."""
+    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)

@@ -1,4 +1,5 @@
-"""``python -m zopro.train.export RUN_DIR --merged OUT``: a finished run's policy merged into its base, for transformers.
+"""``python -m zopro.train.export RUN_DIR --merged OUT``: a finished run's policy merged into its base, for
+transformers.
 
 Reads the run's standard PEFT folder ``RUN_DIR/policy`` (written when the run finished), loads the base the way the
 run did (the smoke preset's tiny base from ``RUN_DIR/base``; a GGUF base dequantised to the run's ``--dtype``),

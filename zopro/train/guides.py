@@ -20,9 +20,9 @@ def adam_direction(optimizer, params: dict) -> dict[str, torch.Tensor]:
 
 
 def next_guide(kind: str, moved, previous, fo_opt, params, seed) -> dict[str, torch.Tensor]:
-    """The direction the next ZO iteration targets (``kind``, ``--guide``), from the policy's movement over the iteration
-    that ends (``moved``), the current guide (``previous``, None before the first) and the iteration's first-order
-    optimiser (None after a ZO iteration).
+    """The direction the next ZO iteration targets (``kind``: ``--guide``), from the policy's movement over the
+    iteration that ends (``moved``), the current guide (``previous``, None before the first) and the iteration's
+    first-order optimiser (None after a ZO iteration).
 
     ``prev`` is the paper's: after a ZO iteration it is that iteration's (small, noisy) movement. ``adam`` and
     ``cumulative`` keep what a first-order iteration learned: Adam's last step direction, carried through ZO

@@ -1,5 +1,5 @@
 """What a run leaves is usable without zopro: standard PEFT folders for the policy and the reward model, a merged
-model from ``python -m zopro.export``, both loaded by transformers + peft alone in a fresh process and checked
+model from ``python -m zopro.train.export``, both loaded by transformers + peft alone in a fresh process and checked
 against the run's own bundle; and a plain run prints no misleading warnings."""
 
 import json

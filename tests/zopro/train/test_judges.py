@@ -1,4 +1,4 @@
-"""zopro.judges: callable, reward-model, LLM and heuristic judges on tiny offline models."""
+"""zopro.train.judges: callable, reward-model, LLM and heuristic judges on tiny offline models."""
 
 import copy
 import math

@@ -9,8 +9,8 @@ probability (tests/zopro/test_ppo.py measured the same for PPO).
 
 Each test runs seed 0. Its margin comes from the gains of the same code (``_gain(mode, seed)``; model init,
 rollouts and directions all follow the seed) over seeds 0-7, measured on the shared 2-core CPU, and from the same 8
-seeds with the advantage's sign flipped inside ``zopro.train.updaters.surrogate`` (``-rollout.advantages[rows]``: every mode
-then trains away from the reward):
+seeds with the advantage's sign flipped inside ``zopro.train.updaters.surrogate`` (``-rollout.advantages[rows]``:
+every mode then trains away from the reward):
 
 ============  ===============================  ===============================  ======  =============
 mode          gain, seeds 0-7: mean +- std     sign flipped: mean +- std        margin  seed 0 (flip)
@@ -75,7 +75,8 @@ def _mean_reward(bundle) -> float:
 def _train_first_order(bundle, seed, *, lr, steps, repeat, k):
     opt = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
     for step in range(steps):
-        first_order_step(bundle, _rollout(bundle, 1000 * seed + step, PROMPTS * repeat, k), opt, microbatch=0, **SURROGATE)
+        rollout = _rollout(bundle, 1000 * seed + step, PROMPTS * repeat, k)
+        first_order_step(bundle, rollout, opt, microbatch=0, **SURROGATE)
 
 
 def _train_zo(bundle, params, sampler, seed, *, lr, eps, rollouts, steps_per_rollout, repeat, k):

@@ -1,4 +1,4 @@
-"""zopro.losses against hand-computed values."""
+"""zopro.train.losses against hand-computed values."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of zopro.models on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
+"""Tests of zopro.train.models on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.p
 
 
 # Bundle tests use conftest's tiny_tokenizer (word level, </s> = 3) and tiny_llama_config (GQA: 2 KV heads), so
-# nothing below relies on the special-token ids of zopro.models.build_tiny_tokenizer.
+# nothing below relies on the special-token ids of zopro.train.models.build_tiny_tokenizer.
 
 
 @pytest.fixture

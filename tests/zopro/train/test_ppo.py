@@ -1,4 +1,4 @@
-"""Tests of zopro.ppo: hand-computed GAE, rewards and losses; the value model on the shared base; PPO learning a
+"""Tests of zopro.train.ppo: hand-computed GAE, rewards and losses; the value model on the shared base; PPO learning a
 synthetic reward on a tiny Llama; rloo_step is one clipped gradient step on the hand-written RLOO objective (CPU,
 seconds)."""
 

@@ -1,4 +1,4 @@
-"""Tests of zopro.rollout on conftest's tiny tokenizer and tiny Llama (CPU, well under a second each)."""
+"""Tests of zopro.train.rollout on conftest's tiny tokenizer and tiny Llama (CPU, well under a second each)."""
 
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ def test_runs_made_before_checksums_load_only_for_reading(finished, tmp_path):
     (out / "LATEST").write_text(newest.name + "\n")  # as an older zopro wrote them
     with pytest.raises(ValueError, match="manifest.json: missing or damaged"):
         checkpoint.load(out)  # what --resume uses
-    assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.evaluate uses
+    assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.train.evaluate uses
 
 
 def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):

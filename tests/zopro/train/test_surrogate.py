@@ -1,5 +1,5 @@
-"""``zopro.train.updaters.surrogate`` and ``first_order_step`` on hand-built rollouts: the value of the PPO-clip surrogate and
-the sign of its gradient along known directions, against numbers computed by hand.
+"""``zopro.train.updaters.surrogate`` and ``first_order_step`` on hand-built rollouts: the value of the PPO-clip
+surrogate and the sign of its gradient along known directions, against numbers computed by hand.
 
 The policy is a stub whose log-probs are the rollout's old log-probs plus one parameter per row (``theta[b]`` is row
 b's log-ratio), so each partial derivative of the surrogate is one row's term, written out below.
