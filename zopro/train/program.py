@@ -36,11 +36,11 @@ from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, flag, from_args, 
 from zopro.train.evaluation import evaluate, paired_change
 from zopro.train.guides import next_guide
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device, save_tiny_base
-from zopro.train.ppo import PPOConfig, ValueModel, ppo_step
+from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
 from zopro.train.report import MetricsLog, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
 from zopro.train.rollout import collect_rollout, repeat_each
-from zopro.train.updaters import first_order_step, logprob_temperature, make_zo_optimizer, old_token_logps, zo_step
+from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,8 +60,7 @@ class Run:
                      "metrics_bytes": 0, "reward_losses": [], "skipped": 0}
         self.iter_start: dict | None = None  # policy + reward weights at the start of the iteration
         self.guides: dict | None = None
-        self.fo_opt = None
-        self.zo_opt = None
+        self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
         self.value_model = self.ppo_cfg = None
         self.checkpoint_name: str | None = None  # the verified checkpoint the run holds: the next one's fallback
         if cfg.algorithm == "ppo":  # the critic: a value adapter on the shared base plus a head, kept for the run
@@ -81,11 +80,7 @@ class Run:
             tensors["guides_prev"], tensors["guides_delta"] = self.guides["prev"], self.guides["delta"]
         if self.value_model is not None:
             tensors["value"] = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
-        objects = {}
-        if self.fo_opt is not None:
-            objects["fo_optimizer"] = self.fo_opt.state_dict()
-        if self.zo_opt is not None:
-            objects["zo_optimizer"] = self.zo_opt.state_dict()
+        objects = {self.updater.checkpoint_key: self.updater.state_dict()} if self.updater is not None else {}
         name = f"{self.meta['global_step']:06d}-{self.meta['phase']}"
         self.checkpoint_name = checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta,
                                                previous=self.checkpoint_name)
@@ -102,22 +97,22 @@ class Run:
             with torch.no_grad():
                 for n, p in self.value_model.trainable_parameters().items():
                     p.copy_(tensors["value"][n])
-        it = self.meta["iteration"]
-        if "fo_optimizer" in objects:
-            self.fo_opt = self._fo_optimizer()
-            self.fo_opt.load_state_dict(objects["fo_optimizer"])
-        if "zo_optimizer" in objects:
-            self.zo_opt = make_zo_optimizer(self.bundle, self.cfg, it, self.guides, self.seeds)
-            self.zo_opt.load_state_dict(objects["zo_optimizer"])
+        if meta["phase"] == "train":
+            self.updater = self._updater(meta["iteration"])
+            self.updater.load_state_dict(objects[self.updater.checkpoint_key])
         self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
         self.checkpoint_name = loaded.name
 
-    def _fo_optimizer(self):
-        """AdamW over the policy adapter (and, for PPO, the critic: TRL steps policy and value with one optimiser)."""
-        params = list(self.bundle.policy_parameters().values())
-        if self.value_model is not None:
-            params += list(self.value_model.trainable_parameters().values())
-        return torch.optim.AdamW(params, lr=self.cfg.fo_lr, weight_decay=0.0)
+    def _updater(self, it: int):
+        """Iteration ``it``'s updater: PPO, first-order RLOO (``--algorithm rloo``, and zopro's iteration 0 unless
+        ``--first-order-iteration0 false``) or ZO-RLOO from the current guides."""
+        cfg = self.cfg
+        if cfg.algorithm == "ppo":
+            return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
+        if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
+            return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
+        return ZORLOO(self.bundle, make_zo_optimizer(self.bundle, cfg, it, self.guides, self.seeds), loss=cfg.loss,
+                      clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):
@@ -144,9 +139,7 @@ class Run:
         self.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in self.bundle.policy_parameters().items()},
                            **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
                               if self.bundle.shares_parameter_space else {})}
-        first_order = self.cfg.algorithm != "zopro" or (it == 0 and self.cfg.first_order_iteration0)
-        self.fo_opt = self._fo_optimizer() if first_order else None
-        self.zo_opt = None if first_order else make_zo_optimizer(self.bundle, self.cfg, it, self.guides, self.seeds)
+        self.updater = self._updater(it)
         self.save()
 
     def step_prompts(self, it: int, step: int) -> list[str]:
@@ -161,37 +154,21 @@ class Run:
         rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), cfg.k, cfg.max_new_tokens,
                                   cfg.temperature, cfg.kl_coef, self.seeds.rollout(it, step), cfg.max_prompt_len,
                                   logprob_temperature=logprob_temperature(cfg))
-        old_tok = old_token_logps(rollout, cfg.loss)
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
-        skipped = 0
-        if self.value_model is not None:
-            mode, lr, eps = "ppo", cfg.fo_lr, None
-            stats = ppo_step(self.bundle, self.value_model, rollout, self.fo_opt, self.ppo_cfg,
-                             seed=self.seeds.batch(it, step, 1))
-            loss, grad = stats["loss"], stats["grad_norm"]
-        elif self.fo_opt is not None:
-            mode, lr, eps = "first-order", cfg.fo_lr, None
-            loss, grad = first_order_step(self.bundle, rollout, self.fo_opt, loss=cfg.loss, clip=cfg.clip,
-                                          microbatch=cfg.fo_microbatch, old_tok=old_tok)
-        else:
-            mode = "zo-" + self.zo_opt.sampler.name
-            lr, eps = self.zo_opt.current_lr(), self.zo_opt.eps
-            loss, grad, skipped = zo_step(self.bundle, rollout, self.zo_opt, loss=cfg.loss, clip=cfg.clip,
-                                            minibatches=cfg.minibatches, epochs=cfg.zo_epochs, old_tok=old_tok)
+        update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
         if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
             rows = repeat_each(rollout.prompts, rollout.k)
             judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
-        record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": mode,
+        record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": update.mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
-                  "judge_score": judge_score,
-                  "kl": float(rollout.kl.mean()), "loss": loss, "grad": grad, "lr": lr, "eps": eps,
-                  "skipped": skipped, "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout,
-                  "peak_update": peak_update}
+                  "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
+                  "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
+                  "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update}
         self.metrics.write(record)
-        self.meta["skipped"] += skipped
+        self.meta["skipped"] += update.skipped
         self.meta["step"] += 1
         self.meta["global_step"] += 1
         return record
@@ -214,16 +191,17 @@ class Run:
             now = self.bundle.reward_parameters()
             delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
         previous = self.guides["prev"] if self.guides is not None else None
-        self.guides = {"prev": next_guide(cfg.guide, prev, previous, self.fo_opt, self.bundle.policy_parameters(),
-                                          self.seeds.placebo(it)),
+        self.guides = {"prev": next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
+                                          self.bundle.policy_parameters(), self.seeds.placebo(it)),
                        "delta": delta}
-        if self.zo_opt is not None:  # the iteration's optimiser log: replays its ZO updates bit for bit
-            checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", self.zo_opt.state_dict())
+        log = self.updater.iteration_log()
+        if log is not None:  # the ZO optimiser's log: replays the iteration's updates bit for bit
+            checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
         else:
             self.meta.update(phase="evaluate")
-            self.fo_opt = self.zo_opt = None
+            self.updater = None
             self.save()
 
     def finish(self):

@@ -1,9 +1,15 @@
-"""The policy updates of one training step, one per kind, on a :class:`~zopro.train.rollout.Rollout`: first-order
-RLOO (backprop through the policy adapter, AdamW) and ZO-RLOO (:class:`~zopro.ZOOptimizer` on the same surrogate);
-PPO's lives in :mod:`zopro.train.ppo`. Both use :func:`surrogate`, the PPO-clip loss of rollout rows under the
-current policy weights."""
+"""The policy updates of one training step, on a :class:`~zopro.train.rollout.Rollout`: first-order RLOO (backprop
+through the policy adapter, AdamW) and ZO-RLOO (:class:`~zopro.ZOOptimizer` on the same surrogate); PPO's lives in
+:mod:`zopro.train.ppo`. Both use :func:`surrogate`, the PPO-clip loss of rollout rows under the current policy weights.
+
+The training program picks one updater per iteration (:class:`FirstOrderRLOO`, :class:`ZORLOO` or
+:class:`~zopro.train.ppo.PPOUpdater`); each steps on a rollout and returns an :class:`Update` for the metrics line,
+and saves and restores its optimiser's state under its ``checkpoint_key``.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -101,3 +107,83 @@ def make_zo_optimizer(bundle, cfg, iteration, guides, seeds) -> ZOOptimizer:
     decay = (lambda t: max(0.0, 1.0 - t / total)) if cfg.zo_lr_decay == "linear" else None
     return ZOOptimizer(params, lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=sampler,
                        seed=seeds.zo(iteration), lr_schedule=decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One updater per algorithm, chosen once per iteration
+@dataclass
+class Update:
+    """What one step's update did, for the metrics line: the mode, the mean loss and gradient (first order: the norm
+    before clipping; ZO: the projected gradient), the lr and eps in use (eps None for first order), skipped ZO steps."""
+
+    mode: str
+    loss: float
+    grad: float
+    lr: float
+    eps: float | None
+    skipped: int
+
+
+class FirstOrderRLOO:
+    """First-order RLOO: one AdamW step over the policy adapter per rollout (:func:`first_order_step`)."""
+
+    mode = "first-order"
+    checkpoint_key = "fo_optimizer"
+
+    def __init__(self, bundle, *, lr: float, loss: str, clip: float, microbatch: int):
+        self.bundle, self.lr, self.loss, self.clip, self.microbatch = bundle, lr, loss, clip, microbatch
+        self.optimizer = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
+
+    @property
+    def first_order_optimizer(self):
+        """The optimiser whose moments ``--guide adam`` reads when the iteration ends."""
+        return self.optimizer
+
+    def step(self, rollout, seed: int) -> Update:
+        """One update on ``rollout`` (``seed`` is unused: the step draws nothing)."""
+        loss, grad = first_order_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
+                                      microbatch=self.microbatch, old_tok=old_token_logps(rollout, self.loss))
+        return Update(self.mode, loss, grad, self.lr, None, 0)
+
+    def iteration_log(self) -> dict | None:
+        """What the iteration leaves besides the weights: nothing to replay for a first-order iteration."""
+        return None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class ZORLOO:
+    """ZO-RLOO: ``epochs x minibatches`` SPSA steps of ``optimizer`` per rollout (:func:`zo_step`)."""
+
+    checkpoint_key = "zo_optimizer"
+    first_order_optimizer = None
+
+    def __init__(self, bundle, optimizer: ZOOptimizer, *, loss: str, clip: float, minibatches: int, epochs: int):
+        self.bundle, self.optimizer = bundle, optimizer
+        self.loss, self.clip, self.minibatches, self.epochs = loss, clip, minibatches, epochs
+
+    @property
+    def mode(self) -> str:
+        return "zo-" + self.optimizer.sampler.name
+
+    def step(self, rollout, seed: int) -> Update:
+        """The steps on ``rollout`` (``seed`` is unused: the optimiser derives its directions from its own seed)."""
+        lr, eps = self.optimizer.current_lr(), self.optimizer.eps  # those of the first step, as logged
+        loss, grad, skipped = zo_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
+                                      minibatches=self.minibatches, epochs=self.epochs,
+                                      old_tok=old_token_logps(rollout, self.loss))
+        return Update(self.mode, loss, grad, lr, eps, skipped)
+
+    def iteration_log(self) -> dict | None:
+        """The optimiser's state with its log: replays the iteration's ZO updates bit for bit."""
+        return self.optimizer.state_dict()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
