@@ -14,28 +14,29 @@ import torch
 
 from zopro.seeds import RunSeeds
 from zopro.train import checkpoint
+from zopro.train.config import EvalConfig, eval_config
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
 from zopro.train.rollout import repeat_each, sample_completions
 
 
-def evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=None):
-    """Held-out evaluation: ``cfg.eval_samples`` sampled completions per prompt.
+def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None):
+    """Held-out evaluation: ``ev.samples`` sampled completions per prompt.
 
-    Prompts go ``max(1, eval_batch // eval_samples)`` to a generate call; call ``c`` samples from seed
-    ``RunSeeds.of(cfg).evaluation(c)``, so "before" and "after" draw the same random numbers and their difference is not
+    Prompts go ``max(1, ev.batch // ev.samples)`` to a generate call; call ``c`` samples from seed
+    ``seeds.evaluation(c)``, so "before" and "after" draw the same random numbers and their difference is not
     blurred by fresh sampling noise. transformers samples a call's rows from one generator, so the answers depend on
-    ``eval_batch`` as they do on the seed. Each prompt's value is the mean judge score of its completions, or, for
-    pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]`` (0.5 with no
-    reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
+    ``ev.batch`` (``--eval-batch``) as they do on the seed. Each prompt's value is the mean judge score of its
+    completions, or, for pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]``
+    (0.5 with no reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
     if not prompts:
         return "none", [], []
-    n, seeds = cfg.eval_samples, RunSeeds.of(cfg)
-    per_call = max(1, cfg.eval_batch // n)
+    n, sampling = ev.samples, ev.sampling
+    per_call = max(1, ev.batch // n)
     texts = []
     for c, start in enumerate(range(0, len(prompts), per_call)):
         chunk = prompts[start:start + per_call]
-        _, answers = sample_completions(bundle, tokenizer, chunk, n, cfg.max_new_tokens, cfg.temperature,
-                                        seeds.evaluation(c), cfg.max_prompt_len)
+        _, answers = sample_completions(bundle, tokenizer, chunk, n, sampling.max_new_tokens, sampling.temperature,
+                                        seeds.evaluation(c), sampling.max_prompt_len)
         texts += [answers[i * n:(i + 1) * n] for i in range(len(chunk))]
     rows = repeat_each(prompts, n)
     flat = [t for ts in texts for t in ts]
@@ -77,9 +78,10 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
     """Before/after held-out score of the finished run in ``run_dir`` with ``eval_samples`` samples per prompt, on
     ``device`` (default: the run's own)."""
     cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
-    metric, before, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, before, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     bundle.load_trainable_state_(tensors["trainable"])
-    _, after, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+    _, after, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
     change, se = paired_change(before, after)
     return {"run": str(run_dir), "metric": metric, "prompts": len(prompts), "samples": eval_samples,
             "before": statistics.fmean(before), "after": statistics.fmean(after), "change": change, "change_se": se}
@@ -102,13 +104,14 @@ def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device
     if norm == 0:
         raise ValueError(f"{run_dir}: the run's guide is zero")
     start = {n: p.detach().clone() for n, p in params.items()}
-    metric, base, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, base, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     rows = []
     for a in distances:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n] + (a / norm) * guide[n])
-        _, values, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+        _, values, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
         change, se = paired_change(base, values)
         rows.append({"run": str(run_dir), "metric": metric, "distance": a, "guide_norm": norm,
                      "score": statistics.fmean(values), "change": change, "change_se": se})

@@ -31,8 +31,8 @@ import torch
 
 from zopro.seeds import RunSeeds
 from zopro.train import checkpoint, memory
-from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, flag, from_args, load_saved, resume_differences,
-                                validate)
+from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
+                                resume_differences, reward_config, sampling_config, validate, zo_config)
 from zopro.train.evaluation import evaluate, paired_change
 from zopro.train.guides import next_guide
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device, save_tiny_base
@@ -111,7 +111,7 @@ class Run:
             return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
         if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
             return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
-        return ZORLOO(self.bundle, make_zo_optimizer(self.bundle, cfg, it, self.guides, self.seeds), loss=cfg.loss,
+        return ZORLOO(self.bundle, make_zo_optimizer(self.bundle, zo_config(cfg), it, self.guides, self.seeds), loss=cfg.loss,
                       clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
 
     # -- phases ---------------------------------------------------------------------------------------------------
@@ -119,15 +119,16 @@ class Run:
         cfg = self.cfg
         has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
         if has_pairs:
-            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, cfg)
+            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg))
         else:
             prompts = random.Random(self.seeds.pairs(0)).sample([r.prompt for r in self.train_records],
                                                                  min(cfg.reward_pairs, len(self.train_records)))
-            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, cfg, self.seeds.pairs(1))
-        loss = train_reward(self.bundle, pairs, cfg, cfg.reward_init_steps, self.seeds.reward(0))
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                 self.seeds.pairs(1))
+        loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
         self.meta["reward_losses"].append(loss)
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
-                                         [r.prompt for r in self.eval_records], cfg)
+                                         [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
         self.meta["evaluation"] = {"metric": metric, "before": statistics.fmean(before) if before else None,
                                    "n": len(self.eval_records), "samples": cfg.eval_samples,
@@ -151,9 +152,10 @@ class Run:
         cfg, it, step = self.cfg, self.meta["iteration"], self.meta["step"]
         t0 = time.perf_counter()
         memory.reset_peak(self.device)
-        rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), cfg.k, cfg.max_new_tokens,
-                                  cfg.temperature, cfg.kl_coef, self.seeds.rollout(it, step), cfg.max_prompt_len,
-                                  logprob_temperature=logprob_temperature(cfg))
+        rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
+                                  max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
@@ -183,8 +185,9 @@ class Run:
             seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
             prompts = random.Random(self.seeds.pairs(it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
             previous = reward_state(self.bundle)
-            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, cfg, self.seeds.pairs(it, 3))
-            self.meta["reward_losses"].append(train_reward(self.bundle, pairs, cfg, cfg.reward_steps,
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                 self.seeds.pairs(it, 3))
+            self.meta["reward_losses"].append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
                                                            self.seeds.reward(it + 1)))
             if cfg.reward_merge_alpha < 1:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
@@ -211,8 +214,8 @@ class Run:
         ev = self.meta["evaluation"]
         prompts = [r.prompt for r in self.eval_records]
         if self.meta["phase"] == "evaluate":
-            _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, self.cfg,
-                                       reference_texts=ev["before_texts"])
+            _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
+                                       self.seeds, reference_texts=ev["before_texts"])
             ev["after"] = statistics.fmean(after) if after else None
             ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
             ev["after_per_prompt"], ev["after_texts"] = after, texts

@@ -15,6 +15,8 @@ import torch
 
 from zopro.optim import ZOOptimizer
 from zopro.samplers import Isotropic, RankGuided, Targeted
+from zopro.seeds import RunSeeds
+from zopro.train.config import ZOConfig
 from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token
 
 LOSSES = ("sequence", "token")
@@ -86,26 +88,21 @@ def zo_step(bundle, rollout, optimizer, *, loss: str = "sequence", clip: float =
             sum(r.skipped for r in results))
 
 
-def zo_updates(cfg) -> int:
-    """ZO updates in one iteration: the span of the mixing schedule and of the lr decay."""
-    return cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs
-
-
-def make_zo_optimizer(bundle, cfg, iteration, guides, seeds) -> ZOOptimizer:
+def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSeeds) -> ZOOptimizer:
     """The ZO optimiser of ``iteration`` over the policy adapter: isotropic in iteration 0 (or with ``--sampler
     isotropic``, or without guides), else targeted / rank-guided from ``guides`` (``{"prev", "delta"}``); its seed and
-    the SVD's from ``seeds`` (:class:`~zopro.seeds.RunSeeds`)."""
+    the SVD's from ``seeds``. Schedules span ``zo.updates``, the iteration's ZO updates."""
     params = bundle.policy_parameters()
-    total = zo_updates(cfg)
-    if iteration == 0 or cfg.sampler == "isotropic" or guides is None:
-        sampler = Isotropic(cfg.noise)
+    total = zo.updates
+    if iteration == 0 or zo.sampler == "isotropic" or guides is None:
+        sampler = Isotropic(zo.noise)
     else:
-        kind = RankGuided if cfg.sampler == "rank_guided" else Targeted
-        extra = {"rank": cfg.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
-        sampler = kind(guides["prev"], guides["delta"], d0=cfg.d0, schedule=cfg.d_schedule, tau=cfg.d_tau,
-                       total_steps=total, scale=cfg.zo_scale, dist=cfg.noise, **extra)
-    decay = (lambda t: max(0.0, 1.0 - t / total)) if cfg.zo_lr_decay == "linear" else None
-    return ZOOptimizer(params, lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=sampler,
+        kind = RankGuided if zo.sampler == "rank_guided" else Targeted
+        extra = {"rank": zo.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
+        sampler = kind(guides["prev"], guides["delta"], d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau,
+                       total_steps=total, scale=zo.scale, dist=zo.noise, **extra)
+    decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
+    return ZOOptimizer(params, lr=zo.lr, eps=zo.eps, weight_decay=zo.weight_decay, sampler=sampler,
                        seed=seeds.zo(iteration), lr_schedule=decay)
 
 

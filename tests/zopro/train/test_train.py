@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.train.config import TrainConfig, from_args, preset
+from zopro.seeds import RunSeeds
+from zopro.train.config import TrainConfig, eval_config, from_args, preset
 from zopro.train.evaluate import main as evaluate_main
 from zopro.train.evaluation import reevaluate
 from zopro.train.judges import HeuristicJudge
@@ -109,14 +110,15 @@ def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, mon
     monkeypatch.setattr(evaluation, "sample_completions", fake_sample)
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=7)  # 7 // 3 = 2 prompts a call: chunks of 2, 2 and 1
     prompts = [f"p{i}" for i in range(5)]
-    metric, values, texts = evaluation.evaluate(None, None, IndexJudge(), prompts, cfg)
+    ev, run_seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, values, texts = evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]] and {c[1] for c in calls} == {3}
     seeds = [c[2] for c in calls]
     assert len(set(seeds)) == 3
     assert metric == "mean judge score" and values == [1.0] * 5  # mean of sample indices 0, 1, 2
     assert texts[3] == [f"p3|{seeds[1]}|{j}" for j in range(3)]
     calls.clear()
-    evaluation.evaluate(None, None, IndexJudge(), prompts, cfg)
+    evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert [c[2] for c in calls] == seeds  # the same seeds every time: "before" and "after" share them
 
 
@@ -247,12 +249,13 @@ def test_pairwise_judge_scores_after_against_before(tmp_path):
     bundle, tokenizer = load_models(cfg, torch.device("cpu"))
     prompts = ["hello there", "say something nice"]
     judge = CallableJudge(lambda prompt, a, b: len(a) >= len(b))  # no score(): only pairwise preferences
-    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     assert metric == "win rate vs before" and first == [0.5, 0.5]  # nothing to compare with yet
     assert [len(t) for t in texts] == [3, 3]
-    _, again, same = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+    _, again, same = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
     assert same == texts and again == [1.0, 1.0]  # same seeds, same weights: identical answers, ties go to "after"
     longer = [[t + "!" for t in ts] for ts in texts]
     longer[1][0] = ""  # sample 0 of prompt 1 now loses to nothing: that prompt wins 1 of its 3 comparisons
-    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=longer)
+    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=longer)
     assert never == pytest.approx([0.0, 1 / 3])
