@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["zokernels", "zokernels.*", "zopro", "zopro.*"]),
-    package_data={"zopro": ["assets/*"]},
+    package_data={"zopro.train": ["assets/*"]},
     install_requires=[
         # The CPU wheel is installed first by the README's set-up (pip install torch==2.13.0 ...): an unpinned torch
         # may pull a multi-GB CUDA build. On a GPU machine, keep the CUDA torch you already have.

@@ -6,15 +6,16 @@ rollout of B sequences of T tokens (the second half is the response), runs one w
 steps, and prints one JSON line: median seconds per step, and the peak memory of the process from the loaded model
 on (CPU: the resident-set high-water mark, VmHWM, reset after loading; CUDA: ``torch.cuda.max_memory_allocated``).
 
-Algorithms share the model, the rollout and the surrogate (``zopro.train.surrogate``): only the optimisation differs.
+Algorithms share the model, the rollout and the surrogate (``zopro.train.updaters.surrogate``): only the
+optimisation differs.
 
 * ``forward2``: two inference forwards of the policy, the floor of any two-point ZO step;
 * ``zopro-isotropic`` / ``zopro-targeted`` / ``zopro-rank_guided``: ``ZOOptimizer.step`` (guides: random tensors of
   the policy's shapes standing in for the previous updates);
 * ``mezo``: MeZO's step, per-tensor torch noise, four passes (``benchmarks.baselines.mezo_perturb_``);
-* ``rloo``: first-order RLOO with backprop through the policy adapter and AdamW (``zopro.ppo.rloo_step``);
+* ``rloo``: first-order RLOO with backprop through the policy adapter and AdamW (``zopro.train.ppo.rloo_step``);
   ``rloo-mb2``: the same with the gradient accumulated over chunks of 2 rows (``--fo-microbatch 2``);
-* ``ppo``: first-order PPO with a value adapter and head, GAE, 4 epochs (``zopro.ppo.ppo_step``, TRL defaults).
+* ``ppo``: first-order PPO with a value adapter and head, GAE, 4 epochs (``zopro.train.ppo.ppo_step``, TRL defaults).
 
 ``--quantize nf4|int8`` puts the frozen base in bitsandbytes storage; ``rloo`` on an NF4 base is QLoRA (AdamW on
 the adapters, backprop through the 4-bit base).
@@ -43,7 +44,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, qu
     quantisation and bf16 compute, or int8), as ``python -m zopro.train --quantize`` does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from zopro.models import PolicyRewardModel
+    from zopro.train.models import PolicyRewardModel
 
     vocab, hidden, inter, layers, heads, kv, r = SIZES[size]
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -70,8 +71,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, qu
 
 
 def synthetic_rollout(bundle, vocab: int, batch: int, seq: int, k: int = 2):
-    from zopro.losses import rloo_advantages
-    from zopro.rollout import Rollout
+    from zopro.train.losses import rloo_advantages
+    from zopro.train.rollout import Rollout
 
     g = torch.Generator().manual_seed(1)
     device = bundle.device
@@ -92,19 +93,15 @@ def synthetic_rollout(bundle, vocab: int, batch: int, seq: int, k: int = 2):
                    rewards=scores, advantages=advantages, k=k)
 
 
-class _Cfg:
-    loss, clip = "sequence", 0.2
-
-
 def make_step(algo: str, bundle, rollout):
     from benchmarks.baselines import mezo_perturb_
     from zopro import Isotropic, RankGuided, Targeted, ZOOptimizer
-    from zopro.train import surrogate
+    from zopro.train.updaters import surrogate
 
     rows = torch.arange(len(rollout.sequences), device=rollout.sequences.device)
 
     def loss():
-        return surrogate(bundle, rollout, rows, _Cfg)
+        return surrogate(bundle, rollout, rows, loss="sequence", clip=0.2)
 
     params = bundle.policy_parameters()
     if algo == "forward2":
@@ -139,13 +136,13 @@ def make_step(algo: str, bundle, rollout):
                 mezo_perturb_(tensors, seed, -1e-4 * (plus - minus) / 2e-3)
         return mezo_step
     if algo in ("rloo", "rloo-mb2"):
-        from zopro.ppo import rloo_step
+        from zopro.train.ppo import rloo_step
 
         opt = torch.optim.AdamW(list(params.values()), lr=1e-5)
         microbatch = 2 if algo == "rloo-mb2" else 0
         return lambda: rloo_step(bundle, rollout, opt, microbatch=microbatch)
     if algo == "ppo":
-        from zopro.ppo import PPOConfig, make_ppo, ppo_step
+        from zopro.train.ppo import PPOConfig, make_ppo, ppo_step
 
         cfg = PPOConfig()
         value, opt = make_ppo(bundle, cfg)
@@ -168,7 +165,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bundle, vocab = build(args.size, device, dtype, quantize=args.quantize)
-    from zopro.memory import peak_bytes, reset_peak
+    from zopro.train.memory import peak_bytes, reset_peak
 
     # Count from the loaded model on: a quantised base is built in fp32 first, which is set-up, not training.
     reset_peak(device)

@@ -85,7 +85,7 @@ def run_seed(seed: int, tag: str, algorithm: str, extra: list[str], runs_dir: Pa
 def heuristic_features(out: Path) -> dict[str, list[float]] | None:
     """With the heuristic judge: each of its features' mean over the held-out answers, ``[before, after]`` (what
     moved the score); None for other judges or runs without ``eval_samples.jsonl``."""
-    from zopro.judges import HeuristicJudge
+    from zopro.train.judges import HeuristicJudge
 
     samples_path = out / "eval_samples.jsonl"
     if json.loads((out / "config.json").read_text())["judge"] != "heuristic" or not samples_path.is_file():

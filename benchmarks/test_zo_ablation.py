@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks import zo_ablation
-from zopro.config import from_args
+from zopro.train.config import from_args
 from zopro.train import run
 
 

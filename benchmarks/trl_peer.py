@@ -32,9 +32,9 @@ def main(argv=None) -> dict:
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from zopro import memory, models
-    from zopro.data import load_default_prompts
-    from zopro.judges import HeuristicJudge
+    from zopro.train import memory, models
+    from zopro.train.data import load_default_prompts
+    from zopro.train.judges import HeuristicJudge
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,8 +34,8 @@ import time
 from pathlib import Path
 
 from benchmarks.conftest import RESULTS_DIR, environment
-from zopro import checkpoint, train
-from zopro.config import TrainConfig, build_parser, coerce, from_args
+from zopro.train import checkpoint, program
+from zopro.train.config import TrainConfig, build_parser, coerce, from_args
 
 ARMS = {"iter1": {"iterations": 1}, "full": {}, "fo": {"algorithm": "rloo"}, "placebo": {"guide": "placebo"}}
 
@@ -72,7 +72,7 @@ def iteration0(cfg: TrainConfig) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     _write_config(cfg)
-    state = train.Run(cfg, out)
+    state = program.Run(cfg, out)
     state.reward_init()
     while state.meta["step"] < cfg.steps_per_iteration:
         state.train_step()
@@ -88,7 +88,7 @@ def arm_run(base: Path, cfg0: TrainConfig, overrides: dict, out: Path) -> dict:
         shutil.copytree(base, out)
         cfg = dataclasses.replace(cfg0, output_dir=str(out), **overrides)
         _write_config(cfg)
-        train.run(cfg, resume=True, progress=False)
+        program.run(cfg, resume=True, progress=False)
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines() if line.strip()]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -21,16 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from zopro.samplers import Isotropic
-
-MASK64 = (1 << 64) - 1
-
-
-def derive_seed(seed: int, step: int, direction: int = 0) -> int:
-    """A 64-bit seed for (run seed, step, direction): SplitMix64's finaliser over a Weyl sequence."""
-    x = (seed + 0x9E3779B97F4A7C15 * ((step << 16) + direction + 1)) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
+from zopro.seeds import derive_seed
 
 
 @dataclass
@@ -124,25 +115,21 @@ class ZOOptimizer:
         self.step_count = 0
         self.skipped = 0
         self.log = {"losses": [], "groups": [], "lr": [], "eps": []}
-        self._step_losses, self._done_losses, self._replaying = [], [], None
 
     # ---- the passes -------------------------------------------------------------------------------------------
     def current_lr(self) -> float:
-        return self._lr_at(self.step_count)
+        return self._scheduled(self.step_count)[0]
 
-    def _lr_at(self, step: int) -> float:
-        if self._replaying is not None:
-            return self._replaying("lr", step)
-        return self.lr * (self.lr_schedule(step) if self.lr_schedule else 1.0)
+    def _scheduled(self, step: int) -> tuple[float, float]:
+        """``(lr, eps)`` of ``step`` in a live run: the schedule's lr and the current eps."""
+        return self.lr * (self.lr_schedule(step) if self.lr_schedule else 1.0), self.eps
 
-    def _eps_at(self, step: int) -> float:
-        return self._replaying("eps", step) if self._replaying is not None else self.eps
-
-    def _settings(self, n_steps: int) -> list[tuple[float, float]]:
-        """``(lr, eps)`` of the next ``n_steps`` steps, each checked before the first pass: finite, lr >= 0, eps > 0,
-        and no larger than the weights' float type can hold (a schedule giving 1e300 would make the weights inf)."""
+    def _settings(self, n_steps: int, setting: Callable[[int], tuple[float, float]]) -> list[tuple[float, float]]:
+        """``(lr, eps)`` of the next ``n_steps`` steps from ``setting(step)``, each checked before the first pass:
+        finite, lr >= 0, eps > 0, and no larger than the weights' float type can hold (a schedule giving 1e300 would
+        make the weights inf)."""
         limit = min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
-        settings = [(self._lr_at(self.step_count + i), self._eps_at(self.step_count + i)) for i in range(n_steps)]
+        settings = [setting(self.step_count + i) for i in range(n_steps)]
         for i, (lr, eps) in enumerate(settings):
             for name, value, low_ok in (("lr", lr, True), ("eps", eps, False)):
                 if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if low_ok else
@@ -163,22 +150,14 @@ class ZOOptimizer:
                  for s, c in terms]
         self.sampler.apply(self.params, self.streams, terms, decay if decay is not None else torch.ones(n))
 
-    def _eval(self, closure, recorded) -> float:
-        if recorded is not None:
-            return recorded.pop(0)
-        with torch.inference_mode():
-            loss = closure()
-        loss = float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
-        self._step_losses.append(loss)
-        return loss
-
     def _log_settings(self, lr: float, eps: float) -> None:
         for key, value in (("lr", lr), ("eps", eps)):
             if not self.log[key] or self.log[key][-1][1] != value:
                 self.log[key].append((self.step_count, value))
 
-    def _estimate(self, closure, recorded, eps, pending=None):
-        """Evaluate the q directions of this step. Returns (seeds, grads, losses); weights are left at
+    def _estimate(self, closure, losses_from, eps, pending=None):
+        """Evaluate the q directions of this step, each loss from ``losses_from(closure)`` (:class:`_Live` or
+        :class:`_Tape`). Returns (seeds, grads, losses); weights are left at
         ``w - eps z_last`` (two-sided) or ``w + eps z_last`` (one-sided), the last restore not yet applied.
 
         ``pending``: a ``(terms, decay)`` pass of the previous step, fused here with this step's first ``+eps z``.
@@ -192,7 +171,7 @@ class ZOOptimizer:
                 if pending is not None:
                     self._pass(*pending)
                     pending = None
-                base = self._eval(closure, recorded)
+                base = losses_from(closure)
                 losses.append(base)
             for j, seed in enumerate(seeds):
                 self.sampler.prepare(seed)
@@ -202,14 +181,14 @@ class ZOOptimizer:
                 else:
                     self._pass([(seed, eps)])
                 net = eps
-                plus = self._eval(closure, recorded)
+                plus = losses_from(closure)
                 if self.one_sided:
                     grads.append((plus - base) / eps)
                     losses.append(plus)
                 else:
                     self._pass([(seed, -2 * eps)])
                     net = -eps
-                    minus = self._eval(closure, recorded)
+                    minus = losses_from(closure)
                     grads.append((plus - minus) / (2 * eps))
                     losses += [plus, minus]
                 if j < self.q - 1:
@@ -235,61 +214,62 @@ class ZOOptimizer:
         # w is at theta -+ eps z_last: m*w + (m*restore - lr*g/q) z_last = m*theta - (lr*g/q) z_last
         return ([(seeds[-1], decay * restore - lr * grads[-1] / self.q)], decay), True
 
-    def _close_step(self, grads, losses, ok) -> StepResult:
+    def _close_step(self, grads, losses, ok, losses_from) -> StepResult:
         if not ok:
             self.skipped += 1
         self.sampler.advance()
         self.step_count += 1
-        self._done_losses += self._step_losses
-        self._step_losses = []
+        losses_from.close_step()
         return StepResult(loss=sum(losses) / len(losses), grad=sum(grads) / len(grads), skipped=not ok)
 
+    def _step(self, closure, losses_from, setting) -> StepResult:
+        [(lr, eps)] = self._settings(1, setting)
+        self._log_settings(lr, eps)
+        seeds, grads, losses = self._estimate(closure, losses_from, eps)
+        final, ok = self._finish(seeds, grads, lr, eps)
+        self._pass(*final)
+        result = self._close_step(grads, losses, ok, losses_from)
+        self._record(0, losses_from)
+        return result
+
+    def _step_many(self, closures: list, losses_from, setting) -> list[StepResult]:
+        settings = self._settings(len(closures), setting)  # all checked before the first pass
+        results, pending = [], None
+        try:
+            for closure, (lr, eps) in zip(closures, settings):
+                self._log_settings(lr, eps)
+                previous, pending = pending, None  # _estimate applies it, also when a closure raises
+                seeds, grads, losses = self._estimate(closure, losses_from, eps, previous)
+                pending, ok = self._finish(seeds, grads, lr, eps)
+                results.append(self._close_step(grads, losses, ok, losses_from))
+        finally:
+            if pending is not None:
+                self._pass(*pending)
+            if results:
+                self._record(len(results), losses_from)
+        return results
+
+    def _record(self, group: int, losses_from) -> None:
+        """Log the completed steps' losses; ``group`` is 0 for :meth:`step`, n for an n-step :meth:`step_many`."""
+        self.log["losses"].extend(losses_from.take_done())
+        self.log["groups"].append(group)
+
     # ---- public -----------------------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor | float], _recorded: list | None = None) -> StepResult:
+    def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
         """One SPSA step; ``closure()`` returns the loss at the current weights (run under inference mode).
 
         Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient skips the
         update (weights restored within the rounding of the round trip) and is counted in ``skipped``.
         """
-        [(lr, eps)] = self._settings(1)
-        self._log_settings(lr, eps)
-        self._step_losses, self._done_losses = [], []
-        seeds, grads, losses = self._estimate(closure, _recorded, eps)
-        final, ok = self._finish(seeds, grads, lr, eps)
-        self._pass(*final)
-        result = self._close_step(grads, losses, ok)
-        self._record(0)
-        return result
+        return self._step(closure, _Live(), self._scheduled)
 
-    def step_many(self, closures: Iterable[Callable], _recorded: list | None = None) -> list[StepResult]:
+    def step_many(self, closures: Iterable[Callable]) -> list[StepResult]:
         """Steps back to back, one per closure, fusing each restore-and-update with the next ``+eps z'``.
 
         Two weight passes per two-sided step (q = 1). Control returns only after the last update, with clean
         weights; if a closure raises, the weights are those after the last completed step (within rounding).
         """
-        closures = list(closures)
-        settings = self._settings(len(closures))  # all checked before the first pass
-        results, pending = [], None
-        self._step_losses, self._done_losses = [], []
-        try:
-            for closure, (lr, eps) in zip(closures, settings):
-                self._log_settings(lr, eps)
-                previous, pending = pending, None  # _estimate applies it, also when a closure raises
-                seeds, grads, losses = self._estimate(closure, _recorded, eps, previous)
-                pending, ok = self._finish(seeds, grads, lr, eps)
-                results.append(self._close_step(grads, losses, ok))
-        finally:
-            if pending is not None:
-                self._pass(*pending)
-            if results:
-                self._record(len(results))
-        return results
-
-    def _record(self, group: int) -> None:
-        """Log the completed steps' losses; ``group`` is 0 for :meth:`step`, n for an n-step :meth:`step_many`."""
-        self.log["losses"].extend(self._done_losses)
-        self.log["groups"].append(group)
-        self._done_losses = []
+        return self._step_many(list(closures), _Live(), self._scheduled)
 
     def state_dict(self) -> dict:
         """Everything but the weights: resuming needs this plus the weights, or the starting weights and the log."""
@@ -365,10 +345,10 @@ class ZOOptimizer:
         device and implementation: every pass is re-applied in the same order with the same coefficients.
         """
         checked = self._checked_log(log)  # before the first pass: another parameter set's log changes nothing
-        losses, groups = checked["losses"], checked["groups"]
+        tape = _Tape(checked["losses"])
         changes = {key: sorted(checked[key]) for key in ("lr", "eps")}
 
-        def setting(key, at_step):
+        def recorded(key, at_step):
             value = None
             for step, v in changes[key]:
                 if step > at_step:
@@ -376,17 +356,60 @@ class ZOOptimizer:
                 value = v
             return value
 
+        def setting(step):
+            return recorded("lr", step), recorded("eps", step)
+
         def unused():
             raise AssertionError("replay evaluates no closure")
 
-        self._replaying = setting
-        try:
-            for group in groups:
-                if group == 0:
-                    self.step(unused, _recorded=losses)
-                else:
-                    self.step_many([unused] * group, _recorded=losses)
-        finally:
-            self._replaying = None
-        if losses:
-            raise ValueError(f"log has {len(losses)} unused loss values: it does not match this optimiser")
+        for group in checked["groups"]:
+            if group == 0:
+                self._step(unused, tape, setting)
+            else:
+                self._step_many([unused] * group, tape, setting)
+        if tape.remaining:
+            raise ValueError(f"log has {tape.remaining} unused loss values: it does not match this optimiser")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loss sources: where a step's losses come from, handed to the step explicitly (never through the optimiser's state)
+class _Live:
+    """The losses of :meth:`ZOOptimizer.step` / ``step_many``: ``closure()`` under inference mode, kept per step
+    so that only completed steps reach the log."""
+
+    def __init__(self):
+        self.current, self.done = [], []
+
+    def __call__(self, closure) -> float:
+        with torch.inference_mode():
+            loss = closure()
+        loss = float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        self.current.append(loss)
+        return loss
+
+    def close_step(self) -> None:
+        self.done += self.current
+        self.current = []
+
+    def take_done(self) -> list[float]:
+        done, self.done = self.done, []
+        return done
+
+
+class _Tape(_Live):
+    """The losses of :meth:`ZOOptimizer.replay`: a recorded log's, in order; no closure is called. The replayed steps
+    log them again, so the replaying optimiser's log equals the recorded one."""
+
+    def __init__(self, losses: list[float]):
+        super().__init__()
+        self.losses, self.position = losses, 0
+
+    def __call__(self, closure) -> float:
+        loss = self.losses[self.position]
+        self.position += 1
+        self.current.append(loss)
+        return loss
+
+    @property
+    def remaining(self) -> int:
+        return len(self.losses) - self.position

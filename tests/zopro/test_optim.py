@@ -8,7 +8,8 @@ import torch
 
 from zokernels import rng
 from zokernels.guided import LowRank
-from zopro.optim import ZOOptimizer, derive_seed
+from zopro.optim import ZOOptimizer
+from zopro.seeds import derive_seed
 from zopro.samplers import Isotropic, RankGuided, Targeted
 
 

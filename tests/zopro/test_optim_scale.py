@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from zokernels import rng
-from zopro.optim import ZOOptimizer, derive_seed
+from zopro.optim import ZOOptimizer
+from zopro.seeds import derive_seed
 from zopro.samplers import Targeted
 
 # |z| of the spec's Gaussian never exceeds 4.71 (zokernels.rng docstring)

@@ -139,6 +139,11 @@ def test_replay_of_its_own_log_still_reproduces_the_run():
     replayer = ZOOptimizer(replayer_params, lr=1e-2, seed=3)
     replayer.replay(opt.state_dict()["log"])
     assert all(torch.equal(replayer_params[n], params[n]) for n in params)
+    # the replayed steps log the tape's losses: the replaying optimiser's log is the recorded one, so it can be
+    # saved, resumed and replayed again (before issue 12 it logged the steps' groups without their losses)
+    mine, theirs = replayer.state_dict()["log"], opt.state_dict()["log"]
+    assert torch.equal(mine["losses"], theirs["losses"]) and torch.equal(mine["groups"], theirs["groups"])
+    assert (replayer.step_count, mine["lr"], mine["eps"]) == (opt.step_count, theirs["lr"], theirs["eps"])
 
 
 @pytest.mark.parametrize("views", [

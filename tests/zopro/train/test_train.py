@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.config import TrainConfig, from_args, preset
-from zopro.evaluate import main as evaluate_main
-from zopro.evaluate import reevaluate
-from zopro.judges import HeuristicJudge
-from zopro.train import main, paired_change, run
+from zopro.seeds import RunSeeds
+from zopro.train.config import TrainConfig, eval_config, from_args, preset
+from zopro.train.evaluate import main as evaluate_main
+from zopro.train.evaluation import reevaluate
+from zopro.train.judges import HeuristicJudge
+from zopro.train import main, run
+from zopro.train.evaluation import paired_change
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
 
@@ -92,7 +94,7 @@ def test_resuming_a_run_of_an_older_version_fails_before_touching_it(tmp_path):
 
 
 def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, monkeypatch):
-    import zopro.train as train
+    from zopro.train import evaluation
 
     calls = []
 
@@ -105,17 +107,18 @@ def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, mon
             assert all(c.startswith(p + "|") for p, c in zip(prompts, completions, strict=True))
             return torch.tensor([float(c.rsplit("|", 1)[1]) for c in completions])
 
-    monkeypatch.setattr(train, "sample_completions", fake_sample)
+    monkeypatch.setattr(evaluation, "sample_completions", fake_sample)
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=7)  # 7 // 3 = 2 prompts a call: chunks of 2, 2 and 1
     prompts = [f"p{i}" for i in range(5)]
-    metric, values, texts = train.evaluate(None, None, IndexJudge(), prompts, cfg)
+    ev, run_seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, values, texts = evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]] and {c[1] for c in calls} == {3}
     seeds = [c[2] for c in calls]
     assert len(set(seeds)) == 3
     assert metric == "mean judge score" and values == [1.0] * 5  # mean of sample indices 0, 1, 2
     assert texts[3] == [f"p3|{seeds[1]}|{j}" for j in range(3)]
     calls.clear()
-    train.evaluate(None, None, IndexJudge(), prompts, cfg)
+    evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert [c[2] for c in calls] == seeds  # the same seeds every time: "before" and "after" share them
 
 
@@ -222,8 +225,8 @@ def test_default_config_is_valid_and_documented():
 
 @pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
-    from zopro.models import build_tiny_model, build_tiny_tokenizer
-    from zopro.train import load_models
+    from zopro.train.models import build_tiny_model, build_tiny_tokenizer
+    from zopro.train.loading import load_models
 
     tok = build_tiny_tokenizer()
     build_tiny_model(len(tok), seed=0, hidden=64, layers=2, heads=4).save_pretrained(tmp_path / "tiny")
@@ -238,19 +241,21 @@ def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
 
 
 def test_pairwise_judge_scores_after_against_before(tmp_path):
-    from zopro.judges import CallableJudge
-    from zopro.train import evaluate, load_models
+    from zopro.train.judges import CallableJudge
+    from zopro.train.evaluation import evaluate
+    from zopro.train.loading import load_models
 
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=3)  # one prompt per generate call
     bundle, tokenizer = load_models(cfg, torch.device("cpu"))
     prompts = ["hello there", "say something nice"]
     judge = CallableJudge(lambda prompt, a, b: len(a) >= len(b))  # no score(): only pairwise preferences
-    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, cfg)
+    ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
+    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     assert metric == "win rate vs before" and first == [0.5, 0.5]  # nothing to compare with yet
     assert [len(t) for t in texts] == [3, 3]
-    _, again, same = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=texts)
+    _, again, same = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
     assert same == texts and again == [1.0, 1.0]  # same seeds, same weights: identical answers, ties go to "after"
     longer = [[t + "!" for t in ts] for ts in texts]
     longer[1][0] = ""  # sample 0 of prompt 1 now loses to nothing: that prompt wins 1 of its 3 comparisons
-    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, cfg, reference_texts=longer)
+    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=longer)
     assert never == pytest.approx([0.0, 1 / 3])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from zopro.config import PRESETS, TrainConfig, preset
+from zopro.train.config import PRESETS, TrainConfig, preset
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[3] / "README.md"
 
 DEFAULTS = {
     "preset": "default", "output_dir": "runs/zopro", "model": "smollm2", "gguf_file": "", "reward_model": "",

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import statistics
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,12 +13,14 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from zopro import Targeted, ZOOptimizer
-from zopro.checkpoint import load as load_checkpoint
-from zopro.config import preset
-from zopro.evaluate import main as evaluate_main
-from zopro.models import PolicyRewardModel
-from zopro.rollout import collect_rollout, tokenize_prompts
-from zopro.train import adam_direction, logprob_temperature, next_guide, run, surrogate
+from zopro.train.checkpoint import load as load_checkpoint
+from zopro.train.config import preset
+from zopro.train.evaluate import main as evaluate_main
+from zopro.train.models import PolicyRewardModel
+from zopro.train.rollout import collect_rollout, tokenize_prompts
+from zopro.train import run
+from zopro.train.guides import adam_direction, next_guide
+from zopro.train.updaters import logprob_temperature, surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
@@ -48,7 +49,7 @@ def test_ratio_is_exactly_one_at_the_sampling_weights(bundle, tiny_tokenizer):
                          seed=5, max_prompt_len=16, logprob_temperature=0.7)
     rows = torch.arange(len(ro.sequences))
     # ratio exp(new - old) == 1 at the weights that sampled: the surrogate is -mean(A) to the last bit
-    assert surrogate(bundle, ro, rows, SimpleNamespace(loss="sequence", clip=0.2)).item() == \
+    assert surrogate(bundle, ro, rows, loss="sequence", clip=0.2).item() == \
         (-ro.advantages).mean().item()
 
 
@@ -132,7 +133,7 @@ def test_guides_carry_information_through_zo_iterations():
     earlier = {n: torch.randn(t.shape, generator=gen) for n, t in moved.items()}
 
     def guide(kind, previous=None, fo_opt=None, seed=0):
-        return next_guide(SimpleNamespace(guide=kind), moved, previous, fo_opt, {}, seed)
+        return next_guide(kind, moved, previous, fo_opt, {}, seed)
 
     assert guide("prev", earlier) is moved
     cumulative = guide("cumulative", earlier)

@@ -10,7 +10,7 @@ Sources:
 * the paper's three hub datasets, read through ``datasets.load_dataset`` with their real ids, configs and
   schemas (:func:`load_hh_rlhf`, :func:`load_tldr`, :func:`load_wmt20`). Each takes ``path=`` to read a local
   ``.json``/``.jsonl``/``.parquet`` file of the same schema instead of the hub (how the tests run, offline);
-* the project's own prompt set (:func:`load_default_prompts`, ``zopro/assets/prompts.jsonl``).
+* the project's own prompt set (:func:`load_default_prompts`, ``zopro/train/assets/prompts.jsonl``).
 
 Nothing here touches the global random generator: :func:`split_prompts` uses its own ``random.Random(seed)``.
 """
@@ -177,7 +177,7 @@ def load_local(path: str | Path) -> list[PromptRecord]:
 
 
 def load_default_prompts() -> list[PromptRecord]:
-    """The project's own instruction prompts (``zopro/assets/prompts.jsonl``), prompt-only records."""
+    """The project's own instruction prompts (``zopro/train/assets/prompts.jsonl``), prompt-only records."""
     return load_local(PROMPTS_PATH)
 
 

@@ -1,7 +1,7 @@
 """First-order baselines on our rollouts: PPO with a value model (GAE, clipped surrogate, clipped value loss, AdamW)
 and RLOO with backprop (the paper's iteration 0).
 
-Both consume the :class:`~zopro.rollout.Rollout` that ZOPrO trains on (same sampling, same reward model, same
+Both consume the :class:`~zopro.train.rollout.Rollout` that ZOPrO trains on (same sampling, same reward model, same
 reference), so in a benchmark only the optimisation differs. PPO follows the TRL ``PPOv2Trainer`` (trl 0.9-0.11,
 ``trl/trainer/ppov2_trainer.py``) step by step; the defaults are TRL's, with their source next to each field.
 
@@ -16,18 +16,19 @@ token ``input_ids[:, t]``; ``values[:, t]`` is the value of the state *before* t
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from zopro.models import PolicyRewardModel
-from zopro.rollout import Rollout
-from zopro.train import first_order_step
+from zopro.train.losses import clipped_terms, masked_mean
+from zopro.train.models import PolicyRewardModel, last_true_index
+from zopro.train.rollout import Rollout
+from zopro.train.updaters import Update, first_order_step, old_token_logps
 
 __all__ = [
     "PPOConfig",
+    "PPOUpdater",
     "ValueModel",
     "compute_gae",
     "make_ppo",
@@ -65,7 +66,7 @@ class PPOConfig:
     # OpenRLHF --max_norm 1.0 and TrainingArguments.max_grad_norm (PPOv2Trainer's loop does not clip); None: off.
     max_grad_norm: float | None = 1.0
     # 1.0 here (the model's own distribution); python -m zopro.train sets the sampling temperature, as TRL does and
-    # as train.surrogate and the rollout's KL use (--logprob-temperature).
+    # as updaters.surrogate and the rollout's KL use (--logprob-temperature).
     logprob_temperature: float = 1.0
     seed: int = 0  # value adapter/head initialisation and minibatch shuffling (ours)
 
@@ -139,12 +140,6 @@ def _check_bt(ref_name: str, ref: Tensor, **others: Tensor) -> None:
             raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}")
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask``; 0 if the mask is empty (no device sync to check it)."""
-    m = mask.bool()
-    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp(min=1)
-
-
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     """TRL's ``masked_whiten``: ``(x - mean) / sqrt(var + 1e-8)`` over ``mask`` (unbiased variance), plus the mean
     back if ``shift_mean`` is False; 0 outside the mask."""
@@ -173,7 +168,7 @@ def token_rewards(scores: Tensor, policy_token_logps: Tensor, ref_token_logps: T
     m = mask.bool()
     kl = policy_token_logps.float() - ref_token_logps.float()
     rewards = torch.where(m, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    last = m.shape[1] - 1 - m.flip(-1).long().argmax(-1)  # last True per row (T - 1 for an empty row)
+    last = last_true_index(m)  # last response token per row (T - 1 for an empty row)
     score = scores.to(rewards) * m.any(-1)
     return rewards.scatter_add(1, last.unsqueeze(1), score.unsqueeze(1))
 
@@ -200,15 +195,15 @@ def compute_gae(values: Tensor, rewards: Tensor, mask: Tensor, gamma: float, lam
 
 
 def policy_loss(new_logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, cliprange: float):
-    """Clipped surrogate per token, masked mean (TRL): ``(loss, clip fraction, approx KL)``, all 0-D.
+    """Clipped surrogate per token (:func:`~zopro.train.losses.clipped_terms`), masked mean (TRL):
+    ``(loss, clip fraction, approx KL)``, all 0-D.
 
     ``l_t = max(-A_t * ratio_t, -A_t * clamp(ratio_t, 1 - c, 1 + c))``, ``ratio_t = exp(new_t - old_t)``;
     approx KL ``= 0.5 * mean((new - old)^2)`` over the mask.
     """
     _check_bt("new_logps", new_logps, old_logps=old_logps, advantages=advantages, mask=mask)
     log_ratio = new_logps - old_logps
-    ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    unclipped, clipped = clipped_terms(log_ratio, advantages, cliprange)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     return loss, masked_mean((clipped > unclipped).float(), mask), 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
 
@@ -315,7 +310,7 @@ def ppo_step(bundle: PolicyRewardModel, value_model: ValueModel, rollout: Rollou
 
 def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.optim.Optimizer, clip: float = 0.2,
               loss: str = "sequence", microbatch: int = 0) -> dict[str, float]:
-    """First-order RLOO with backprop (the paper's iteration 0): :func:`zopro.train.first_order_step` on the
+    """First-order RLOO with backprop (the paper's iteration 0): :func:`zopro.train.updaters.first_order_step` on the
     rollout's RLOO advantages, so the baseline is the very code ``python -m zopro.train`` runs.
 
     ``loss``: ``"sequence"`` (PPO-clip on summed log-probs, the paper) or ``"token"``; ``microbatch``: rows per
@@ -325,7 +320,38 @@ def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.opti
         raise ValueError(f"loss must be 'sequence' or 'token', got {loss!r}")
     if not isinstance(microbatch, int) or microbatch < 0:
         raise ValueError(f"microbatch must be a non-negative int, got {microbatch!r}")
-    old_tok = rollout.policy_token_logps if loss == "token" else None  # as train.Run.train_step
-    cfg = types.SimpleNamespace(loss=loss, clip=clip, fo_microbatch=microbatch)
-    value, grad_norm = first_order_step(bundle, rollout, optimizer, cfg, old_tok)
+    value, grad_norm = first_order_step(bundle, rollout, optimizer, loss=loss, clip=clip, microbatch=microbatch,
+                                        old_tok=old_token_logps(rollout, loss))
     return {"loss": value, "grad_norm": grad_norm}
+
+
+class PPOUpdater:
+    """The training program's PPO: one :func:`ppo_step` per rollout, with one AdamW over the policy adapter and the
+    critic (TRL steps policy and value with one optimiser), made afresh each iteration; the critic lives for the run."""
+
+    mode = "ppo"
+    checkpoint_key = "fo_optimizer"
+
+    def __init__(self, bundle: PolicyRewardModel, value_model: ValueModel, cfg: PPOConfig):
+        self.bundle, self.value_model, self.cfg = bundle, value_model, cfg
+        params = list(bundle.policy_parameters().values()) + list(value_model.trainable_parameters().values())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+
+    @property
+    def first_order_optimizer(self):
+        """The optimiser whose moments ``--guide adam`` reads when the iteration ends."""
+        return self.optimizer
+
+    def step(self, rollout: Rollout, seed: int) -> Update:
+        """One PPO update; ``seed`` orders its minibatches."""
+        stats = ppo_step(self.bundle, self.value_model, rollout, self.optimizer, self.cfg, seed=seed)
+        return Update(self.mode, stats["loss"], stats["grad_norm"], self.cfg.lr, None, 0)
+
+    def iteration_log(self) -> dict | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)

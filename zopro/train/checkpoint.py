@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from zopro.train.config import TrainConfig, load_saved, validate
+
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
@@ -48,32 +50,27 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _atomic_file(path: Path, write) -> None:
+    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    write(tmp)
+    _fsync_file(tmp)
     _publish(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous), published atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    _fsync_file(tmp)
-    _publish(tmp, path)
+    _atomic_file(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
 
 
 def atomic_torch_save(path: Path, obj) -> None:
     """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    _fsync_file(tmp)
-    _publish(tmp, path)
+    _atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_publish_dir(tmp: Path, final: Path) -> None:
@@ -288,8 +285,6 @@ def _verify(ckpt: Path, manifest: Path) -> None:
 def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     """``(typed config, final checkpoint)`` of the finished run in ``run_dir``: the config checked as flags are, the
     checkpoint in phase 'done' (never an earlier one). ValueError naming the file otherwise."""
-    from zopro.config import TrainConfig, load_saved, validate
-
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{run_dir}: not a run directory (no config.json)")

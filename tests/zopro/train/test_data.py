@@ -1,12 +1,12 @@
-"""zopro.data: local files, the three hub loaders on local files of the real schema, splitting, default prompts."""
+"""zopro.train.data: local files, the three hub loaders on local files of the real schema, splitting, default prompts."""
 
 import json
 import random
 
 import pytest
 
-from zopro import data
-from zopro.data import (
+from zopro.train import data
+from zopro.train.data import (
     PROMPTS_PATH,
     PromptRecord,
     load_default_prompts,
@@ -141,7 +141,7 @@ def test_split_hh_dialogue_roundtrips():
 
 def test_load_hh_rlhf_local_jsonl(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "hh.jsonl", HH_ROWS)
-    with caplog.at_level("WARNING", logger="zopro.data"):
+    with caplog.at_level("WARNING", logger="zopro.train.data"):
         records = load_hh_rlhf("test", path=path, cache_dir=tmp_path / "cache")
     assert records == HH_EXPECTED
     assert "skipped 1 of 4" in caplog.text
@@ -169,7 +169,7 @@ TLDR_ROWS = [
 
 def test_load_tldr_local(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "tldr.jsonl", TLDR_ROWS)
-    with caplog.at_level("WARNING", logger="zopro.data"):
+    with caplog.at_level("WARNING", logger="zopro.train.data"):
         records = load_tldr("validation", path=path, cache_dir=tmp_path / "cache")
     prompt = "SUBREDDIT: r/cats\nTITLE: New pet\nPOST: I adopted a cat.\nTL;DR:"
     assert records == [

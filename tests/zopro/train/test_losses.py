@@ -1,4 +1,4 @@
-"""zopro.losses against hand-computed values."""
+"""zopro.train.losses against hand-computed values."""
 
 import math
 
@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zopro.losses import (
+from zopro.train.losses import (
     bradley_terry_loss,
     kl_penalised_rewards,
-    masked_logprob_sums,
     ppo_clip_loss_sequence,
     ppo_clip_loss_token,
     rloo_advantages,
@@ -191,41 +190,10 @@ def test_bradley_terry_loss_errors():
 # --- Masked log-prob sums -------------------------------------------------------------------------------------------
 
 
-def test_masked_logprob_sums_hand_computed():
-    # Position 0: probs (1/4, 1/2, 1/4), token 1 -> log 1/2. Position 1: probs (1/4, 1/4, 1/2), token 0 -> log 1/4.
-    # Position 2 is masked, its token id is -100 (ignored).
-    logits = torch.log(torch.tensor([[[1.0, 2.0, 1.0], [1.0, 1.0, 2.0], [5.0, 1.0, 1.0]]]))
-    tokens = torch.tensor([[1, 0, -100]])
-    mask = torch.tensor([[True, True, False]])
-    sums, token_logps = masked_logprob_sums(logits, tokens, mask)
-    torch.testing.assert_close(token_logps, torch.tensor([[math.log(0.5), math.log(0.25), 0.0]]))
-    torch.testing.assert_close(sums, torch.tensor([math.log(0.125)]))
-    assert sums.dtype == torch.float32 and token_logps.dtype == torch.float32
+def test_masked_mean_hand_computed_ignores_masked_nan_and_is_zero_when_empty():
+    from zopro.train.losses import masked_mean
 
-
-def test_masked_logprob_sums_matches_loop_and_upcasts_bf16():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 5, 11, generator=g).to(torch.bfloat16)
-    tokens = torch.randint(0, 11, (3, 5), generator=g)
-    mask = torch.rand(3, 5, generator=g) > 0.3
-    sums, token_logps = masked_logprob_sums(logits, tokens, mask)
-    assert token_logps.dtype == torch.float32
-    for b in range(3):
-        total = 0.0
-        for t in range(5):
-            row = logits[b, t].double()
-            lp = (row[tokens[b, t]] - torch.logsumexp(row, 0)).item() if mask[b, t] else 0.0
-            assert token_logps[b, t].item() == pytest.approx(lp, abs=1e-5)
-            total += lp
-        assert sums[b].item() == pytest.approx(total, abs=1e-5)
-
-
-def test_masked_logprob_sums_errors():
-    with pytest.raises(ValueError, match="logits"):
-        masked_logprob_sums(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3))
-    with pytest.raises(ValueError, match="tokens"):
-        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3))
-    with pytest.raises(TypeError, match="tokens"):
-        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 3), torch.ones(2, 3))
-    with pytest.raises(ValueError, match="mask"):
-        masked_logprob_sums(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 4))
+    x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, float("inf"), 6.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
+    assert masked_mean(x, mask).item() == 3.0  # (1 + 2 + 6) / 3
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0

@@ -203,10 +203,11 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 0)
 
 
-def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position with ``attention_mask == 1`` per row (left and/or right padding)."""
-    t = attention_mask.shape[-1]
-    return t - 1 - attention_mask.flip(-1).long().argmax(-1)
+def last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last nonzero position of ``mask [B, T]`` per row (left and/or right padding; ``T - 1`` for an
+    empty row): the last token of an attention mask, the last response token of a response mask."""
+    t = mask.shape[-1]
+    return t - 1 - mask.flip(-1).long().argmax(-1)
 
 
 def _rng_devices(module: nn.Module) -> list[int]:
@@ -218,7 +219,7 @@ def _sorted_targets(targets):
     return sorted(targets) if isinstance(targets, (set, frozenset)) else targets
 
 
-def _check_batch(input_ids, attention_mask, response_mask=None) -> None:
+def _check_token_batch(input_ids, attention_mask, response_mask=None) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError("input_ids must be a 2-D tensor [B, T]")
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -603,7 +604,7 @@ class PolicyRewardModel:
         ``temperature`` divides the logits (1.0: the model's own distribution). Runs under ``torch.inference_mode``
         unless ``grad=True``.
         """
-        _check_batch(input_ids, attention_mask, response_mask)
+        _check_token_batch(input_ids, attention_mask, response_mask)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         with _grad_context(grad), self._using(POLICY):
@@ -611,7 +612,7 @@ class PolicyRewardModel:
 
     def reference_logprobs(self, input_ids, attention_mask, response_mask, *, grad=False, temperature=1.0):
         """As :meth:`policy_logprobs`, under the reference policy."""
-        _check_batch(input_ids, attention_mask, response_mask)
+        _check_token_batch(input_ids, attention_mask, response_mask)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         with _grad_context(grad), self.reference():
@@ -623,13 +624,13 @@ class PolicyRewardModel:
         With an external reward model that has its own tokenizer, ``prompts`` and ``completions`` (texts, one per
         row) are scored instead of the ids.
         """
-        _check_batch(input_ids, attention_mask)
+        _check_token_batch(input_ids, attention_mask)
         with _grad_context(grad):
             if self.external_reward is not None:
                 return self.external_reward.scores(input_ids, attention_mask, prompts, completions)
             with self._using(REWARD):
                 hidden = self._hidden(input_ids, attention_mask)
-            last = _last_token_index(attention_mask).to(hidden.device)
+            last = last_true_index(attention_mask).to(hidden.device)
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
             return self.score_head(h.to(self.trainable_dtype)).squeeze(-1).float()
 
@@ -640,7 +641,7 @@ class PolicyRewardModel:
         its tensors by canonical name (see :meth:`value_parameters`).
 
         For a PPO critic that does not share LoRA weights with the policy while the base is still held once. The
-        value head lives with the caller (``zopro.ppo.ValueModel``). Nothing else changes: checkpoints
+        value head lives with the caller (``zopro.train.ppo.ValueModel``). Nothing else changes: checkpoints
         (:meth:`trainable_state`) still hold policy, reward and score head only. ``seed`` seeds the LoRA
         initialisation (the global RNG is not touched). Raises ``ValueError`` if the adapter exists already.
         """
@@ -666,7 +667,7 @@ class PolicyRewardModel:
 
     def value_hidden_states(self, input_ids, attention_mask, *, grad=False) -> torch.Tensor:
         """Last hidden states ``[B, T, H]`` of the base under the value adapter (positions as in generate)."""
-        _check_batch(input_ids, attention_mask)
+        _check_token_batch(input_ids, attention_mask)
         self.value_parameters()  # raises if there is no value adapter
         with _grad_context(grad), self._using(VALUE):
             return self._hidden(input_ids, attention_mask)
@@ -682,7 +683,7 @@ class PolicyRewardModel:
         """
         from transformers import GenerationConfig
 
-        _check_batch(prompt_input_ids, prompt_attention_mask)
+        _check_token_batch(prompt_input_ids, prompt_attention_mask)
         for name, value in (("k", k), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

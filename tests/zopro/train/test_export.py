@@ -1,5 +1,5 @@
 """What a run leaves is usable without zopro: standard PEFT folders for the policy and the reward model, a merged
-model from ``python -m zopro.export``, both loaded by transformers + peft alone in a fresh process and checked
+model from ``python -m zopro.train.export``, both loaded by transformers + peft alone in a fresh process and checked
 against the run's own bundle; and a plain run prints no misleading warnings."""
 
 import json
@@ -14,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro import checkpoint
-from zopro.config import TrainConfig, load_saved
-from zopro.export import main as export_main
-from zopro.train import load_models, run
+from zopro.train import checkpoint
+from zopro.train.config import TrainConfig, load_saved
+from zopro.train.export import main as export_main
+from zopro.train import run
+from zopro.train.loading import load_models
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FLAGS = ["--preset", "smoke", "--threads", "1", "--iterations", "2", "--steps-per-iteration", "1"]
 PROMPT = "Say hello to the sea."
 NEW_TOKENS = 12
@@ -57,7 +58,7 @@ def test_a_plain_run_prints_no_warnings(finished):
 
 
 def test_only_bitsandbytes_cpu_kernel_message_is_dropped(caplog):
-    import zopro.models  # noqa: F401 (installs the filter)
+    import zopro.train.models  # noqa: F401 (installs the filter)
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING):

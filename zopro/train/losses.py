@@ -17,7 +17,7 @@ from torch import Tensor
 __all__ = [
     "bradley_terry_loss",
     "kl_penalised_rewards",
-    "masked_logprob_sums",
+    "masked_mean",
     "ppo_clip_loss_sequence",
     "ppo_clip_loss_token",
     "rloo_advantages",
@@ -94,12 +94,23 @@ def kl_penalised_rewards(
     return scores - kl_coef * kl, kl
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over ``mask`` (bool or 0/1); 0 if the mask is empty (no device sync to check it). Masked
+    positions are excluded with ``torch.where``, so NaN or inf there does not leak into the mean."""
+    m = mask.bool()
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / m.sum().clamp(min=1)
+
+
+def clipped_terms(log_ratio: Tensor, advantages: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """The PPO surrogate's two terms, elementwise: ``(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))`` with
+    ``ratio = exp(log_ratio)``; the loss is their maximum (PPO's loss also reports where the clipped one wins)."""
+    ratio = torch.exp(log_ratio)
+    return -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+
+
 def _clipped_surrogate(log_ratio: Tensor, advantages: Tensor, clip: float) -> Tensor:
     """Elementwise ``max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(log_ratio)``."""
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    return torch.maximum(unclipped, clipped)
+    return torch.maximum(*clipped_terms(log_ratio, advantages, clip))
 
 
 def ppo_clip_loss_sequence(new_logp_sum: Tensor, old_logp_sum: Tensor, advantages: Tensor, clip: float = 0.2) -> Tensor:
@@ -154,10 +165,7 @@ def ppo_clip_loss_token(
     if advantages.shape != new_logp.shape[:1]:
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
     _check_clip(clip)
-    valid = mask.bool()
-    per_token = _clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip)
-    per_token = torch.where(valid, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    return per_token.sum() / valid.sum().clamp(min=1)
+    return masked_mean(_clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip), mask)
 
 
 def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, target: Tensor | None = None) -> Tensor:
@@ -187,41 +195,3 @@ def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, target: T
         raise ValueError("target must hold probabilities in [0, 1]")
     target = target.to(d.dtype)
     return (target * F.softplus(-d) + (1 - target) * F.softplus(d)).mean()
-
-
-def masked_logprob_sums(logits: Tensor, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token and summed log-probs of ``tokens`` under ``logits``, restricted to ``mask``.
-
-    The logits must already be aligned with the tokens: ``logits[:, t]`` is the distribution that predicts
-    ``tokens[:, t]`` (for a causal LM, pass ``model_logits[:, :-1]`` and ``input_ids[:, 1:]``).
-
-    ``token_logps[b, t] = log_softmax(float32(logits[b, t]))[tokens[b, t]]`` where ``mask[b, t]``, else 0;
-    ``sums[b] = sum_t token_logps[b, t]``.
-
-    Masked token ids may be anything (e.g. -100 or a pad id): they are replaced by 0 before the gather.
-    The log-softmax runs in float32 whatever the logits' dtype, because bf16 log-probs summed over 50+ tokens
-    lose about two significant digits.
-
-    Args:
-        logits: ``[B, T, V]`` logits, any float dtype.
-        tokens: ``[B, T]`` integer token ids.
-        mask: ``[B, T]`` bool or 0/1 tensor, true for tokens to score.
-
-    Returns:
-        ``(sums, token_logps)``: ``[B]`` and ``[B, T]``, float32.
-    """
-    _check_tensor("logits", logits)
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be 3-D [B, T, V], got shape {tuple(logits.shape)}")
-    _check_tensor("tokens", tokens)
-    if tokens.shape != logits.shape[:2]:
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:2])} [B, T]")
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be an integer tensor, got {tokens.dtype}")
-    _check_same_shape("tokens", tokens, mask=mask)
-    valid = mask.bool()
-    safe_tokens = torch.where(valid, tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device)).long()
-    logps = torch.log_softmax(logits.float(), dim=-1)
-    token_logps = logps.gather(-1, safe_tokens.unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.where(valid, token_logps, torch.zeros((), dtype=token_logps.dtype, device=token_logps.device))
-    return token_logps.sum(dim=1), token_logps

@@ -49,7 +49,7 @@ def _check_texts(name: str, texts: object) -> list[str]:
     return list(texts)
 
 
-def _check_batch(**named: object) -> list[list[str]]:
+def _check_text_batch(**named: object) -> list[list[str]]:
     lists = [_check_texts(name, texts) for name, texts in named.items()]
     lengths = {name: len(texts) for name, texts in zip(named, lists, strict=True)}
     if len(set(lengths.values())) > 1:
@@ -82,7 +82,7 @@ class _ScoreJudge:
 
     def prefer(self, prompts: list[str], completions_a: list[str], completions_b: list[str]) -> Tensor:
         """``P(a > b) = sigmoid((score(a) - score(b)) / temperature)``, ``[N]`` float32."""
-        prompts, completions_a, completions_b = _check_batch(
+        prompts, completions_a, completions_b = _check_text_batch(
             prompts=prompts, completions_a=completions_a, completions_b=completions_b
         )
         n = len(prompts)
@@ -105,7 +105,7 @@ class CallableJudge:
 
     def prefer(self, prompts: list[str], completions_a: list[str], completions_b: list[str]) -> Tensor:
         """``[N]`` float32: ``fn(prompts[i], completions_a[i], completions_b[i])`` for each i."""
-        prompts, completions_a, completions_b = _check_batch(
+        prompts, completions_a, completions_b = _check_text_batch(
             prompts=prompts, completions_a=completions_a, completions_b=completions_b
         )
         out = []
@@ -216,7 +216,7 @@ class RewardModelJudge(_ScoreJudge):
 
     def score(self, prompts: list[str], completions: list[str]) -> Tensor:
         """``[N]`` float32 reward of each ``prompts[i] + completions[i]``."""
-        prompts, completions = _check_batch(prompts=prompts, completions=completions)
+        prompts, completions = _check_text_batch(prompts=prompts, completions=completions)
         texts = [p + c for p, c in zip(prompts, completions, strict=True)]
         device = _model_device(self.model)
         out = []
@@ -317,7 +317,7 @@ class LLMJudge:
 
     def prefer(self, prompts: list[str], completions_a: list[str], completions_b: list[str]) -> Tensor:
         """``[N]`` float32 ``P(a > b)``, averaged over both presentation orders."""
-        prompts, completions_a, completions_b = _check_batch(
+        prompts, completions_a, completions_b = _check_text_batch(
             prompts=prompts, completions_a=completions_a, completions_b=completions_b
         )
         out = []
@@ -456,7 +456,7 @@ class HeuristicJudge(_ScoreJudge):
 
     def score(self, prompts: list[str], completions: list[str]) -> Tensor:
         """``[N]`` float32 heuristic score of each completion (formula in the class docstring)."""
-        prompts, completions = _check_batch(prompts=prompts, completions=completions)
+        prompts, completions = _check_text_batch(prompts=prompts, completions=completions)
         out = []
         for p, c in zip(prompts, completions, strict=True):
             feats = self.features(p, c)

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from zopro.config import RANGES, TrainConfig, coerce, from_args, preset, resume_differences, validate
+from zopro.train.config import RANGES, TrainConfig, coerce, from_args, preset, resume_differences, validate
 from zopro.train import main, run
 
 

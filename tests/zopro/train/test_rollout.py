@@ -1,4 +1,4 @@
-"""Tests of zopro.rollout on conftest's tiny tokenizer and tiny Llama (CPU, well under a second each)."""
+"""Tests of zopro.train.rollout on conftest's tiny tokenizer and tiny Llama (CPU, well under a second each)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro.models import AnyRewardModel, PolicyRewardModel
-from zopro.rollout import Rollout, _rloo, collect_rollout, tokenize_prompts
+from zopro.train.models import AnyRewardModel, PolicyRewardModel
+from zopro.train.losses import rloo_advantages
+from zopro.train.rollout import Rollout, collect_rollout, tokenize_prompts
 
 PROMPTS = ["hello", "tell me about the blue sea", "why is the sky blue ?"]
 K = 4
@@ -42,9 +43,9 @@ def _collect(bundle, tokenizer, **overrides):
 def test_rloo_known_answer():
     rewards = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 4.0]])
     expected = torch.tensor([[-1.5, 0.0, 1.5], [-2.0, -2.0, 4.0]])  # r_i - mean of the other two
-    assert torch.equal(_rloo(rewards), expected)
+    assert torch.equal(rloo_advantages(rewards), expected)
     with pytest.raises(ValueError, match="k >= 2"):
-        _rloo(torch.ones(3, 1))
+        rloo_advantages(torch.ones(3, 1))
 
 
 def test_rollout_rows_match_generate_and_logprob_calls(bundle, tiny_tokenizer):

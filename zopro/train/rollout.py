@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from zopro.losses import kl_penalised_rewards, rloo_advantages
-from zopro.models import PolicyRewardModel
+from zopro.train.losses import kl_penalised_rewards, rloo_advantages
+from zopro.train.models import PolicyRewardModel
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Rollout:
     """A batch of ``N = P * k`` sampled sequences and everything RLOO needs about them.
 
     The log-prob sums are over response tokens, at ``logprob_temperature`` (the training program passes the
-    sampling temperature, so the PPO ratio that ``train.surrogate`` forms at the same temperature is the importance
+    sampling temperature, so the PPO ratio that ``updaters.surrogate`` forms at the same temperature is the importance
     ratio of the policy that sampled; ``collect_rollout``'s own default is 1.0, the model's own distribution).
     """
 
@@ -44,11 +44,6 @@ class Rollout:
     @property
     def num_prompts(self) -> int:
         return len(self.prompts)
-
-
-def _rloo(rewards: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out advantages of ``rewards [P, k]`` (kept as a named helper; the formula lives in losses)."""
-    return rloo_advantages(rewards)
 
 
 def prompt_text(tokenizer, prompt: str) -> tuple[str, bool]:
@@ -147,7 +142,7 @@ def collect_rollout(
                                       completions=completions)
         scores = scores.to(policy_logps.device)
         rewards, kl = kl_penalised_rewards(scores, policy_logps, ref_logps, float(kl_coef))
-        advantages = _rloo(rewards.view(len(prompts), k)).reshape(-1)
+        advantages = rloo_advantages(rewards.view(len(prompts), k)).reshape(-1)
     # Clone outside inference mode: inference tensors cannot be modified in place or saved for backward later.
     return Rollout(
         prompts=list(prompts),

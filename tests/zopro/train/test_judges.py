@@ -1,4 +1,4 @@
-"""zopro.judges: callable, reward-model, LLM and heuristic judges on tiny offline models."""
+"""zopro.train.judges: callable, reward-model, LLM and heuristic judges on tiny offline models."""
 
 import copy
 import math
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zopro.judges import DEFAULT_JUDGE_TEMPLATE, CallableJudge, HeuristicJudge, Judge, LLMJudge, RewardModelJudge
+from zopro.train.judges import DEFAULT_JUDGE_TEMPLATE, CallableJudge, HeuristicJudge, Judge, LLMJudge, RewardModelJudge
 
 pytestmark = pytest.mark.usefixtures("hf_home")
 

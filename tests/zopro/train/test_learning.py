@@ -9,8 +9,8 @@ probability (tests/zopro/test_ppo.py measured the same for PPO).
 
 Each test runs seed 0. Its margin comes from the gains of the same code (``_gain(mode, seed)``; model init,
 rollouts and directions all follow the seed) over seeds 0-7, measured on the shared 2-core CPU, and from the same 8
-seeds with the advantage's sign flipped inside ``zopro.train.surrogate`` (``-rollout.advantages[rows]``: every mode
-then trains away from the reward):
+seeds with the advantage's sign flipped inside ``zopro.train.updaters.surrogate`` (``-rollout.advantages[rows]``:
+every mode then trains away from the reward):
 
 ============  ===============================  ===============================  ======  =============
 mode          gain, seeds 0-7: mean +- std     sign flipped: mean +- std        margin  seed 0 (flip)
@@ -34,12 +34,11 @@ import re
 import pytest
 import torch
 
-from zopro.config import TrainConfig
-from zopro.models import PolicyRewardModel, build_tiny_model, build_tiny_tokenizer
+from zopro.train.models import PolicyRewardModel, build_tiny_model, build_tiny_tokenizer
 from zopro.optim import ZOOptimizer
-from zopro.rollout import collect_rollout
+from zopro.train.rollout import collect_rollout
 from zopro.samplers import Isotropic, Targeted
-from zopro.train import first_order_step, surrogate
+from zopro.train.updaters import first_order_step, surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
@@ -47,7 +46,7 @@ TOKENIZER = build_tiny_tokenizer()
 PROMPTS = ["abc", "hello", "xyz!", "The sky"]
 NEW_TOKENS = 8
 # The surrogate's settings, explicit: sequence-level PPO-clip (the paper's), clip 0.2, no microbatching.
-CFG = TrainConfig(loss="sequence", clip=0.2, fo_microbatch=0)
+SURROGATE = dict(loss="sequence", clip=0.2)
 
 
 def lowercase_fraction(input_ids, attention_mask, *, grad=False, prompts=None, completions=None):
@@ -76,7 +75,8 @@ def _mean_reward(bundle) -> float:
 def _train_first_order(bundle, seed, *, lr, steps, repeat, k):
     opt = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
     for step in range(steps):
-        first_order_step(bundle, _rollout(bundle, 1000 * seed + step, PROMPTS * repeat, k), opt, CFG, None)
+        rollout = _rollout(bundle, 1000 * seed + step, PROMPTS * repeat, k)
+        first_order_step(bundle, rollout, opt, microbatch=0, **SURROGATE)
 
 
 def _train_zo(bundle, params, sampler, seed, *, lr, eps, rollouts, steps_per_rollout, repeat, k):
@@ -85,14 +85,14 @@ def _train_zo(bundle, params, sampler, seed, *, lr, eps, rollouts, steps_per_rol
         r = _rollout(bundle, 1000 * seed + i, PROMPTS * repeat, k)
         rows = torch.arange(len(r.sequences))
         for _ in range(steps_per_rollout):
-            opt.step(lambda r=r, rows=rows: surrogate(bundle, r, rows, CFG))
+            opt.step(lambda r=r, rows=rows: surrogate(bundle, r, rows, **SURROGATE))
 
 
 def _gradient_guide(bundle, params, seed):
     """The first-order direction -grad of the surrogate on a 128-sample rollout (weights left as they are). From 16
     samples the gradient was mostly sampling noise: a step along it lowered the reward for 2 of 4 seeds."""
     r = _rollout(bundle, 10**6 + seed, PROMPTS * 4, 8)
-    loss = surrogate(bundle, r, torch.arange(len(r.sequences)), CFG, grad=True)
+    loss = surrogate(bundle, r, torch.arange(len(r.sequences)), **SURROGATE, grad=True)
     return {n: -g for n, g in zip(params, torch.autograd.grad(loss, list(params.values())))}
 
 

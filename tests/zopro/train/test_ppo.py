@@ -1,4 +1,4 @@
-"""Tests of zopro.ppo: hand-computed GAE, rewards and losses; the value model on the shared base; PPO learning a
+"""Tests of zopro.train.ppo: hand-computed GAE, rewards and losses; the value model on the shared base; PPO learning a
 synthetic reward on a tiny Llama; rloo_step is one clipped gradient step on the hand-written RLOO objective (CPU,
 seconds)."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro.ppo import (
+from zopro.train.ppo import (
     PPOConfig,
     compute_gae,
     make_ppo,
@@ -21,7 +21,7 @@ from zopro.ppo import (
     token_rewards,
     value_loss,
 )
-from zopro.rollout import collect_rollout
+from zopro.train.rollout import collect_rollout
 
 SEED = 0
 NAN = float("nan")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.p
 
 @pytest.fixture
 def make_bundle(tiny_llama_config, make_tiny_model):
-    from zopro.models import PolicyRewardModel
+    from zopro.train.models import PolicyRewardModel
 
     def make(seed=SEED, lm_head_scale=1.0):
         base = make_tiny_model(LlamaForCausalLM, tiny_llama_config, seed)
@@ -255,7 +255,7 @@ def test_ppo_steps_increase_a_synthetic_reward(make_bundle, tiny_tokenizer):
 
 
 def test_ppo_takes_token_logprobs_from_the_rollout_at_its_temperature(make_bundle, tiny_tokenizer):
-    from zopro.ppo import _token_logps
+    from zopro.train.ppo import _token_logps
 
     bundle = make_bundle(lm_head_scale=30.0)
     r = collect_rollout(bundle, tiny_tokenizer, PROMPTS, 2, 6, 1.0, 0.05, 7, 32)

@@ -1,4 +1,5 @@
-"""``python -m zopro.export RUN_DIR --merged OUT``: a finished run's policy merged into its base, for transformers.
+"""``python -m zopro.train.export RUN_DIR --merged OUT``: a finished run's policy merged into its base, for
+transformers.
 
 Reads the run's standard PEFT folder ``RUN_DIR/policy`` (written when the run finished), loads the base the way the
 run did (the smoke preset's tiny base from ``RUN_DIR/base``; a GGUF base dequantised to the run's ``--dtype``),
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from zopro import checkpoint
-from zopro.config import TrainConfig
+from zopro.train import checkpoint, models
+from zopro.train.config import TrainConfig
 
 
 def _finished_config(run_dir: Path) -> TrainConfig:
@@ -48,8 +49,6 @@ def _check_out(out: Path) -> None:
 
 def _base(cfg: TrainConfig, run_dir: Path):
     """``(causal LM, tokenizer)``: the run's base, unquantised, on the CPU."""
-    from zopro import models
-
     dtype = getattr(torch, cfg.dtype)
     if cfg.model == "tiny":
         return models.load_base(str(run_dir / "base"), dtype=dtype)
@@ -63,8 +62,6 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     """Write the merged policy of the finished run in ``run_dir`` to ``out`` (see the module docstring)."""
     from peft import PeftModel
 
-    from zopro.models import _peft_wrapping
-
     run_dir, out = Path(run_dir), Path(out)
     try:
         lock = checkpoint.lock(run_dir) if run_dir.is_dir() else None
@@ -74,7 +71,7 @@ def export_merged(run_dir: Path, out: Path) -> Path:
         cfg = _finished_config(run_dir)
         _check_out(out)
         base, tokenizer = _base(cfg, run_dir)
-        with _peft_wrapping():
+        with models._peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -88,7 +85,7 @@ def export_merged(run_dir: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zopro.export", allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m zopro.train.export", allow_abbrev=False,
                                      description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="the directory of a finished run")
     parser.add_argument("--merged", type=Path, required=True, metavar="OUT",

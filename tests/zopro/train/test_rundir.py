@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from zopro import checkpoint, train
-from zopro.config import preset
-from zopro.evaluate import main as evaluate_main
+from zopro.train import checkpoint, program
+from zopro.train.config import preset
+from zopro.train.evaluate import main as evaluate_main
 from zopro.train import main, run
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update", "wall_seconds", "resumed", "output_dir"}
@@ -135,7 +135,7 @@ def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(
 
     monkeypatch.setattr(checkpoint, "_publish", killing_publish)
     # the plot (written straight, not published; rewritten by every resume) cost ~0.3 s a call: 12 calls here
-    monkeypatch.setattr(train, "plot_rewards", lambda records, path: None)
+    monkeypatch.setattr(program, "plot_rewards", lambda records, path: None)
     out = tmp_path / "killed"
     for i, target in enumerate(kills):
         with pytest.raises(KeyboardInterrupt, match="killed before writing"):
@@ -236,7 +236,7 @@ def test_runs_made_before_checksums_load_only_for_reading(finished, tmp_path):
     (out / "LATEST").write_text(newest.name + "\n")  # as an older zopro wrote them
     with pytest.raises(ValueError, match="manifest.json: missing or damaged"):
         checkpoint.load(out)  # what --resume uses
-    assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.evaluate uses
+    assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.train.evaluate uses
 
 
 def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):

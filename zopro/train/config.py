@@ -132,6 +132,77 @@ class TrainConfig:
     checkpoint_every: int = field(default=1, metadata={"help": "steps between checkpoints"})
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-concern views: the few fields each part of the program reads, so that a helper is handed those and not the whole
+# config (the flags and config.json stay those of the flat TrainConfig above)
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How policy completions are sampled (rollouts, judged pairs, evaluation)."""
+
+    max_new_tokens: int
+    temperature: float
+    max_prompt_len: int
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The held-out evaluation: ``samples`` completions per prompt, ``batch`` rows per generate call."""
+
+    sampling: SamplingConfig
+    samples: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Training of the reward adapter on preference pairs."""
+
+    sampling: SamplingConfig
+    lr: float
+    batch: int
+    soft_labels: bool
+    pairs: int
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """The ZO optimiser of an iteration: its steps, sampler and schedules; ``updates`` per iteration span the mixing
+    schedule and the lr decay."""
+
+    lr: float
+    eps: float
+    weight_decay: float
+    sampler: str
+    noise: str
+    rank: int
+    d0: float
+    d_schedule: str
+    d_tau: float
+    scale: str
+    lr_decay: str
+    updates: int
+
+
+def sampling_config(cfg: TrainConfig) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          max_prompt_len=cfg.max_prompt_len)
+
+
+def eval_config(cfg: TrainConfig) -> EvalConfig:
+    return EvalConfig(sampling=sampling_config(cfg), samples=cfg.eval_samples, batch=cfg.eval_batch)
+
+
+def reward_config(cfg: TrainConfig) -> RewardConfig:
+    return RewardConfig(sampling=sampling_config(cfg), lr=cfg.reward_lr, batch=cfg.reward_batch,
+                        soft_labels=cfg.reward_soft_labels, pairs=cfg.reward_pairs)
+
+
+def zo_config(cfg: TrainConfig) -> ZOConfig:
+    return ZOConfig(lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=cfg.sampler, noise=cfg.noise,
+                    rank=cfg.rank, d0=cfg.d0, d_schedule=cfg.d_schedule, d_tau=cfg.d_tau, scale=cfg.zo_scale,
+                    lr_decay=cfg.zo_lr_decay, updates=cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs)
+
+
 def _preset_values() -> dict[str, dict]:
     # ZO lr and eps: the defaults (unit-norm directions); the paper's 1e-4 and 1e-3 were for z as long as its guide
     # (--zo-scale paper), a length that depends on the model, rank and first-order lr

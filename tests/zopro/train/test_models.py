@@ -1,4 +1,4 @@
-"""Tests of zopro.models on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
+"""Tests of zopro.train.models on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro import models
-from zopro.models import (
+from zopro.train import models
+from zopro.train.models import (
     TINY_EOS_ID,
     TINY_PAD_ID,
     AnyRewardModel,
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.p
 
 
 # Bundle tests use conftest's tiny_tokenizer (word level, </s> = 3) and tiny_llama_config (GQA: 2 KV heads), so
-# nothing below relies on the special-token ids of zopro.models.build_tiny_tokenizer.
+# nothing below relies on the special-token ids of zopro.train.models.build_tiny_tokenizer.
 
 
 @pytest.fixture

@@ -1,0 +1,78 @@
+"""Score finished runs' held-out prompts again, with another number of samples per prompt.
+
+``python -m zopro.train.evaluate RUN_DIR [RUN_DIR ...] [--eval-samples 8] [--device auto|cpu|cuda] [--threads N]
+[--probe-guide A [A ...]]``
+
+For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
+identity) and the run's final policy adapter, both evaluated as the training program does
+(``zopro.train.evaluation.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after,
+change with its paired standard error) and writes nothing into the run. Use it on runs made before a change of the evaluation, or
+to tell a run's effect from sampling noise with more samples than the job itself spent. ``--probe-guide`` scores
+the final policy moved along the run's guide instead (:func:`probe_guide`): whether the guide carries reward before
+ZO steps are spent on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from zopro.train.evaluation import probe_guide, reevaluate
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m zopro.train.evaluate", allow_abbrev=False,
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories of finished runs")
+    parser.add_argument("--eval-samples", type=int, default=8, help="sampled completions per held-out prompt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the run's own")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: all cores)")
+    parser.add_argument("--probe-guide", type=float, nargs="+", metavar="A", help=(
+        "instead: score the final policy moved A along the run's guide (A a distance in weight space), "
+        "against A = 0"))
+    args = parser.parse_args(argv)
+    if args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
+    if args.probe_guide and not all(math.isfinite(a) for a in args.probe_guide):
+        parser.error(f"--probe-guide distances must be finite, got {args.probe_guide}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.probe_guide:
+        return _print_probe(parser, args)
+    print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for run_dir in args.runs:
+        try:
+            r = reevaluate(run_dir, args.eval_samples, args.device)
+        except ValueError as err:
+            parser.error(str(err))
+        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} "
+              f"| {r['change']:+.4f}{_se(r)} |", flush=True)
+        rows.append(r)
+    return rows
+
+
+def _se(row) -> str:
+    return f" ± {row['change_se']:.4f}" if row["change_se"] is not None else ""
+
+
+def _print_probe(parser, args) -> list[dict]:
+    print("| run | guide norm | distance | score | change vs 0 ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for run_dir in args.runs:
+        try:
+            found = probe_guide(run_dir, args.probe_guide, args.eval_samples, args.device)
+        except ValueError as err:
+            parser.error(str(err))
+        for r in found:
+            print(f"| {run_dir.name} | {r['guide_norm']:.4f} | {r['distance']:g} | {r['score']:.4f} "
+                  f"| {r['change']:+.4f}{_se(r)} |", flush=True)
+        rows += found
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""The training program (``python -m zopro.train``): preference-tune a causal LM with ZOPrO at inference-level memory.
+
+Reads straight through: setup (config, data, models, judge, checkpoint), helpers (pairs and reward training,
+evaluation, one step of each kind), then the loop over iterations:
+
+* before iteration 0: the reward adapter is trained on preference pairs (the dataset's, or judge-labelled samples
+  of the base policy when the dataset has none);
+* iteration 0: first-order RLOO (backprop through the policy adapter, AdamW), or isotropic ZO when
+  ``--first-order-iteration0 false``;
+* iterations >= 1: ZO-RLOO with targeted (or rank-guided) sampling from the previous iteration's policy update and
+  reward-model update;
+* after each iteration: judge-labelled pairs from the iteration's prompts refine the reward adapter (Bradley–Terry),
+  merged with the previous one (``--reward-merge-alpha``).
+
+Every step writes a metrics line and an atomic checkpoint, so ``--resume`` after a kill loses at most that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from zopro.seeds import RunSeeds
+from zopro.train import checkpoint, memory
+from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
+                                resume_differences, reward_config, sampling_config, validate, zo_config)
+from zopro.train.evaluation import evaluate, paired_change
+from zopro.train.guides import next_guide
+from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device, save_tiny_base
+from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
+from zopro.train.report import MetricsLog, plot_rewards, summary_table
+from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
+from zopro.train.rollout import collect_rollout, repeat_each
+from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+class Run:
+    """State of one run: what the checkpoint holds, plus the live models and optimisers."""
+
+    def __init__(self, cfg: TrainConfig, out: Path):
+        self.cfg, self.out = cfg, out
+        self.seeds = RunSeeds.of(cfg)
+        self.device = resolve_device(cfg)
+        self.train_records, self.eval_records = load_prompts(cfg)
+        self.bundle, self.tokenizer = load_models(cfg, self.device)
+        self.judge = load_judge(cfg, self.device)
+        self.metrics = MetricsLog(out / "metrics.jsonl")
+        self.meta = {"phase": "reward_init", "iteration": 0, "step": 0, "global_step": 0, "evaluation": {},
+                     "metrics_bytes": 0, "reward_losses": [], "skipped": 0}
+        self.iter_start: dict | None = None  # policy + reward weights at the start of the iteration
+        self.guides: dict | None = None
+        self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
+        self.value_model = self.ppo_cfg = None
+        self.checkpoint_name: str | None = None  # the verified checkpoint the run holds: the next one's fallback
+        if cfg.algorithm == "ppo":  # the critic: a value adapter on the shared base plus a head, kept for the run
+            self.ppo_cfg = PPOConfig(kl_coef=cfg.kl_coef, ppo_epochs=cfg.ppo_epochs, lr=cfg.fo_lr,
+                                     seed=self.seeds.critic, logprob_temperature=logprob_temperature(cfg))
+            self.value_model = ValueModel(self.bundle, seed=self.seeds.critic)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save(self):
+        self.meta["metrics_bytes"] = self.metrics.size()
+        # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
+        self.meta["metrics_sha256"] = checkpoint.sha256_prefix(self.metrics.path, self.meta["metrics_bytes"])
+        tensors = {"trainable": self.bundle.trainable_state()}
+        if self.iter_start is not None:
+            tensors["iter_start"] = self.iter_start
+        if self.guides is not None:
+            tensors["guides_prev"], tensors["guides_delta"] = self.guides["prev"], self.guides["delta"]
+        if self.value_model is not None:
+            tensors["value"] = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
+        objects = {self.updater.checkpoint_key: self.updater.state_dict()} if self.updater is not None else {}
+        name = f"{self.meta['global_step']:06d}-{self.meta['phase']}"
+        self.checkpoint_name = checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta,
+                                               previous=self.checkpoint_name)
+
+    def restore(self, loaded: checkpoint.Loaded) -> None:
+        """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
+        meta, tensors, objects = loaded.meta, loaded.tensors, loaded.objects
+        self.meta = meta
+        self.bundle.load_trainable_state_(tensors["trainable"])
+        self.iter_start = tensors.get("iter_start")
+        if "guides_prev" in tensors:
+            self.guides = {"prev": tensors["guides_prev"], "delta": tensors["guides_delta"]}
+        if self.value_model is not None:
+            with torch.no_grad():
+                for n, p in self.value_model.trainable_parameters().items():
+                    p.copy_(tensors["value"][n])
+        if meta["phase"] == "train":
+            self.updater = self._updater(meta["iteration"])
+            self.updater.load_state_dict(objects[self.updater.checkpoint_key])
+        self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
+        self.checkpoint_name = loaded.name
+
+    def _updater(self, it: int):
+        """Iteration ``it``'s updater: PPO, first-order RLOO (``--algorithm rloo``, and zopro's iteration 0 unless
+        ``--first-order-iteration0 false``) or ZO-RLOO from the current guides."""
+        cfg = self.cfg
+        if cfg.algorithm == "ppo":
+            return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
+        if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
+            return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
+        return ZORLOO(self.bundle, make_zo_optimizer(self.bundle, zo_config(cfg), it, self.guides, self.seeds), loss=cfg.loss,
+                      clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+    def reward_init(self):
+        cfg = self.cfg
+        has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
+        if has_pairs:
+            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg))
+        else:
+            prompts = random.Random(self.seeds.pairs(0)).sample([r.prompt for r in self.train_records],
+                                                                 min(cfg.reward_pairs, len(self.train_records)))
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                 self.seeds.pairs(1))
+        loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
+        self.meta["reward_losses"].append(loss)
+        metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
+                                         [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds)
+        # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
+        self.meta["evaluation"] = {"metric": metric, "before": statistics.fmean(before) if before else None,
+                                   "n": len(self.eval_records), "samples": cfg.eval_samples,
+                                   "before_per_prompt": before, "before_texts": texts}
+        self.begin_iteration(0)
+
+    def begin_iteration(self, it: int):
+        self.meta.update(phase="train", iteration=it, step=0)
+        self.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in self.bundle.policy_parameters().items()},
+                           **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
+                              if self.bundle.shares_parameter_space else {})}
+        self.updater = self._updater(it)
+        self.save()
+
+    def step_prompts(self, it: int, step: int) -> list[str]:
+        prompts = [r.prompt for r in self.train_records]
+        return random.Random(self.seeds.batch(it, step)).sample(prompts, min(self.cfg.prompts_per_step,
+                                                                                    len(prompts)))
+
+    def train_step(self):
+        cfg, it, step = self.cfg, self.meta["iteration"], self.meta["step"]
+        t0 = time.perf_counter()
+        memory.reset_peak(self.device)
+        rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                  kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
+                                  max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
+        peak_rollout = memory.peak_bytes(self.device)
+        memory.reset_peak(self.device)
+        update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
+        peak_update = memory.peak_bytes(self.device)
+        judge_score = None
+        if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
+            rows = repeat_each(rollout.prompts, rollout.k)
+            judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
+        record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": update.mode,
+                  "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
+                  "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
+                  "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
+                  "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update}
+        self.metrics.write(record)
+        self.meta["skipped"] += update.skipped
+        self.meta["step"] += 1
+        self.meta["global_step"] += 1
+        return record
+
+    def end_iteration(self):
+        """Refine the reward adapter on judged pairs of this iteration's prompts; compute the next guides."""
+        cfg, it = self.cfg, self.meta["iteration"]
+        policy_now = {n: p.detach().clone() for n, p in self.bundle.policy_parameters().items()}
+        prev = {n: policy_now[n] - self.iter_start[f"policy.{n}"] for n in policy_now}
+        delta = {n: torch.zeros_like(p) for n, p in prev.items()}
+        if self.bundle.shares_parameter_space and it + 1 < cfg.iterations:  # the last refinement would go unused
+            seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
+            prompts = random.Random(self.seeds.pairs(it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
+            previous = reward_state(self.bundle)
+            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                 self.seeds.pairs(it, 3))
+            self.meta["reward_losses"].append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
+                                                           self.seeds.reward(it + 1)))
+            if cfg.reward_merge_alpha < 1:
+                merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
+            now = self.bundle.reward_parameters()
+            delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
+        previous = self.guides["prev"] if self.guides is not None else None
+        self.guides = {"prev": next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
+                                          self.bundle.policy_parameters(), self.seeds.placebo(it)),
+                       "delta": delta}
+        log = self.updater.iteration_log()
+        if log is not None:  # the ZO optimiser's log: replays the iteration's updates bit for bit
+            checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
+        if it + 1 < cfg.iterations:
+            self.begin_iteration(it + 1)
+        else:
+            self.meta.update(phase="evaluate")
+            self.updater = None
+            self.save()
+
+    def finish(self):
+        """Phase 'evaluate': the held-out evaluation of the final policy, checkpointed as phase 'done'. Then, in
+        either phase, the evaluation samples and the adapters, written from the 'done' state alone: a resume after a
+        kill at any of these writes rewrites them all, equal to an uninterrupted run's."""
+        ev = self.meta["evaluation"]
+        prompts = [r.prompt for r in self.eval_records]
+        if self.meta["phase"] == "evaluate":
+            _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
+                                       self.seeds, reference_texts=ev["before_texts"])
+            ev["after"] = statistics.fmean(after) if after else None
+            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
+            ev["after_per_prompt"], ev["after_texts"] = after, texts
+            self.meta["phase"] = "done"
+            self.save()
+        assert self.meta["phase"] == "done", self.meta["phase"]
+        samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
+                   for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
+                                               ev["after_per_prompt"])]
+        checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        base_name = None
+        if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
+            base_name = str(save_tiny_base(self.tokenizer, self.seeds.tiny_base, self.out / "base").resolve())
+        save_adapters(self.bundle, self.out, base_name)
+
+
+def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
+    """The trained adapters, twice: zopro's flat files (``policy_adapter.safetensors``; ``reward_adapter.safetensors``
+    with the score head), which zopro's tools read, and the standard PEFT folders ``policy/`` and ``reward/``
+    (:meth:`PolicyRewardModel.save_pretrained`), each written whole to a scratch folder and then renamed into place,
+    so a kill never leaves a half folder and a resume rewrites them."""
+    for name, params in (("policy_adapter", bundle.policy_parameters()),
+                         ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
+        if params:
+            checkpoint.atomic_save_tensors(out / f"{name}.safetensors", params)
+    scratch = out / ".adapters.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    for name in bundle.save_pretrained(scratch, base_model_name_or_path):
+        checkpoint.atomic_publish_dir(scratch / name, out / name)
+    shutil.rmtree(scratch)
+
+
+def _check_model_reference(name: str, what: str) -> None:
+    """Fail in one line, before any model is loaded, when a hub id / path names nothing loadable (a cheap check: a
+    local directory, or the model's config from the hub or its cache)."""
+    if os.path.isdir(name):
+        return
+    # HF_HUB_OFFLINE read now, not when huggingface_hub was imported: without it a missing id waited ~20 s on
+    # network timeouts in a sandbox that had set the variable after the import
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name, local_files_only=offline)
+    except Exception as err:  # noqa: BLE001 (OSError, hub and parsing errors alike: the model cannot be loaded)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what}: cannot load {name!r} ({type(err).__name__}: {first})") from None
+
+
+def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
+    """The metrics lines a checkpoint recorded must still be there, byte for byte (a resume cuts the file back to
+    them; a shorter file would be padded with NUL bytes)."""
+    n_bytes = loaded.meta["metrics_bytes"]
+    if not path.is_file() or path.stat().st_size < n_bytes or \
+            checkpoint.sha256_prefix(path, n_bytes) != loaded.meta.get("metrics_sha256"):
+        raise ValueError(f"{path}: damaged or missing (its first {n_bytes} bytes are not the lines checkpoint "
+                         f"{loaded.name} recorded)")
+
+
+def _open_run_dir(cfg: TrainConfig, resume: bool):
+    """Check ``cfg.output_dir`` and take its lock. Returns ``(cfg, lock, loaded checkpoint or None)``; ``cfg`` is the
+    run's saved config on resume. Raises ValueError, before anything is written, for a directory that is a file,
+    holds another run, is in use, or whose files are damaged; nothing is created unless the run can start."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out}: exists and is not a directory")
+    if resume and not out.is_dir():
+        raise ValueError(f"--resume: {out} holds no run to resume (no such directory)")
+    if not resume:
+        kind, _, name = cfg.judge.partition(":")
+        if kind in ("llm", "reward"):
+            _check_model_reference(name, f"--judge {cfg.judge}")
+        if cfg.reward_model:
+            _check_model_reference(cfg.reward_model, "--reward-model")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
+    lock = checkpoint.lock(out)
+    try:
+        config_path = out / "config.json"
+        metrics_path = out / "metrics.jsonl"
+        has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
+        if not resume:
+            if config_path.exists() or has_metrics or checkpoint.has_checkpoints(out):
+                raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick "
+                                 "another dir")
+            return cfg, lock, None
+        if not config_path.is_file():
+            raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
+        saved = load_saved(config_path)
+        if "eval_samples" not in saved:
+            raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "
+                             "sample each, so its 'before' cannot be compared with this version's evaluation. Start a "
+                             "new run (a finished one can be scored again with python -m zopro.train.evaluate)")
+        try:
+            saved_cfg = validate(TrainConfig(**{**saved, "output_dir": cfg.output_dir}))
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
+        changed = resume_differences(saved_cfg, cfg)
+        if changed:
+            allowed = ", ".join(map(flag, RESUME_OVERRIDES))
+            raise ValueError(f"--resume: {out} was started with other settings; drop or restore them: "
+                             f"{'; '.join(changed)} (only {allowed} may change on resume)")
+        cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
+        loaded = checkpoint.load(out)
+        # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses
+        # nothing; with metrics it would silently append a new run to an old one's lines
+        if loaded is None and has_metrics:
+            raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out / 'metrics.jsonl'} holds a run's lines; "
+                             "refusing to restart over them (restore the file, or start a new run elsewhere)")
+        if loaded is not None:
+            _check_metrics(metrics_path, loaded)
+        return cfg, lock, loaded
+    except BaseException:
+        lock.close()
+        raise
+
+
+def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
+    """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests).
+
+    The run directory's lock is held from before the first read of the directory to the end; a resume continues
+    from the newest verified checkpoint (or, with a message, the one before it when the newest is damaged), and a
+    resume of a finished run rewrites its outputs."""
+    started = time.perf_counter()
+    cfg = validate(cfg)
+    cfg, lock, loaded = _open_run_dir(cfg, resume)
+    try:
+        out = Path(cfg.output_dir)
+        if loaded is None:
+            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        for line in loaded.skipped if loaded else ():
+            print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = Run(cfg, out)
+        if loaded is not None:
+            state.restore(loaded)
+        else:
+            state.reward_init()
+        return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+    finally:
+        lock.close()
+
+
+def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started):
+    total = cfg.iterations * cfg.steps_per_iteration
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=state.meta["global_step"], desc="ZOPrO", disable=not progress, file=sys.stderr)
+    done_now = 0
+    while state.meta["phase"] == "train":
+        while state.meta["step"] < cfg.steps_per_iteration:
+            if stop_after_steps is not None and done_now >= stop_after_steps:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {done_now} steps (simulated kill)")
+            record = state.train_step()
+            done_now += 1
+            if state.meta["step"] % cfg.checkpoint_every == 0 or state.meta["step"] == cfg.steps_per_iteration:
+                state.save()
+            bar.update(1)
+            bar.set_postfix(iter=record["iteration"], mode=record["mode"], reward=f"{record['reward']:.3f}",
+                            kl=f"{record['kl']:.3f}")
+        state.end_iteration()
+        plot_rewards(state.metrics.read(), out / "reward_curve.png")
+    bar.close()
+    state.finish()  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
+    records = state.metrics.read()
+    plot_rewards(records, out / "reward_curve.png")
+    table = summary_table(records, state.meta["evaluation"])
+    checkpoint.atomic_write_text(out / "summary.md", table + "\n")
+    evaluation = {k: v for k, v in state.meta["evaluation"].items()
+                  if k not in ("before_texts", "before_per_prompt", "after_texts", "after_per_prompt")}
+    summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
+               "reward_losses": state.meta["reward_losses"], "output_dir": str(out),
+               "wall_seconds": time.perf_counter() - started, "resumed": resume}
+    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    if progress:
+        print(table)
+        print(f"run directory: {out}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, resume = from_args(argv)
+        run(cfg, resume)
+    except ValueError as err:  # configuration errors: one clear line, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

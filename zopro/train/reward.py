@@ -1,0 +1,82 @@
+"""The reward adapter: preference pairs (a dataset's, or policy samples ordered by the judge), its Bradley–Terry
+training, and the merge with the previous iteration's reward model."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from zopro.train.config import RewardConfig, SamplingConfig
+from zopro.train.losses import bradley_terry_loss
+from zopro.train.rollout import left_pad, prompt_ids, sample_completions
+
+
+def encode_completions(tokenizer, prompts, completions, max_prompt_len, pad_id, eos_id):
+    """Left-padded ``(input_ids, attention_mask)`` of prompt (as in rollouts) + completion + EOS."""
+    return left_pad([prompt_ids(tokenizer, p, max_prompt_len) + tokenizer(c, add_special_tokens=False)["input_ids"]
+                     + [eos_id] for p, c in zip(prompts, completions)], pad_id)
+
+
+def judged_pairs(bundle, tokenizer, judge, prompts, sampling: SamplingConfig, seed: int):
+    """Two policy samples per prompt, ordered by the judge: ``(chosen ids, mask, rejected ids, mask, q)`` with
+    ``q`` the judge's probability that "chosen" is preferred (>= 0.5; the soft label of the reward loss)."""
+    gen, texts = sample_completions(bundle, tokenizer, prompts, 2, sampling.max_new_tokens, sampling.temperature, seed,
+                                    sampling.max_prompt_len)
+    p_first = judge.prefer(prompts, texts[0::2], texts[1::2])
+    first = (p_first >= 0.5).to(gen.sequences.device)
+    rows = torch.arange(len(prompts), device=gen.sequences.device) * 2
+    chosen, rejected = rows + (~first).long(), rows + first.long()
+    s, a = gen.sequences.clone(), gen.attention_mask.clone()
+    return s[chosen], a[chosen], s[rejected], a[rejected], torch.maximum(p_first, 1 - p_first)
+
+
+def dataset_pairs(bundle, tokenizer, records, rc: RewardConfig):
+    """Pairs straight from a preference dataset (records with chosen and rejected), at most ``8 * rc.pairs``."""
+    records = [r for r in records if r.chosen is not None and r.rejected is not None][:rc.pairs * 8]
+    max_prompt_len = rc.sampling.max_prompt_len
+    prompts = [r.prompt for r in records]
+    eos = bundle.eos_token_ids[0]
+    c_ids, c_mask = encode_completions(tokenizer, prompts, [r.chosen for r in records], max_prompt_len,
+                                       bundle.pad_token_id, eos)
+    r_ids, r_mask = encode_completions(tokenizer, prompts, [r.rejected for r in records], max_prompt_len,
+                                       bundle.pad_token_id, eos)
+    d = bundle.device
+    return c_ids.to(d), c_mask.to(d), r_ids.to(d), r_mask.to(d), torch.ones(len(records))
+
+
+def train_reward(bundle, pairs, rc: RewardConfig, steps: int, seed: int) -> float:
+    """Bradley–Terry training of the reward adapter and score head (AdamW, first order); returns the last loss.
+
+    Judged pairs train against the judge's probability (soft labels, ``--reward-soft-labels``), dataset pairs
+    against 1."""
+    opt = torch.optim.AdamW(list(reward_tensors(bundle).values()), lr=rc.lr, weight_decay=0.0)
+    c_ids, c_mask, r_ids, r_mask, q = pairs
+    order = random.Random(seed)
+    loss = float("nan")
+    for _ in range(steps):
+        idx = torch.tensor(order.sample(range(len(c_ids)), min(rc.batch, len(c_ids))))
+        chosen = bundle.reward_scores(c_ids[idx], c_mask[idx], grad=True)
+        rejected = bundle.reward_scores(r_ids[idx], r_mask[idx], grad=True)
+        loss_t = bradley_terry_loss(chosen, rejected, q[idx].to(chosen.device) if rc.soft_labels else None)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        loss = loss_t.item()  # a log line needs it
+    return loss
+
+
+def reward_tensors(bundle) -> dict[str, torch.nn.Parameter]:
+    """The reward model's trainable tensors: its LoRA adapter and its score head."""
+    return {**bundle.reward_parameters(), **bundle.score_head_parameters()}
+
+
+def reward_state(bundle) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in reward_tensors(bundle).items()}
+
+
+def merge_reward_(bundle, previous: dict[str, torch.Tensor], alpha: float) -> None:
+    """``new = alpha * new + (1 - alpha) * previous`` over the reward adapter and head (paper: alpha 0.5)."""
+    with torch.no_grad():
+        for n, p in reward_tensors(bundle).items():
+            p.mul_(alpha).add_(previous[n].to(p.device), alpha=1 - alpha)
