@@ -58,11 +58,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     _publish(tmp, path)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous), published atomically."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     _fsync_file(tmp)
     _publish(tmp, path)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from zopro import checkpoint, memory
+from zopro import checkpoint, memory, snapshots
 from zopro.config import (RESUME_OVERRIDES, TrainConfig, flag, from_args, load_saved, resume_differences,
                           validate)
 from zopro.losses import bradley_terry_loss, ppo_clip_loss_sequence, ppo_clip_loss_token
@@ -418,6 +418,7 @@ class Run:
             self.zo_opt = make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
             self.zo_opt.load_state_dict(objects["zo_optimizer"])
         self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
+        snapshots.prune_after(self.out, meta["global_step"])  # issue 15: steps after the checkpoint are redone
         self.checkpoint_name = loaded.name
 
     def _fo_optimizer(self):
@@ -455,6 +456,7 @@ class Run:
         first_order = self.cfg.algorithm != "zopro" or (it == 0 and self.cfg.first_order_iteration0)
         self.fo_opt = self._fo_optimizer() if first_order else None
         self.zo_opt = None if first_order else make_zo_optimizer(self.bundle, self.cfg, it, self.guides)
+        self._snapshot("iteration")  # issue 15: before the checkpoint that moves past it
         self.save()
 
     def step_prompts(self, it: int, step: int) -> list[str]:
@@ -473,6 +475,7 @@ class Run:
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         skipped = 0
+        probe = snapshots.StepProbe(self.bundle.policy_parameters(), self.zo_opt)  # issue 15: reads weights only
         if self.value_model is not None:
             from zopro.ppo import ppo_step
 
@@ -498,10 +501,13 @@ class Run:
                   "kl": float(rollout.kl.mean()), "loss": loss, "grad": grad, "lr": lr, "eps": eps,
                   "skipped": skipped, "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout,
                   "peak_update": peak_update}
+        record.update(probe.stats())  # issue 15
         self.metrics.write(record)
         self.meta["skipped"] += skipped
         self.meta["step"] += 1
         self.meta["global_step"] += 1
+        if self.meta["step"] < cfg.steps_per_iteration:  # issue 15 (the iteration's end gets the boundary snapshot)
+            self._snapshot("step", mode)
         return record
 
     def end_iteration(self):
@@ -530,9 +536,20 @@ class Run:
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
         else:
+            self._snapshot("final")  # issue 15
             self.meta.update(phase="evaluate")
             self.fo_opt = self.zo_opt = None
             self.save()
+
+    def _snapshot(self, kind: str, mode: str | None = None) -> None:
+        """Issue 15: the adapters for ``python -m zopro.visualize`` (``zopro.snapshots``); the reward adapter only at
+        iteration boundaries, the only place it changes."""
+        if mode is None:
+            mode = ("ppo" if self.value_model is not None else "first-order" if self.fo_opt is not None
+                    else "zo-" + self.zo_opt.sampler.name)
+        reward = reward_tensors(self.bundle) if kind != "step" and self.bundle.shares_parameter_space else None
+        snapshots.take(self.out, self.cfg.snapshot_every, self.meta, mode, self.bundle.policy_parameters(), reward,
+                       kind)
 
     def finish(self):
         """Phase 'evaluate': the held-out evaluation of the final policy, checkpointed as phase 'done'. Then, in

@@ -31,7 +31,7 @@ DEFAULTS = {
     "reward_lr": 1e-3, "reward_init_steps": 32, "reward_steps": 6, "reward_pairs": 96, "reward_batch": 8,
     "reward_soft_labels": True, "reward_merge_alpha": 0.5,
     # run
-    "seed": 0, "checkpoint_every": 1,
+    "seed": 0, "checkpoint_every": 1, "snapshot_every": 2,
 }
 
 SMOKE = dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
