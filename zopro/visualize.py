@@ -166,9 +166,9 @@ def iteration_table(run: RunData) -> list[dict]:
     rows, previous = [], (None, None)  # (iteration, its update)
     for it, (start, end) in sorted(boundaries(run.snaps).items()):
         p0, p1 = snapshots.load(start["path"], "policy"), snapshots.load(end["path"], "policy")
-        update = {n: p1[n] - p0[n] for n in p1}
+        update = {n: p1[n].double() - p0[n].double() for n in p1}  # float64: the report's own rounding only
         r0, r1 = snapshots.load(start["path"], "reward"), snapshots.load(end["path"], "reward")
-        delta = {n: r1[n] - r0[n] for n in r1} if r0 and r1 else None
+        delta = {n: r1[n].double() - r0[n].double() for n in r1} if r0 and r1 else None
         before = previous[1] if previous[0] == it - 1 else None
         rows.append({"iteration": it, "mode": start["mode"], "from_step": start["global_step"],
                      "to_step": end["global_step"], "layers": layer_stats(update, delta, before)})
@@ -272,16 +272,16 @@ def plot_trajectories(traj: dict, path: Path, extra: dict | None = None) -> Path
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, (title, coords, t) in zip(axes[0], panels):
-        xy = torch.tensor(coords)
-        ax.plot(xy[:, 0], xy[:, 1], color="0.8", zorder=1)
+        xs, ys = [c[0] for c in coords], [c[1] for c in coords]
+        ax.plot(xs, ys, color="0.8", zorder=1)
         steps = t["global_steps"]
         for mode in sorted(set(t["modes"])):
             idx = [i for i, m in enumerate(t["modes"]) if m == mode]
-            sc = ax.scatter(xy[idx, 0], xy[idx, 1], c=[steps[i] for i in idx], cmap="viridis", vmin=min(steps),
-                            vmax=max(steps), marker=MARKERS.get(mode, "^"), label=mode, zorder=2)
+            sc = ax.scatter([xs[i] for i in idx], [ys[i] for i in idx], c=[steps[i] for i in idx], cmap="viridis",
+                            vmin=min(steps), vmax=max(steps), marker=MARKERS.get(mode, "^"), label=mode, zorder=2)
         for i, kind in enumerate(t["kinds"]):
             if kind != "step":
-                ax.annotate(f"it{t['iterations'][i]}" if kind == "iteration" else "end", xy[i].tolist(), fontsize=8)
+                ax.annotate(f"it{t['iterations'][i]}" if kind == "iteration" else "end", (xs[i], ys[i]), fontsize=8)
         explained = t["explained"] if "PCA" in title else None
         ax.set(title=title, xlabel="PC1" + (f" ({explained[0]:.0%})" if explained else ""),
                ylabel="PC2" + (f" ({explained[1]:.0%})" if explained else ""))
@@ -321,8 +321,8 @@ def plot_iterations(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 + 0.28 * max(len(layers), 8)))
     for ax, key, title in ((axes[0], "cos_reward", "cos(policy update, reward delta)"),
                            (axes[1], "cos_previous", "cos(policy update, previous update)")):
-        grid = torch.tensor([[float("nan") if r["layers"][lay][key] is None else r["layers"][lay][key]
-                              for r in rows] for lay in layers])
+        grid = [[float("nan") if r["layers"][lay][key] is None else r["layers"][lay][key] for r in rows]
+                for lay in layers]
         im = ax.imshow(grid, cmap="coolwarm", vmin=-1, vmax=1, aspect="auto")
         ax.set(title=title, xticks=range(len(rows)), xticklabels=[f"it{r['iteration']}" for r in rows],
                yticks=range(len(layers)), yticklabels=layers)
