@@ -89,6 +89,8 @@ def test_the_readme_states_the_defaults_it_documents():
         f"at the default {d.zo_lr:g}, sized for guided directions, it diverges",
         # the preset table
         f"the heuristic judge, {d.iterations} iterations",
+        # the run directory (issue 15)
+        f"a snapshot every {d.snapshot_every} steps (`--snapshot-every`)",
     ]
     readme = _readme()
     missing = [s for s in statements if s not in readme]
