@@ -63,9 +63,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous), published atomically."""
-    _atomic_file(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header), published
+    atomically."""
+    _atomic_file(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                                             metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj) -> None:

@@ -130,6 +130,10 @@ class TrainConfig:
     # run
     seed: int = 0
     checkpoint_every: int = field(default=1, metadata={"help": "steps between checkpoints"})
+    # issue 15: 2 gives the default job 5 points an iteration (~0.2 GB of snapshots, README "Visualising a run")
+    snapshot_every: int = field(default=2, metadata={
+        "help": "steps between policy-adapter snapshots for python -m zopro.train.visualize; every iteration boundary "
+                "gets one too, with the reward adapter (0: no snapshots at all)"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, memory
+from zopro.train import checkpoint, memory, snapshots
 from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
                                 resume_differences, reward_config, sampling_config, validate, zo_config)
 from zopro.train.evaluation import evaluate, paired_change
@@ -101,6 +101,7 @@ class Run:
             self.updater = self._updater(meta["iteration"])
             self.updater.load_state_dict(objects[self.updater.checkpoint_key])
         self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
+        snapshots.prune_after(self.out, meta["global_step"])  # steps after the checkpoint are redone
         self.checkpoint_name = loaded.name
 
     def _updater(self, it: int):
@@ -141,6 +142,7 @@ class Run:
                            **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
                               if self.bundle.shares_parameter_space else {})}
         self.updater = self._updater(it)
+        self._snapshot("iteration")  # before the checkpoint that moves past it
         self.save()
 
     def step_prompts(self, it: int, step: int) -> list[str]:
@@ -158,6 +160,8 @@ class Run:
                                   max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
+        zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
+        probe = snapshots.StepProbe(self.bundle.policy_parameters(), zo)
         update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
@@ -168,11 +172,14 @@ class Run:
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
-                  "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update}
+                  "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
+                  **probe.stats()}
         self.metrics.write(record)
         self.meta["skipped"] += update.skipped
         self.meta["step"] += 1
         self.meta["global_step"] += 1
+        if self.meta["step"] < cfg.steps_per_iteration:  # the iteration's end gets the boundary snapshot
+            self._snapshot("step", update.mode)
         return record
 
     def end_iteration(self):
@@ -203,9 +210,17 @@ class Run:
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
         else:
+            self._snapshot("final")
             self.meta.update(phase="evaluate")
             self.updater = None
             self.save()
+
+    def _snapshot(self, kind: str, mode: str | None = None) -> None:
+        """The adapters for ``python -m zopro.train.visualize`` (:mod:`zopro.train.snapshots`); the reward adapter
+        only at iteration boundaries, the only place it changes."""
+        reward = reward_tensors(self.bundle) if kind != "step" and self.bundle.shares_parameter_space else None
+        snapshots.take(self.out, self.cfg.snapshot_every, self.meta, mode or self.updater.mode,
+                       self.bundle.policy_parameters(), reward, kind)
 
     def finish(self):
         """Phase 'evaluate': the held-out evaluation of the final policy, checkpointed as phase 'done'. Then, in

@@ -31,7 +31,7 @@ DEFAULTS = {
     "reward_lr": 1e-3, "reward_init_steps": 32, "reward_steps": 6, "reward_pairs": 96, "reward_batch": 8,
     "reward_soft_labels": True, "reward_merge_alpha": 0.5,
     # run
-    "seed": 0, "checkpoint_every": 1,
+    "seed": 0, "checkpoint_every": 1, "snapshot_every": 2,
 }
 
 SMOKE = dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
@@ -89,6 +89,8 @@ def test_the_readme_states_the_defaults_it_documents():
         f"at the default {d.zo_lr:g}, sized for guided directions, it diverges",
         # the preset table
         f"the heuristic judge, {d.iterations} iterations",
+        # the run directory (issue 15)
+        f"a snapshot every {d.snapshot_every} steps (`--snapshot-every`)",
     ]
     readme = _readme()
     missing = [s for s in statements if s not in readme]
