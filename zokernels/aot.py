@@ -74,11 +74,12 @@ class Compiled:
 
 
 def kernels() -> dict:
-    from zokernels import guided, perturb, quant
+    from zokernels import guided, perturb
+    from zokernels.quant import int8, nf4
 
     return {"_perturb_kernel": perturb._perturb_kernel, "_guide_dot_kernel": guided._guide_dot_kernel,
-            "_guided_perturb_kernel": guided._guided_perturb_kernel, "_int8_kernel": quant._int8_kernel,
-            "_nf4_kernel": quant._nf4_kernel}
+            "_guided_perturb_kernel": guided._guided_perturb_kernel, "_int8_kernel": int8._int8_kernel,
+            "_nf4_kernel": nf4._nf4_kernel}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
