@@ -18,6 +18,13 @@ from zokernels import _common, rng
 from zokernels.rounding import stochastic_round
 
 
+# Warps per program of the perturb kernel: 4, so that a thread owns 32 of the block's _common.TRITON_BLOCK elements
+# (8 warps: 16) and its fixed cost (table row, addresses, each seed's Philox key schedule) spreads over twice as many.
+# From the compiled SASS (sm_90, benchmarks/sass.py): perturb2_ bf16 Gaussian 45.6 -> 42.6 instructions per element.
+# The guided kernels keep 8 (guide_dot at 4 warps needs 255 registers).
+PERTURB_WARPS = 4
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Torch reference
 def _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay=1.0):
@@ -133,7 +140,7 @@ def _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay=1.0, blo
             BLOCK=block, GAUSSIAN=dist == "gaussian", TWO=bool(rest), ROUND=rounding,
             FAST=_common.fast_math(ts[0].device), VEC=16 // ts[0].element_size() if aligned else 1,
             G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), COLS=table.shape[1],
-            num_warps=_common.TRITON_WARPS,
+            num_warps=PERTURB_WARPS,
             # no FMA: the reference multiplies, then adds (two roundings); fused, test_decay_scales_the_weights_first
             # differs in 314 of 5,000 elements (emulated). Triton 3.9 fuses by default (3.10 will not).
             enable_fp_fusion=False)
