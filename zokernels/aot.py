@@ -90,10 +90,12 @@ def _w(n, dtype, shape=None):
 
 
 def _loop_meta(rank: int) -> dict:
-    """What the SASS report needs to count a LowRank kernel's rank loop: its iterations."""
+    """What the SASS report needs to count a LowRank kernel's rank loops: the iterations of the loop over whole
+    chunks of LOWRANK_UNROLL ranks and of the loop over the remaining ranks."""
     from zokernels import guided
 
-    return {"rank": rank, "loop_iterations": -(-rank // guided.LOWRANK_UNROLL)}
+    return {"rank": rank, "main_iterations": rank // guided.LOWRANK_UNROLL,
+            "rest_iterations": rank % guided.LOWRANK_UNROLL}
 
 
 def variants() -> list[tuple[str, bool, dict, object]]:

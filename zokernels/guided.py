@@ -242,25 +242,64 @@ if _common.triton_available():
     # full blocks load and store without a mask (128-bit accesses where the data is aligned).
 
     @triton.jit
+    def _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, MASKED: tl.constexpr, RVEC: tl.constexpr):
+        """``acc + sum_r u[., r] * v[., r]`` for ranks r = 0 .. k-1 in order (one rounding per product and per sum,
+        as the interpreter computes it): whole chunks of LOWRANK_UNROLL ranks, then the remaining ones. Masked loads
+        give 0, and ``acc + 0 * 0`` is acc (acc starts at +0 and a sum never rounds to -0), so the tail block's
+        masked elements and the full blocks' unmasked ones add the same products. With ``RVEC`` (every rank a
+        multiple of 4 and u, v aligned to 4 elements: the launcher checks) a chunk's four ranks are one vector load
+        per element and factor, split back into four products added in rank order."""
+        k_main = k - k % _UNROLL
+        for r0 in tl.range(0, k_main, _UNROLL):
+            if RVEC and not MASKED:
+                q = tl.arange(0, 4)[None, None, None, :]
+                u4 = tl.load(u_ptrs[:, :, :, None] + (r0 + q)).to(tl.float32)
+                v4 = tl.load(v_ptrs[:, :, :, None] + (r0 + q)).to(tl.float32)
+                p02, p13 = tl.split(tl.reshape(u4 * v4, u4.shape[:3] + [2, 2]))
+                p0, p2 = tl.split(p02)
+                p1, p3 = tl.split(p13)
+                acc = (((acc + p0) + p1) + p2) + p3
+            else:
+                for dr in tl.static_range(_UNROLL):
+                    if MASKED:
+                        u = tl.load(u_ptrs + (r0 + dr), mask=mask, other=0.0).to(tl.float32)
+                        v = tl.load(v_ptrs + (r0 + dr), mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        u = tl.load(u_ptrs + (r0 + dr)).to(tl.float32)
+                        v = tl.load(v_ptrs + (r0 + dr)).to(tl.float32)
+                    acc += u * v
+        for r in tl.range(k_main, k):
+            if MASKED:
+                u = tl.load(u_ptrs + r, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptrs + r, mask=mask, other=0.0).to(tl.float32)
+            else:
+                u = tl.load(u_ptrs + r).to(tl.float32)
+                v = tl.load(v_ptrs + r).to(tl.float32)
+            acc += u * v
+        return acc
+
+    @triton.jit
     def _guide_tl(gbase, row, K: tl.constexpr, start, local, mask, full, LOWRANK: tl.constexpr, GVEC: tl.constexpr):
         """Guide ``K`` of this block's tensor at elements ``start + local`` (0 where it has none), float32."""
         cols = row + MATRIX_EXTRA_TL + 1 + 4 * K  # has-guide, offset, offset of v, rank
         has = tl.load(cols)
         off = tl.load(cols + 1)
         if LOWRANK:
-            m = mask & ((tl.zeros(local.shape, tl.int64) + has) != 0)
-            v_off = tl.load(cols + 2)
-            k = tl.load(cols + 3)
-            i, j = matrix_row_col_tl(row, local)
-            u_ptrs = gbase + off + i * k
-            v_ptrs = gbase + v_off + j * k
             acc = tl.zeros(local.shape, tl.float32)
-            for r0 in tl.range(0, k, _UNROLL):
-                for dr in tl.static_range(_UNROLL):
-                    mr = m & ((tl.zeros(local.shape, tl.int64) + (r0 + dr)) < k)
-                    u = tl.load(u_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
-                    v = tl.load(v_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
-                    acc += u * v
+            if has != 0:  # a uniform branch: a tensor without this guide loads nothing (its acc stays +0)
+                v_off = tl.load(cols + 2)
+                k = tl.load(cols + 3)
+                i, j = matrix_row_col_tl(row, local)
+                if GVEC > 1:  # RVEC: offsets and ranks are multiples of 4 (the launcher checked)
+                    u_ptrs = gbase + tl.multiple_of(off, 4) + i * (k // 4 * 4)
+                    v_ptrs = gbase + tl.multiple_of(v_off, 4) + j * (k // 4 * 4)
+                else:
+                    u_ptrs = gbase + off + i * k
+                    v_ptrs = gbase + v_off + j * k
+                if full:  # no per-element mask: the loads need no predicate and no zero fill
+                    acc = _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, False, GVEC > 1)
+                else:
+                    acc = _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, True, GVEC > 1)
             return acc
         else:
             ptrs = gbase + (tl.multiple_of(off, GVEC) + start) + local
@@ -342,7 +381,13 @@ def _guide_storage(guide_lists):
 
 def _guide_vec(guides, lowrank) -> int:
     """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary (then the kernel may
-    promise aligned vector loads), else 1."""
+    promise aligned vector loads), else 1. For LowRank guides: 4 if every rank is a multiple of 4 and every u and v
+    starts on a 4-element boundary (then a thread loads 4 ranks of an element at once), else 1."""
+    if lowrank:
+        parts = [p for g in guides if g is not None for p in (g.u, g.v)]
+        ok = parts and all(g.rank % 4 == 0 for g in guides if g is not None) \
+            and all(p.data_ptr() % (4 * p.element_size()) == 0 for p in parts)
+        return 4 if ok else 1
     dense = [g for g in guides if g is not None and not lowrank]
     if not dense or any(g.data_ptr() % 16 for g in dense):
         return 1
@@ -447,6 +492,7 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
     seed = rng.check_seed(seed)
     _common.check_dist(dist)
     streams = _common.check_streams(streams, len(tensors))
+    block = _common.check_block(block)
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)
     with torch.no_grad():
@@ -487,6 +533,7 @@ def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "ga
             raise ValueError(f"{name} coefficients must be finite")
     _common.check_dist(dist)
     streams = _common.check_streams(streams, n)
+    block = _common.check_block(block)
     if not tensors:
         return
     with torch.no_grad():
