@@ -8,8 +8,10 @@ Philox calls per thread, and a roofline estimate for the H200. These are ESTIMAT
 measurements: ``benchmarks/run_gpu.sh`` measures on a GPU.
 
 Instructions per element: SASS instructions along the shortest path from entry to exit (the full-block path: the tail
-path with masked scalar accesses is longer), loop bodies counted once per iteration (the LowRank rank loop runs
-``ceil(rank / LOWRANK_UNROLL)`` times), divided by the elements a thread owns (BLOCK / (32 * num_warps)).
+path with masked scalar accesses is longer; 128-bit accesses inside loop bodies do not steer it), loop bodies counted once per iteration, divided by the elements a thread
+owns (BLOCK / (32 * num_warps)). A LowRank guide has two rank loops on the full-block path (whole chunks of
+``LOWRANK_UNROLL`` ranks: ``rank // LOWRANK_UNROLL`` iterations, the one that loads the most bits; the remaining ranks:
+``rank % LOWRANK_UNROLL``) and two on the tail path (their loads are predicated), which are not counted.
 
 Roofline: an element costs ``bytes / 4.26e12`` s of copy bandwidth (H200 ``copy_`` measured by the prototype) and
 ``instructions / 3.3e13`` s of issue (132 SMs x 4 schedulers x 32 lanes x ~1.98 GHz, one instruction per lane per
@@ -54,18 +56,25 @@ def _succ(instrs, index, i):
     return succ, ends and not pred
 
 
-def path_and_loops(instrs) -> tuple[set, list[tuple[int, bool]]]:
-    """(indices of the instructions on the full-block path, [(loop body length, on that path?)]).
+def path_and_loops(instrs) -> tuple[set, list[tuple[int, int, bool]]]:
+    """(indices of the instructions on the full-block path, [(loop head, loop end, head on that path?)]).
 
     The full-block path: from entry to exit over forward edges, the one with the most 128-bit global accesses
     (the unmasked branches, and the branch that loads a guide rather than skipping it), then the shortest."""
     index = {a: i for i, (a, _, _, _) in enumerate(instrs)}
     n = len(instrs)
+    loops = []
+    for i, (_, _, op, operands) in enumerate(instrs):
+        j = index.get(_branch_target(op, operands))
+        if j is not None and j <= i:
+            loops.append((j, i))
+    # wide accesses inside a loop body do not steer the path (loop bodies are counted per iteration, apart)
+    in_loop = {k for j, i in loops for k in range(j, i + 1)}
     best = [None] * n  # (-wide accesses, length) from i to an exit
     nxt = [None] * n
     for i in range(n - 1, -1, -1):
         succ, ends = _succ(instrs, index, i)
-        wide = int(instrs[i][2].startswith(("LDG", "STG")) and ".128" in instrs[i][2])
+        wide = int(instrs[i][2].startswith(("LDG", "STG")) and ".128" in instrs[i][2] and i not in in_loop)
         if ends:
             best[i] = (-wide, 1)
             continue
@@ -77,12 +86,24 @@ def path_and_loops(instrs) -> tuple[set, list[tuple[int, bool]]]:
     while i is not None:
         on_path.add(i)
         i = nxt[i]
-    loops = []
-    for i, (_, _, op, operands) in enumerate(instrs):
-        j = index.get(_branch_target(op, operands))
-        if j is not None and j <= i:
-            loops.append((i - j + 1, j in on_path))
-    return on_path, loops
+    return on_path, [(j, i, j in on_path) for j, i in loops]
+
+
+def _loop_counts(instrs, loops, meta) -> list[tuple[int, int, bool]]:
+    """(body length, iterations, head on the full-block path?) per loop. Without rank facts every loop counts once
+    (the trailing ``BRA`` to itself after ``EXIT``); a LowRank kernel's loops with predicated loads belong to the tail
+    path and count 0, of the others the one that loads the most bits runs ``main_iterations`` times, the rest
+    ``rest_iterations``."""
+    if "main_iterations" not in meta:
+        return [(i - j + 1, 1, on_path) for j, i, on_path in loops]
+    loads = [sum(_width(op) for _, _, op, _ in instrs[j:i + 1] if op.startswith("LDG")) for j, i, _ in loops]
+    masked = [any(pred and op.startswith("LDG") for _, pred, op, _ in instrs[j:i + 1]) for j, i, _ in loops]
+    most = max((n for n, m in zip(loads, masked) if not m), default=0)
+    out = []
+    for (j, i, on_path), n, m in zip(loops, loads, masked):
+        iters = 0 if m else meta["main_iterations"] if n == most and n else meta["rest_iterations"] if n else 1
+        out.append((i - j + 1, iters, on_path))
+    return out
 
 
 def _width(op: str) -> int:
@@ -95,8 +116,8 @@ def _width(op: str) -> int:
 def stats(compiled, sass: str) -> dict:
     instrs = parse(sass)
     path, loops = path_and_loops(instrs)
-    iters = compiled.launch.meta.get("loop_iterations", 1)
-    executed = len(path) + sum(body * (iters - 1 if on_path else iters) for body, on_path in loops)
+    executed = len(path) + sum(body * (iters - 1 if on_path else iters)
+                               for body, iters, on_path in _loop_counts(instrs, loops, compiled.launch.meta))
     per_thread = compiled.constexprs["BLOCK"] / compiled.threads
     ops = [instrs[i][2] for i in sorted(path)]  # widths and Philox on the full-block path
     widths = {}

@@ -94,6 +94,11 @@ def check_scale(scale, name: str = "scale") -> float:
     return scale
 
 
+def f32_scalar(x: float) -> float:
+    """``x`` rounded to float32, so that a torch reference and its Triton kernel (an fp32 scalar) use one value."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
 def check_streams(streams, n: int, name: str = "streams") -> list[int]:
     """``None`` gives ``0 .. n-1``; otherwise one int in [0, 2**32) per tensor."""
     if streams is None:
@@ -117,32 +122,85 @@ def seed_pieces(seed: int) -> tuple[int, int, int, int]:
     return seed & 0xFFFF, (seed >> 16) & 0xFFFF, (seed >> 32) & 0xFFFF, (seed >> 48) & 0xFFFF
 
 
-# A launch over many tensors: program p handles block table[p, 3] of the tensor whose first element sits
-# table[p, 0] elements away from the base tensor's first element (the offset may be negative), with table[p, 1]
-# elements and stream table[p, 2]. Tensors of one dtype are aligned to their itemsize, so byte distances divide
-# evenly. One launch for the whole list: a LoRA model has hundreds of small tensors, and launches cost ~5 us each.
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch constants, one set for every kernel file.
+#
+# Elements per chunk of the torch references. Chunks bound the temporaries (about a dozen int64 Philox tensors of
+# chunk/8 entries) whatever the tensor size. Measured on the 2-core CI CPU, Gaussian over 4 Mi fp32 elements:
+# 87 ms at 16 Ki, 40 ms at 64 Ki, 36 ms at 256 Ki, 31 ms unchunked (per-op dispatch dominates small chunks).
+TORCH_CHUNK = 1 << 18
+# Elements per Triton program: a power of two and a multiple of 128 (one Rademacher call) and of 8 (one Gaussian
+# call). 4096 (16 per thread at 8 warps) lets each thread own whole 16-element Rademacher groups: at 2048, two threads
+# recomputed each group's Philox call (2.8-4.6 calls per thread instead of 1).
+TRITON_BLOCK = 4096
+TRITON_WARPS = 8
+
+
+def check_block(block) -> int | None:
+    """``block`` (Triton elements per program) as given, after checking it is ``None`` (the launcher's default) or a
+    power of two and a multiple of 128 (whole Rademacher calls). Raises ValueError before anything is modified."""
+    if block is None:
+        return None
+    if isinstance(block, bool) or not isinstance(block, int) or block < rng.RADEMACHER_PER_CALL \
+            or block % rng.RADEMACHER_PER_CALL or block & (block - 1):
+        raise ValueError(f"block must be a power of two and a multiple of 128, got {block}")
+    return block
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch tables: one launch serves a whole list of tensors (a LoRA model has hundreds of small tensors, and a launch
+# costs ~5 us). Program p reads row p of an int64 table whose first columns every kernel shares (read on the device
+# by ``table_row_tl``):
+#   OFFSET  the tensor's first element, in elements from the launch's base tensor (may be negative; tensors of one
+#           dtype are aligned to their itemsize, so byte distances divide evenly)
+#   NUMEL   the tensor's elements
+#   STREAM  its noise stream
+#   BLOCK   which block of the tensor the program handles (elements BLOCK*block .. +block)
+# With ``matrix=True`` three more follow, so that a kernel finds the row and column of its elements with 32-bit
+# arithmetic only (a 64-bit division is a ~70-instruction subroutine on the GPU):
+#   NCOLS   elements per row (the last dimension; 1 for a 0-d tensor)
+#   ROW0    the row of the block's first element
+#   COL0    that element's column
+# then the kernel's own per-tensor columns (``extra``), from column ``table.shape[1] - len(extra)`` on.
+OFFSET, NUMEL, STREAM, BLOCK, NCOLS, ROW0, COL0 = range(7)
 _TABLE_CACHE: dict = {}
 _TABLE_CACHE_SIZE = 64
 
 
-def block_table(tensors: list[torch.Tensor], streams: list[int], block: int) -> tuple[torch.Tensor, bool]:
-    """The per-block launch table (int64 ``(n_blocks, 4)`` on the tensors' device) and whether every tensor starts
-    on a 16-byte boundary (then the kernel may promise aligned vector loads). Cached by layout."""
+def launch_table(tensors: list[torch.Tensor], streams: list[int], block: int, *, extra=None,
+                 matrix: bool = False) -> tuple[torch.Tensor, bool]:
+    """The per-block launch table (int64 ``(n_blocks, 4 [+ 3] + len(extra[i]))`` on the tensors' device) and whether
+    every tensor starts on a 16-byte boundary (then the kernel may promise aligned vector loads).
+
+    ``tensors`` share one device and, where a kernel reads them through OFFSET, one dtype (``guide_dot`` reads no
+    weight and mixes them); offsets are counted from ``tensors[0]``. ``extra``: one tuple of ints per
+    tensor (all of one length), appended to each of its rows. Cached by layout: a training step launches the same
+    lists again and again.
+    """
     base = tensors[0]
     itemsize = base.element_size()
-    key = (base.device, base.dtype, block,
-           tuple((t.data_ptr(), t.numel(), s) for t, s in zip(tensors, streams)))
+    extra = [tuple(e) for e in extra] if extra is not None else [()] * len(tensors)
+    key = (base.device, base.dtype, block, matrix,
+           tuple((t.data_ptr(), tuple(t.shape), s, e) for t, s, e in zip(tensors, streams, extra)))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         return hit
     rows, aligned = [], True
-    for t, s in zip(tensors, streams):
+    for i, (t, s, e) in enumerate(zip(tensors, streams, extra)):
         distance = t.data_ptr() - base.data_ptr()
-        assert distance % itemsize == 0, "tensors of one dtype are aligned to their itemsize"
+        assert t.dtype != base.dtype or distance % itemsize == 0, "tensors of one dtype are aligned to their itemsize"
         aligned &= t.data_ptr() % 16 == 0
         n_blocks = (t.numel() + block - 1) // block
-        rows.extend((distance // itemsize, t.numel(), s, b) for b in range(n_blocks))
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4).to(base.device)
+        if matrix:
+            ncols = t.shape[-1] if t.dim() else 1
+            if ncols + block >= 2**31:  # in-row positions of a block's elements are int32 on the device
+                raise ValueError(f"tensors[{i}] has {ncols} columns; the Triton path takes fewer than 2**31 - {block}")
+            rows.extend((distance // itemsize, t.numel(), s, b, ncols, b * block // ncols, b * block % ncols, *e)
+                        for b in range(n_blocks))
+        else:
+            rows.extend((distance // itemsize, t.numel(), s, b, *e) for b in range(n_blocks))
+    cols = 4 + 3 * matrix + (len(extra[0]) if extra else 0)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, cols).to(base.device)
     if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
         _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
     _TABLE_CACHE[key] = (table, aligned)
@@ -177,3 +235,30 @@ def split_small(tensors: list[torch.Tensor], chunk: int) -> tuple[list[int], lis
     if batch:
         batches.append(batch)
     return large, batches
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The device side of the launch table
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # The first of the kernel's own columns in a table built with matrix=True (``launch_table``).
+    MATRIX_EXTRA_TL = tl.constexpr(7)
+
+    @triton.jit
+    def table_row_tl(table_ptr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's row of a launch table of ``COLS`` columns: (program id, pointer to the row, OFFSET, NUMEL,
+        STREAM, the block's first element), all int64."""
+        pid = tl.program_id(0).to(tl.int64)
+        row = table_ptr + pid * COLS
+        return pid, row, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3) * BLOCK
+
+    @triton.jit
+    def matrix_row_col_tl(row, local):
+        """Row (int64) and column (int32) of the elements ``local`` (int32 offsets from the block's first) of a table
+        row built with matrix=True: 32-bit divisions per element, none in 64 bits (``NCOLS + BLOCK < 2**31``)."""
+        ncols = tl.load(row + 4).to(tl.int32)
+        in_row = tl.load(row + 6).to(tl.int32) + local
+        di = in_row // ncols
+        return tl.load(row + 5) + di, in_row - di * ncols

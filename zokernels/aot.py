@@ -74,11 +74,12 @@ class Compiled:
 
 
 def kernels() -> dict:
-    from zokernels import guided, perturb, quant
+    from zokernels import guided, perturb
+    from zokernels.quant import int8, nf4
 
     return {"_perturb_kernel": perturb._perturb_kernel, "_guide_dot_kernel": guided._guide_dot_kernel,
-            "_guided_perturb_kernel": guided._guided_perturb_kernel, "_int8_kernel": quant._int8_kernel,
-            "_nf4_kernel": quant._nf4_kernel}
+            "_guided_perturb_kernel": guided._guided_perturb_kernel, "_int8_kernel": int8._int8_kernel,
+            "_nf4_kernel": nf4._nf4_kernel}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -89,10 +90,12 @@ def _w(n, dtype, shape=None):
 
 
 def _loop_meta(rank: int) -> dict:
-    """What the SASS report needs to count a LowRank kernel's rank loop: its iterations."""
+    """What the SASS report needs to count a LowRank kernel's rank loops: the iterations of the loop over whole
+    chunks of LOWRANK_UNROLL ranks and of the loop over the remaining ranks."""
     from zokernels import guided
 
-    return {"rank": rank, "loop_iterations": -(-rank // guided.LOWRANK_UNROLL)}
+    return {"rank": rank, "main_iterations": rank // guided.LOWRANK_UNROLL,
+            "rest_iterations": rank % guided.LOWRANK_UNROLL}
 
 
 def variants() -> list[tuple[str, bool, dict, object]]:

@@ -22,13 +22,9 @@ import torch
 
 from zokernels import _common, rng
 
-TORCH_CHUNK = 1 << 18  # elements per chunk of the torch reference (see perturb.TORCH_CHUNK for the measurement)
-# Elements per program: 4096 (16 per thread) lets each thread own whole 16-element Rademacher groups (at 2048, two
-# threads recomputed each group's Philox call: 2.8-4.6 calls per thread instead of 1); LowRank guides keep 2048,
-# where their rank loop fits in registers (4096: 255 registers and 256-384 bytes of spills).
-TRITON_BLOCK = 4096
+# Elements per program for LowRank guides (the others take _common.TRITON_BLOCK): at 2048 the rank loop fits in
+# registers (4096: 255 registers and 256-384 bytes of spills).
 TRITON_BLOCK_LOWRANK = 2048
-TRITON_WARPS = 8
 MAX_NOISE = 2
 MAX_GUIDES = 2
 # LowRank ranks per iteration of the kernels' rank loop: unrolled, their loads take immediate address offsets
@@ -141,9 +137,9 @@ def _chunks(w: torch.Tensor, guides):
     n = w.numel()
     if any(isinstance(g, LowRank) for g in guides) and n:
         cols = w.shape[1]
-        rows = max(1, TORCH_CHUNK // cols)
+        rows = max(1, _common.TORCH_CHUNK // cols)
         return [(r * cols, min(n, (r + rows) * cols)) for r in range(0, w.shape[0], rows)]
-    return [(s, min(n, s + TORCH_CHUNK)) for s in range(0, n, TORCH_CHUNK)]
+    return [(s, min(n, s + _common.TORCH_CHUNK)) for s in range(0, n, _common.TORCH_CHUNK)]
 
 
 def _guide_chunk(g, w, s, e):
@@ -160,7 +156,7 @@ def _flat_guide(g) -> torch.Tensor:
 
 def _guide_dot_torch(tensors, guides, seed, dist, streams):
     out = torch.zeros(len(tensors), 2, dtype=torch.float64)
-    large, batches = _common.split_small(tensors, TORCH_CHUNK)
+    large, batches = _common.split_small(tensors, _common.TORCH_CHUNK)
     for t in large:
         w, g, stream = tensors[t], guides[t], streams[t]
         for s, e in _chunks(w, [g]):
@@ -186,7 +182,7 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
     decay = decay.tolist()
     noise_terms = [(seed, coef.tolist()) for seed, coef in noise_terms]
     guide_terms = [(guides, coef.tolist()) for guides, coef in guide_terms]
-    large, batches = _common.split_small(tensors, TORCH_CHUNK)
+    large, batches = _common.split_small(tensors, _common.TORCH_CHUNK)
     for t in large:
         w, stream = tensors[t], streams[t]
         flat = w.view(-1)
@@ -224,18 +220,18 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton kernels
-# Table columns (int64), one row per program: weight offset, numel, stream, block index, tensor index, then for each
-# of the two guides: has-guide flag, offset (dense: the guide; LowRank: u), offset of v, rank; then the column count.
-_COLS = 14
+# The launch table (``_common.launch_table`` with matrix=True) carries, after its shared columns, the tensor's index
+# (its row of coefficients) and for each of the two guides: has-guide flag, offset (dense: the guide; LowRank: u),
+# offset of v, rank (``_guide_columns``).
 
 if _common.triton_available():
     import triton
     import triton.language as tl
 
+    from zokernels._common import MATRIX_EXTRA_TL, matrix_row_col_tl, table_row_tl
     from zokernels.rng import arranged_offsets_tl, noise_arranged_tl, seed_key_tl
     from zokernels.rounding import round_nearest_bf16_tl
 
-    _COLS_TL = tl.constexpr(_COLS)
     _UNROLL = tl.constexpr(LOWRANK_UNROLL)
     # LowRank guides rebuild an element from k products in a loop over the tensor's own rank (a runtime bound), one
     # rank per iteration: registers stay bounded whatever the rank. Unrolled over rank 64, the compiler kept every
@@ -246,35 +242,64 @@ if _common.triton_available():
     # full blocks load and store without a mask (128-bit accesses where the data is aligned).
 
     @triton.jit
-    def _row_col_tl(start, local, ncols):
-        """Row (int64) and column (int32) of elements ``start + local`` of a matrix with ``ncols`` columns: one 64-bit
-        division per program, 32-bit ones per element (``ncols + BLOCK < 2**31``, checked by the launcher)."""
-        i0 = start // ncols
-        n32 = ncols.to(tl.int32)
-        in_row = (start - i0 * ncols).to(tl.int32) + local
-        di = in_row // n32
-        return i0 + di, in_row - di * n32
+    def _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, MASKED: tl.constexpr, RVEC: tl.constexpr):
+        """``acc + sum_r u[., r] * v[., r]`` for ranks r = 0 .. k-1 in order (one rounding per product and per sum,
+        as the interpreter computes it): whole chunks of LOWRANK_UNROLL ranks, then the remaining ones. Masked loads
+        give 0, and ``acc + 0 * 0`` is acc (acc starts at +0 and a sum never rounds to -0), so the tail block's
+        masked elements and the full blocks' unmasked ones add the same products. With ``RVEC`` (every rank a
+        multiple of 4 and u, v aligned to 4 elements: the launcher checks) a chunk's four ranks are one vector load
+        per element and factor, split back into four products added in rank order."""
+        k_main = k - k % _UNROLL
+        for r0 in tl.range(0, k_main, _UNROLL):
+            if RVEC and not MASKED:
+                q = tl.arange(0, 4)[None, None, None, :]
+                u4 = tl.load(u_ptrs[:, :, :, None] + (r0 + q)).to(tl.float32)
+                v4 = tl.load(v_ptrs[:, :, :, None] + (r0 + q)).to(tl.float32)
+                p02, p13 = tl.split(tl.reshape(u4 * v4, u4.shape[:3] + [2, 2]))
+                p0, p2 = tl.split(p02)
+                p1, p3 = tl.split(p13)
+                acc = (((acc + p0) + p1) + p2) + p3
+            else:
+                for dr in tl.static_range(_UNROLL):
+                    if MASKED:
+                        u = tl.load(u_ptrs + (r0 + dr), mask=mask, other=0.0).to(tl.float32)
+                        v = tl.load(v_ptrs + (r0 + dr), mask=mask, other=0.0).to(tl.float32)
+                    else:
+                        u = tl.load(u_ptrs + (r0 + dr)).to(tl.float32)
+                        v = tl.load(v_ptrs + (r0 + dr)).to(tl.float32)
+                    acc += u * v
+        for r in tl.range(k_main, k):
+            if MASKED:
+                u = tl.load(u_ptrs + r, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(v_ptrs + r, mask=mask, other=0.0).to(tl.float32)
+            else:
+                u = tl.load(u_ptrs + r).to(tl.float32)
+                v = tl.load(v_ptrs + r).to(tl.float32)
+            acc += u * v
+        return acc
 
     @triton.jit
-    def _guide_tl(gbase, row, K: tl.constexpr, start, local, mask, full, ncols, LOWRANK: tl.constexpr,
-                  GVEC: tl.constexpr):
+    def _guide_tl(gbase, row, K: tl.constexpr, start, local, mask, full, LOWRANK: tl.constexpr, GVEC: tl.constexpr):
         """Guide ``K`` of this block's tensor at elements ``start + local`` (0 where it has none), float32."""
-        has = tl.load(row + 5 + 4 * K)
-        off = tl.load(row + 6 + 4 * K)
+        cols = row + MATRIX_EXTRA_TL + 1 + 4 * K  # has-guide, offset, offset of v, rank
+        has = tl.load(cols)
+        off = tl.load(cols + 1)
         if LOWRANK:
-            m = mask & ((tl.zeros(local.shape, tl.int64) + has) != 0)
-            v_off = tl.load(row + 7 + 4 * K)
-            k = tl.load(row + 8 + 4 * K)
-            i, j = _row_col_tl(start, local, ncols)
-            u_ptrs = gbase + off + i * k
-            v_ptrs = gbase + v_off + j * k
             acc = tl.zeros(local.shape, tl.float32)
-            for r0 in tl.range(0, k, _UNROLL):
-                for dr in tl.static_range(_UNROLL):
-                    mr = m & ((tl.zeros(local.shape, tl.int64) + (r0 + dr)) < k)
-                    u = tl.load(u_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
-                    v = tl.load(v_ptrs + (r0 + dr), mask=mr, other=0.0).to(tl.float32)
-                    acc += u * v
+            if has != 0:  # a uniform branch: a tensor without this guide loads nothing (its acc stays +0)
+                v_off = tl.load(cols + 2)
+                k = tl.load(cols + 3)
+                i, j = matrix_row_col_tl(row, local)
+                if GVEC > 1:  # RVEC: offsets and ranks are multiples of 4 (the launcher checked)
+                    u_ptrs = gbase + tl.multiple_of(off, 4) + i * (k // 4 * 4)
+                    v_ptrs = gbase + tl.multiple_of(v_off, 4) + j * (k // 4 * 4)
+                else:
+                    u_ptrs = gbase + off + i * k
+                    v_ptrs = gbase + v_off + j * k
+                if full:  # no per-element mask: the loads need no predicate and no zero fill
+                    acc = _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, False, GVEC > 1)
+                else:
+                    acc = _lowrank_acc_tl(acc, u_ptrs, v_ptrs, k, mask, True, GVEC > 1)
             return acc
         else:
             ptrs = gbase + (tl.multiple_of(off, GVEC) + start) + local
@@ -287,25 +312,22 @@ if _common.triton_available():
             return g
 
     @triton.jit
-    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        """(program, its table row, first element, arranged offsets, tail mask, full block?)."""
-        pid = tl.program_id(0).to(tl.int64)
-        row = table_ptr + pid * _COLS_TL
-        start = tl.load(row + 3) * BLOCK
-        numel = tl.load(row + 1)
+    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr, COLS: tl.constexpr):
+        """(program, its table row, OFFSET, STREAM, first element, arranged offsets, tail mask, full block?)."""
+        pid, row, offset, numel, stream, start = table_row_tl(table_ptr, COLS, BLOCK)
         local = arranged_offsets_tl(BLOCK, G, V)
-        return pid, row, start, local, local < tl.minimum(numel - start, BLOCK).to(tl.int32), start + BLOCK <= numel
+        mask = local < tl.minimum(numel - start, BLOCK).to(tl.int32)
+        return pid, row, offset, stream, start, local, mask, start + BLOCK <= numel
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
     def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
                           BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
-                          LOWRANK: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
-        stream = tl.load(row + 2)
-        ncols = tl.load(row + 13)
+                          LOWRANK: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                          COLS: tl.constexpr):
+        pid, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
         xi = tl.where(mask, noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST), 0.0)
-        g = _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK, GVEC)
+        g = _guide_tl(gbase, row, 0, start, local, mask, full, LOWRANK, GVEC)
         tl.store(partial_ptr + pid * 2, tl.sum(tl.sum(tl.sum(g * xi, axis=2), axis=1), axis=0))
         tl.store(partial_ptr + pid * 2 + 1, tl.sum(tl.sum(tl.sum(xi * xi, axis=2), axis=1), axis=0))
 
@@ -313,12 +335,13 @@ if _common.triton_available():
     def _guided_perturb_kernel(wbase, gbase, table_ptr, coef_ptr, a0, a1, a2, a3, b0, b1, b2, b3,
                                BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                                N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
-                               VEC: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        pid, row, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V)
+                               VEC: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
+                               COLS: tl.constexpr):
+        _, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS)
+        # the OFFSET column loaded here, not taken from _block_start: tl.multiple_of on a value returned through a
+        # helper's tuple failed an assertion in Triton 3.9's AxisInfo (TritonGPUCoalesce) for this kernel
         offset = tl.multiple_of(tl.load(row), VEC)
-        stream = tl.load(row + 2)
-        coef = coef_ptr + tl.load(row + 4) * (1 + N_NOISE + N_GUIDES)
-        ncols = tl.load(row + 13)
+        coef = coef_ptr + tl.load(row + MATRIX_EXTRA_TL) * (1 + N_NOISE + N_GUIDES)
         ptrs = wbase + (offset + start) + local
         if full:
             x = tl.load(ptrs)
@@ -332,11 +355,9 @@ if _common.triton_available():
             k0, k1 = seed_key_tl(b0, b1, b2, b3)
             y = y + tl.load(coef + 2) * noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST)
         if N_GUIDES >= 1:
-            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, local, mask, full, ncols, LOWRANK,
-                                                            GVEC)
+            y = y + tl.load(coef + 1 + N_NOISE) * _guide_tl(gbase, row, 0, start, local, mask, full, LOWRANK, GVEC)
         if N_GUIDES >= 2:
-            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, local, mask, full, ncols, LOWRANK,
-                                                            GVEC)
+            y = y + tl.load(coef + 2 + N_NOISE) * _guide_tl(gbase, row, 1, start, local, mask, full, LOWRANK, GVEC)
         if wbase.dtype.element_ty == tl.bfloat16 and not FAST:  # see perturb: compiled for NVIDIA, the cast is RNE
             y = round_nearest_bf16_tl(y)
         if full:
@@ -360,36 +381,42 @@ def _guide_storage(guide_lists):
 
 def _guide_vec(guides, lowrank) -> int:
     """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary (then the kernel may
-    promise aligned vector loads), else 1."""
+    promise aligned vector loads), else 1. For LowRank guides: 4 if every rank is a multiple of 4 and every u and v
+    starts on a 4-element boundary (then a thread loads 4 ranks of an element at once), else 1."""
+    if lowrank:
+        parts = [p for g in guides if g is not None for p in (g.u, g.v)]
+        ok = parts and all(g.rank % 4 == 0 for g in guides if g is not None) \
+            and all(p.data_ptr() % (4 * p.element_size()) == 0 for p in parts)
+        return 4 if ok else 1
     dense = [g for g in guides if g is not None and not lowrank]
     if not dense or any(g.data_ptr() % 16 for g in dense):
         return 1
     return 16 // dense[0].element_size()
 
 
-def _triton_table(tensors, streams, guide_lists, gbase, block):
-    """Rows of ``_COLS`` int64 per block; tensors of one dtype (the caller groups them)."""
-    wbase = tensors[0]
-    rows = []
-    for t, (w, stream) in enumerate(zip(tensors, streams)):
-        w_off = (w.data_ptr() - wbase.data_ptr()) // w.element_size()
-        guide_cols = []
+def _guide_columns(tensors, guide_lists, gbase) -> list[tuple]:
+    """Per tensor, the kernels' own table columns: its index, then for each of ``MAX_GUIDES`` guides (has-guide flag,
+    offset from ``gbase`` (dense: the guide; LowRank: u), offset of v, rank), zeros where there is none."""
+    out = []
+    for t in range(len(tensors)):
+        cols = [t]
         for gs in list(guide_lists) + [[None] * len(tensors)] * (MAX_GUIDES - len(guide_lists)):
             g = gs[t]
             if g is None:
-                guide_cols += [0, 0, 0, 0]
+                cols += [0, 0, 0, 0]
             elif isinstance(g, LowRank):
                 size = g.u.element_size()
-                guide_cols += [1, (g.u.data_ptr() - gbase.data_ptr()) // size,
-                               (g.v.data_ptr() - gbase.data_ptr()) // size, g.rank]
+                cols += [1, (g.u.data_ptr() - gbase.data_ptr()) // size, (g.v.data_ptr() - gbase.data_ptr()) // size,
+                         g.rank]
             else:
-                guide_cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
-        ncols = w.shape[-1] if w.dim() >= 1 else 1
-        if ncols + block >= 2**31:  # _row_col_tl divides in 32 bits
-            raise ValueError(f"tensors[{t}] has {ncols} columns; the Triton path takes fewer than 2**31 - {block}")
-        for b in range((w.numel() + block - 1) // block):
-            rows.append([w_off, w.numel(), stream, b, t, *guide_cols, ncols])
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, _COLS).to(wbase.device)
+                cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
+        out.append(tuple(cols))
+    return out
+
+
+def _triton_table(tensors, streams, guide_lists, gbase, block):
+    """The launch table of tensors of one dtype (the caller groups them) and whether they are 16-byte aligned."""
+    return _common.launch_table(tensors, streams, block, extra=_guide_columns(tensors, guide_lists, gbase), matrix=True)
 
 
 def _guide_dot_triton(tensors, guides, seed, dist, streams, block=None):
@@ -399,16 +426,15 @@ def _guide_dot_triton(tensors, guides, seed, dist, streams, block=None):
         return out.cpu()
     ts, gs, ss = [tensors[i] for i in keep], [guides[i] for i in keep], [streams[i] for i in keep]
     gbase, lowrank = _guide_storage([gs])
-    block = block or (TRITON_BLOCK_LOWRANK if lowrank else TRITON_BLOCK)
-    table = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
+    block = block or (TRITON_BLOCK_LOWRANK if lowrank else _common.TRITON_BLOCK)
+    table, _ = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
     partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
     gtensor = gbase if gbase is not None else ts[0]
     _guide_dot_kernel[(table.shape[0],)](
         gtensor, table, partial, *_common.seed_pieces(seed),
         BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank,
         GVEC=_guide_vec(gs, lowrank), G=rng.arranged_group(dist, gtensor.element_size()),
-        V=16 // gtensor.element_size(),
-        num_warps=TRITON_WARPS,
+        V=16 // gtensor.element_size(), COLS=table.shape[1], num_warps=_common.TRITON_WARPS,
         enable_fp_fusion=False)  # pinned: Triton's default changes in 3.10, and replays rely on these sums' bits
     # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
     # and differences at segment ends avoid atomics, whose order changes from run to run.
@@ -433,17 +459,17 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
         ts = [tensors[i] for i in idx]
         gl = [[gs[i] for i in idx] for gs in guide_lists]
         gbase, lowrank = _guide_storage(gl)
-        blk = block or (TRITON_BLOCK_LOWRANK if lowrank else TRITON_BLOCK)
-        table = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], blk)
+        blk = block or (TRITON_BLOCK_LOWRANK if lowrank else _common.TRITON_BLOCK)
+        table, aligned = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], blk)
         coef = torch.stack([c.float()[idx] for c in coef_cols], dim=1).contiguous().to(ts[0].device)
-        aligned = all(w.data_ptr() % 16 == 0 for w in ts)
         _guided_perturb_kernel[(table.shape[0],)](
             ts[0], gbase if gbase is not None else ts[0], table, coef,
             *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
             BLOCK=blk, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
             N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank,
             VEC=16 // ts[0].element_size() if aligned else 1, GVEC=_guide_vec([g for gs in gl for g in gs], lowrank),
-            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), num_warps=TRITON_WARPS,
+            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), COLS=table.shape[1],
+            num_warps=_common.TRITON_WARPS,
             enable_fp_fusion=False)  # each term is multiplied, then added (two roundings), as in the torch reference
 
 
@@ -466,6 +492,7 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
     seed = rng.check_seed(seed)
     _common.check_dist(dist)
     streams = _common.check_streams(streams, len(tensors))
+    block = _common.check_block(block)
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)
     with torch.no_grad():
@@ -506,6 +533,7 @@ def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "ga
             raise ValueError(f"{name} coefficients must be finite")
     _common.check_dist(dist)
     streams = _common.check_streams(streams, n)
+    block = _common.check_block(block)
     if not tensors:
         return
     with torch.no_grad():

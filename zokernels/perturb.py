@@ -17,13 +17,12 @@ import torch
 from zokernels import _common, rng
 from zokernels.rounding import stochastic_round
 
-# Elements per chunk of the torch reference. Chunks bound the temporaries (about a dozen int64 Philox tensors of
-# chunk/8 entries) whatever the tensor size. Measured on the 2-core CI CPU, Gaussian over 4 Mi fp32 elements:
-# 87 ms at 16 Ki, 40 ms at 64 Ki, 36 ms at 256 Ki, 31 ms unchunked (per-op dispatch dominates small chunks).
-TORCH_CHUNK = 1 << 18
-# Elements per Triton program: a multiple of 128 (one Rademacher call) and of 8 (one Gaussian call).
-TRITON_BLOCK = 4096
-TRITON_WARPS = 8
+
+# Warps per program of the perturb kernel: 4, so that a thread owns 32 of the block's _common.TRITON_BLOCK elements
+# (8 warps: 16) and its fixed cost (table row, addresses, each seed's Philox key schedule) spreads over twice as many.
+# From the compiled SASS (sm_90, benchmarks/sass.py): perturb2_ bf16 Gaussian 45.6 -> 42.6 instructions per element.
+# The guided kernels keep 8 (guide_dot at 4 warps needs 255 registers).
+PERTURB_WARPS = 4
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -34,7 +33,7 @@ def _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay=1.0):
     Tensors smaller than a chunk are batched: one Philox evaluation serves up to a chunk's worth of them
     (``rng.noise_batch``), which a LoRA model's hundreds of small tensors need on the CPU.
     """
-    large, batches = _common.split_small(tensors, TORCH_CHUNK)
+    large, batches = _common.split_small(tensors, _common.TORCH_CHUNK)
     for i in large:
         _perturb_torch_large(tensors[i], streams[i], terms, dist, rounding_seed, decay)
     for idx in batches:
@@ -54,8 +53,8 @@ def _store(flat, s, e, y, dtype, rounding_seed, stream):
 def _perturb_torch_large(t, stream, terms, dist, rounding_seed, decay):
     flat = t.view(-1)
     n = flat.numel()
-    for s in range(0, n, TORCH_CHUNK):
-        e = min(n, s + TORCH_CHUNK)
+    for s in range(0, n, _common.TORCH_CHUNK):
+        e = min(n, s + _common.TORCH_CHUNK)
         y = flat[s:e] if t.dtype == torch.float32 else flat[s:e].float()
         if decay != 1.0:
             y.mul_(decay)
@@ -85,6 +84,7 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
+    from zokernels._common import table_row_tl
     from zokernels.rng import arranged_offsets_tl, noise_arranged_tl, seed_key_tl, uniform_words_arranged_tl
     from zokernels.rounding import round_nearest_bf16_tl, stochastic_round_tl
 
@@ -93,13 +93,9 @@ if _common.triton_available():
     def _perturb_kernel(base_ptr, table_ptr,
                         a0, a1, a2, a3, scale_a, b0, b1, b2, b3, scale_b, r0, r1, r2, r3, decay,
                         BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, TWO: tl.constexpr, ROUND: tl.constexpr,
-                        FAST: tl.constexpr, VEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
-        pid = tl.program_id(0).to(tl.int64)
-        row = table_ptr + pid * 4
-        offset = tl.multiple_of(tl.load(row), VEC)
-        numel = tl.load(row + 1)
-        stream = tl.load(row + 2)
-        start = tl.load(row + 3) * BLOCK
+                        FAST: tl.constexpr, VEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr, COLS: tl.constexpr):
+        _, _, offset, numel, stream, start = table_row_tl(table_ptr, COLS, BLOCK)
+        offset = tl.multiple_of(offset, VEC)
         # Elements arranged so that each thread computes the Philox calls of its own elements once (rng).
         local = arranged_offsets_tl(BLOCK, G, V)
         ptrs = base_ptr + (offset + start) + local
@@ -132,18 +128,19 @@ if _common.triton_available():
             tl.store(ptrs, y.to(base_ptr.dtype.element_ty), mask=local < rem)
 
 
-def _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay=1.0, block=TRITON_BLOCK):
+def _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay=1.0, block=_common.TRITON_BLOCK):
     (seed_a, scale_a), *rest = terms
     seed_b, scale_b = rest[0] if rest else (0, 0.0)
     for dtype, (ts, ss) in _common.group_by_dtype(tensors, streams).items():
-        table, aligned = _common.block_table(ts, ss, block)
+        table, aligned = _common.launch_table(ts, ss, block)
         rounding = 0 if rounding_seed is None or dtype == torch.float32 else (1 if dtype == torch.bfloat16 else 2)
         _perturb_kernel[(table.shape[0],)](
             ts[0], table, *_common.seed_pieces(seed_a), scale_a, *_common.seed_pieces(seed_b), scale_b,
             *_common.seed_pieces(rounding_seed or 0), decay,
             BLOCK=block, GAUSSIAN=dist == "gaussian", TWO=bool(rest), ROUND=rounding,
             FAST=_common.fast_math(ts[0].device), VEC=16 // ts[0].element_size() if aligned else 1,
-            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), num_warps=TRITON_WARPS,
+            G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), COLS=table.shape[1],
+            num_warps=PERTURB_WARPS,
             # no FMA: the reference multiplies, then adds (two roundings); fused, test_decay_scales_the_weights_first
             # differs in 314 of 5,000 elements (emulated). Triton 3.9 fuses by default (3.10 will not).
             enable_fp_fusion=False)
@@ -161,13 +158,12 @@ def _run(tensors, terms, dist, streams, rounding_seed, impl, block, decay):
     streams = _common.check_streams(streams, len(tensors))
     if rounding_seed is not None:
         rng.check_seed(rounding_seed, "rounding_seed")
+    block = _common.check_block(block)
     if not tensors:
         return
-    if block is not None and (block % rng.RADEMACHER_PER_CALL or block & (block - 1)):
-        raise ValueError(f"block must be a power of two and a multiple of 128, got {block}")
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay, block or TRITON_BLOCK)
+            _perturb_triton(tensors, streams, terms, dist, rounding_seed, decay, block or _common.TRITON_BLOCK)
         else:
             _perturb_torch(tensors, streams, terms, dist, rounding_seed, decay)
 

@@ -33,8 +33,9 @@ Conversions
       uses the hardware approximations ``lg2.approx``, ``sin.approx``, ``cos.approx`` and ``sqrt.approx``, whose
       documented worst-case errors are the ``*_APPROX_*`` constants below. ``lg2.approx`` has an *absolute* error
       (2**-22) that the square root magnifies near u = 1 (4.2e-5 in z at the top uniform), so there the compiled
-      path computes ``-ln u`` from ``d = 1 - u`` (exact in fp32) by the series ``d + d**2/2 + d**3/3 + d**4/4``
-      for ``d < GAUSSIAN_SERIES_BELOW`` (truncation below 2**-26 relative). With that, the compiled z is within
+      path computes the squared radius ``-2 C**2 ln u`` from ``d = 1 - u`` (exact in fp32) by the series
+      ``2 C**2 (d + d**2/2)`` for ``d < GAUSSIAN_SERIES_BELOW`` (truncation below ``d**2 / 3`` = 5e-6 relative
+      there, 2e-7 in z). With that, the compiled z is within
       ``GAUSSIAN_COMPILED_BOUND`` (6e-6) of the float64 spec value for every one of the 2**16 uniforms and every
       angle (checked exhaustively, from those documented errors, by ``tests/zokernels/test_rng.py``), inside
       ``GAUSSIAN_ATOL``. The values the reference computes are unchanged by this: only the compiled path differs.
@@ -65,15 +66,26 @@ UNIFORM_PER_CALL = 4
 GAUSSIAN_C = 1.0000026441522867
 # Triton (hardware approximations on GPU) vs torch (libm); the compiled path's proven bound is tighter (below).
 GAUSSIAN_ATOL = 2e-5
-# Documented worst cases of the PTX approximations (CUDA C++ Programming Guide, intrinsic functions; NVIDIA's SASS
-# notes for MUFU): lg2.approx.f32 absolute 2**-22 on [0.5, 2] and 2 ulp of the result elsewhere; sin/cos.approx.f32
-# absolute 2**-20.9 on [-pi, pi] (MUFU; the guide states 2**-21.41 for __sinf/__cosf); sqrt.approx.f32 taken as
-# relative 2**-22, above the 2**-22.9 that the PTX ISA documents for rsqrt.approx, from which it is built.
+# Worst-case errors of the hardware approximations, the inputs of the compiled-path bound below. None of them was
+# measured (no GPU has been available); where each comes from, as checked on 2026-12-02:
+# * lg2.approx.f32 (MUFU.LG2): absolute 2**-22 for x in [0.5, 2], 2 ulp elsewhere: the CUDA C++ Programming Guide's
+#   table of single-precision intrinsics (__log2f), quoted from that table; its text was not available to re-read.
+# * sin/cos.approx.f32 (MUFU.SIN/COS after ptxas's range-reduction FMUL.RZ): absolute 2**-20.9 in the first quadrant,
+#   as NVIDIA's MUFU opcode notes state for COS (a public copy of the SASS opcode reference, opMUFU: "COS Accuracy:
+#   absolute |error| <= 2^-20.9 in quadrant 00"); the Programming Guide gives 2**-21.41 (__sinf) and 2**-21.19
+#   (__cosf) on [-pi, pi]. The larger, 2**-20.9, is used for both.
+# * sqrt.approx.f32: ptxas emits MUFU.SQRT for it on sm_80 and sm_90 (seen in the SASS); no documented bound was
+#   found. 2**-22 relative is an assumption (rsqrt.approx, the other MUFU square-root unit, is documented at
+#   2**-22.9 in the PTX ISA, as recalled, not re-read).
+# A GPU run should measure them: compiled _radius_tl over all 2**16 uniforms and cos/sin over all 2**16 angles
+# against float64 is exhaustive (2 x 65,536 values) and would replace these citations by measurements.
 LG2_APPROX_ABS_ERR = 2.0**-22
 SINCOS_APPROX_ABS_ERR = 2.0**-20.9
 SQRT_APPROX_REL_ERR = 2.0**-22
-# Below this distance from 1, the compiled path computes -ln u by the series (see the docstring).
-GAUSSIAN_SERIES_BELOW = 2.0**-6
+# Below this distance from 1, the compiled path computes -ln u by the series (see the docstring). At 2**-8 a series
+# to d**2 (3 operations) is exact enough and lg2.approx's absolute error costs at most 1.9e-6 in z above it; at 2**-6
+# the series needed d**4 (7 operations).
+GAUSSIAN_SERIES_BELOW = 2.0**-8
 # The compiled path's worst error in z over all 2**16 uniforms and all angles, from the errors above (tested).
 GAUSSIAN_COMPILED_BOUND = 6e-6
 TWO_PI = 2.0 * math.pi
@@ -283,6 +295,11 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 if triton is not None:
     _SERIES_BELOW = tl.constexpr(GAUSSIAN_SERIES_BELOW)
+    # The compiled path computes the squared radius C**2 * (-2 ln u) directly, GAUSSIAN_C folded into its constants
+    # (a multiply and an add per Box–Muller pair fewer than sqrt(2 * -ln u) * C).
+    _R2_LG2 = tl.constexpr(-2.0 * GAUSSIAN_C**2 * math.log(2.0))
+    _R2_D1 = tl.constexpr(2.0 * GAUSSIAN_C**2)
+    _R2_D2 = tl.constexpr(GAUSSIAN_C**2)
 
     @triton.jit
     def philox_tl(c0, c1, c2, c3, k0, k1):
@@ -327,7 +344,9 @@ if triton is not None:
     @triton.jit
     def _log2_tl(x, FAST: tl.constexpr):
         if FAST:
-            return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+            # .ftz: the uniforms are >= 2**-17, never subnormal, so flushing changes no value and saves ptxas's
+            # three-instruction subnormal fix-up around MUFU.LG2
+            return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                              is_pure=True, pack=1)
         else:
             return tl.log2(x)
@@ -349,9 +368,10 @@ if triton is not None:
             return tl.sin(x)
 
     @triton.jit
-    def neg_ln_near_one_tl(d):
-        """``-ln(1 - d)`` for ``0 < d < GAUSSIAN_SERIES_BELOW`` by its series: truncation below ``d**4 / 5``."""
-        return d * (1.0 + d * (0.5 + d * (0.3333333333333333 + d * 0.25)))
+    def radius_sq_near_one_tl(d):
+        """The squared radius ``-2 C**2 ln(1 - d)`` for ``0 < d < GAUSSIAN_SERIES_BELOW`` by its series to ``d**2``:
+        truncation below ``d**2 / 3`` relative (5e-6 at 2**-8)."""
+        return d * (_R2_D1 + d * _R2_D2)
 
     @triton.jit
     def _radius_tl(k, FAST: tl.constexpr):
@@ -359,10 +379,9 @@ if triton is not None:
         u = (k + 0.5) * (1.0 / 65536.0)
         if FAST:
             # lg2.approx's absolute error would be magnified by the square root near u = 1: there, the series on
-            # d = 1 - u (exact: 17 significant bits) instead.
-            d = (65535.5 - k) * (1.0 / 65536.0)
-            neg_ln = tl.where(d < _SERIES_BELOW, neg_ln_near_one_tl(d), -0.6931471805599453 * _log2_tl(u, FAST))
-            return tl.sqrt(2.0 * neg_ln) * 1.0000026441522867
+            # d = 1 - u (exact: u has 17 significant bits) instead.
+            d = 1.0 - u
+            return tl.sqrt(tl.where(d < _SERIES_BELOW, radius_sq_near_one_tl(d), _R2_LG2 * _log2_tl(u, FAST)))
         else:
             # -2 ln u = -2 ln(2) log2(u); GAUSSIAN_C folds into the constant.
             return tl.sqrt(-1.3862943611198906 * _log2_tl(u, FAST)) * 1.0000026441522867

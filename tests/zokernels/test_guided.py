@@ -133,3 +133,36 @@ def test_bad_input_is_rejected_before_anything_changes():
         guided_perturb_([w, torch.zeros(4, 6)], guides=[(mixed, torch.ones(2))])
     with pytest.raises(ValueError, match="u .m, k. and v .n, k."):
         LowRank(torch.zeros(4, 2), torch.zeros(6, 3))
+
+
+@pytest.mark.parametrize("rank", [8, 12])
+def test_lowrank_vector_rank_loads_add_in_rank_order(impl, device, rank):
+    """Ranks that are multiples of 4 with 4-element-aligned u and v take the kernels' vector path (four ranks per
+    load): the products must still be added in rank order, so the result equals, bit for bit, the same guide stored
+    one element off alignment (the scalar path)."""
+    w = _rand((33, 70), 0, device)
+    lr = _lowrank((33, 70), rank, 3, device)
+
+    def shifted(t):  # the same values, contiguous, starting one element past a 16-byte boundary
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        buf[1:] = t.reshape(-1)
+        return buf[1:].view(t.shape)
+
+    off = LowRank(shifted(lr.u), shifted(lr.v))
+    assert lr.u.data_ptr() % 16 == 0 and off.u.data_ptr() % 16 != 0
+    coef = torch.tensor([0.7])
+    a, b = w.clone(), w.clone()
+    guided_perturb_([a], noise=[(5, coef)], guides=[([lr], coef)], impl=impl)
+    guided_perturb_([b], noise=[(5, coef)], guides=[([off], coef)], impl=impl)
+    assert torch.equal(a, b)
+    assert torch.equal(guide_dot([w], [lr], 3, impl=impl), guide_dot([w], [off], 3, impl=impl))
+
+
+def test_guided_ops_check_block():
+    w, c = torch.zeros(4, 6), torch.ones(1)
+    for block in (100, 96, 0, 2.0):
+        with pytest.raises(ValueError, match="block must be a power of two"):
+            guided_perturb_([w], noise=[(1, c)], block=block)
+        with pytest.raises(ValueError, match="block must be a power of two"):
+            guide_dot([w], [None], 1, block=block)
+    assert not w.any()

@@ -450,7 +450,8 @@ def test_bad_code_space_calls_are_refused_before_anything_changes():
 
 
 def test_auto_uses_the_torch_reference_on_cpu(monkeypatch):
-    import zokernels.quant as Q
+    from zokernels.quant import int8 as Q8
+    from zokernels.quant import nf4 as Q4
 
     def boom(*args, **kwargs):
         raise AssertionError("auto must not pick Triton for CPU tensors")
@@ -458,8 +459,8 @@ def test_auto_uses_the_torch_reference_on_cpu(monkeypatch):
     results = {}
     for impl in ("torch", "auto"):
         if impl == "auto":
-            monkeypatch.setattr(Q, "_int8_triton", boom)
-            monkeypatch.setattr(Q, "_nf4_triton", boom)
+            monkeypatch.setattr(Q8, "_int8_triton", boom)
+            monkeypatch.setattr(Q4, "_nf4_triton", boom)
         i8 = Int8Weight.from_bnb(_int8_linear(64, 8))
         nf = NF4Weight.from_bnb(_nf4_linear(128, 8))
         before = (i8.codes.clone(), nf.codes.clone())

@@ -12,13 +12,12 @@ CPU only and torch only: this is the reference's own code path.
 import pytest
 import torch
 
-from zokernels import perturb, perturb2_, perturb_, rng
-from zokernels.guided import TORCH_CHUNK as GUIDED_CHUNK
+from zokernels import _common, perturb2_, perturb_, rng
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 from zokernels.rounding import stochastic_round
 
-CHUNK = perturb.TORCH_CHUNK
-assert CHUNK == GUIDED_CHUNK == 1 << 18  # the sizes below are chosen for this chunk
+CHUNK = _common.TORCH_CHUNK  # one chunk size for every reference (perturb, guided, int8, NF4)
+assert CHUNK == 1 << 18  # the sizes below are chosen for this chunk
 
 # numel: exactly the large-tensor threshold; just above one chunk (a 1-element last chunk); three chunks, odd
 SIZES = [CHUNK // 4, CHUNK + 1, 2 * CHUNK + 12_345]
@@ -136,10 +135,10 @@ def test_guide_dot_large_tensors(kind):
 # ---------------------------------------------------------------------------------------------------------------------
 # quantised (bitsandbytes storage)
 def test_int8_code_perturb_multi_chunk():
-    from zokernels.quant import TORCH_CHUNK, Int8Weight, int8_code_perturb_
+    from zokernels.quant import Int8Weight, int8_code_perturb_
 
     rows, cols = 601, 1001  # rows of 1001 codes: 261 rows a chunk, so chunks of 261, 261 and 79 rows
-    assert rows * cols > 2 * TORCH_CHUNK
+    assert rows * cols > 2 * CHUNK
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (rows, cols), generator=g, dtype=torch.int8)
     scb = torch.rand(rows, generator=g) * 0.2 + 0.01
@@ -180,11 +179,11 @@ def _nf4_codes(w):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_nf4_code_update_multi_chunk(nested):
-    from zokernels.quant import TORCH_CHUNK, nf4_code_update_
+    from zokernels.quant import nf4_code_update_
 
     shape, blocksize = (601, 999), 64  # 600,399 codes (odd: the last byte holds a pad nibble), 9,382 blocks
     w = _nf4_weight(shape, blocksize, nested)  # 4,096 blocks a chunk: three chunks, the last one partial
-    assert w.numel > 2 * TORCH_CHUNK and w.numel % 2 == 1
+    assert w.numel > 2 * CHUNK and w.numel % 2 == 1
     old, pad = _nf4_codes(w), w.codes[-1].item() & 15
     code, n, coef = w.code, w.numel, 0.004
     # the spec per element: t = code[c] + coef*z / absmax; the new code is code[k] or code[k+1] (code[k] <= t), up
