@@ -7,11 +7,12 @@ bytes, the widths of the global loads and stores on the full-block path, SASS th
 Philox calls per thread, and a roofline estimate for the H200. These are ESTIMATES FROM STATIC ANALYSIS, not
 measurements: ``benchmarks/run_gpu.sh`` measures on a GPU.
 
-Instructions per element: SASS instructions along the shortest path from entry to exit (the full-block path: the tail
-path with masked scalar accesses is longer; 128-bit accesses inside loop bodies do not steer it), loop bodies counted once per iteration, divided by the elements a thread
-owns (BLOCK / (32 * num_warps)). A LowRank guide has two rank loops on the full-block path (whole chunks of
-``LOWRANK_UNROLL`` ranks: ``rank // LOWRANK_UNROLL`` iterations, the one that loads the most bits; the remaining ranks:
-``rank % LOWRANK_UNROLL``) and two on the tail path (their loads are predicated), which are not counted.
+Instructions per element: SASS instructions along the shortest path from entry to exit (the full-block path: the
+tail path with masked scalar accesses is longer; 128-bit accesses inside loop bodies do not steer it), loop bodies
+counted once per iteration, divided by the elements a thread owns (BLOCK / (32 * num_warps)). A LowRank guide has
+two rank loops on the full-block path (whole chunks of ``LOWRANK_UNROLL`` ranks: ``rank // LOWRANK_UNROLL``
+iterations, the one that loads the most bits; the remaining ranks: ``rank % LOWRANK_UNROLL``) and two on the tail
+path (their loads are predicated), which are not counted.
 
 Roofline: an element costs ``bytes / 4.26e12`` s of copy bandwidth (H200 ``copy_`` measured by the prototype) and
 ``instructions / 3.3e13`` s of issue (132 SMs x 4 schedulers x 32 lanes x ~1.98 GHz, one instruction per lane per

@@ -17,7 +17,6 @@ import torch
 from zokernels import _common, rng
 from zokernels.rounding import stochastic_round
 
-
 # Warps per program of the perturb kernel: 4, so that a thread owns 32 of the block's _common.TRITON_BLOCK elements
 # (8 warps: 16) and its fixed cost (table row, addresses, each seed's Philox key schedule) spreads over twice as many.
 # From the compiled SASS (sm_90, benchmarks/sass.py): perturb2_ bf16 Gaussian 45.6 -> 42.6 instructions per element.
