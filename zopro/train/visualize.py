@@ -47,10 +47,20 @@ class RunData:
     config: dict
     records: list[dict]
     snaps: list[dict]
+    label: str = ""  # the folder's name, or as much of its path as tells it from the other runs (unique_labels)
 
-    @property
-    def label(self) -> str:
-        return self.path.resolve().name
+
+def unique_labels(paths: list[Path]) -> list[str]:
+    """Each path's shortest tail of folder names that no other path ends with: ``full`` alone, ``seed0/full`` and
+    ``seed1/full`` side by side."""
+    parts = [Path(p).resolve().parts for p in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        n = 1
+        while n < len(mine) and any(j != i and other[-n:] == mine[-n:] for j, other in enumerate(parts)):
+            n += 1
+        labels.append("/".join(mine[-n:]))
+    return labels
 
 
 def load_run(path) -> RunData:
@@ -64,7 +74,7 @@ def load_run(path) -> RunData:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'}: unreadable ({type(err).__name__})") from None
-    return RunData(path, config, read_metrics(path / "metrics.jsonl"), snapshots.listing(path))
+    return RunData(path, config, read_metrics(path / "metrics.jsonl"), snapshots.listing(path), path.resolve().name)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -430,6 +440,8 @@ def _run_section(k: int, run: RunData, result: dict, images: dict) -> str:
 def build_report(runs: list[RunData], out: Path) -> Path:
     """Write the PNGs, ``report.json`` and ``report.html`` into ``out``; returns the HTML's path."""
     out.mkdir(parents=True, exist_ok=True)
+    for run, label in zip(runs, unique_labels([r.path for r in runs])):
+        run.label = label
     curves = plot_curves(runs, out / "curves.png")
     sections, results = [], []
     for k, run in enumerate(runs):

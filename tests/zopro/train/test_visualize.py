@@ -263,3 +263,9 @@ def test_a_ppo_run(tmp_path):
     assert report["zo_updates"] == [] and [m["mode"] for m in report["moved"]] == ["ppo"] * 4
     assert [r["mode"] for r in report["iterations"]] == ["ppo", "ppo"]
     assert report["iterations"][0]["layers"]["all"]["cos_reward"] is not None
+
+
+def test_runs_with_the_same_folder_name_get_labels_that_tell_them_apart(tmp_path):
+    paths = [tmp_path / "seed0" / "full", tmp_path / "seed1" / "full", tmp_path / "seed1" / "iter1"]
+    assert visualize.unique_labels(paths) == ["seed0/full", "seed1/full", "iter1"]
+    assert visualize.unique_labels([tmp_path / "a" / "run"]) == ["run"]
