@@ -40,9 +40,9 @@ def path_for(run_dir: Path, global_step: int) -> Path:
 
 def take(run_dir: Path, every: int, progress: Progress, mode: str, policy: dict[str, torch.Tensor],
          reward: dict[str, torch.Tensor] | None = None, kind: str = "step") -> Path | None:
-    """Write the snapshot of ``progress``'s global step (``kind`` ``step``, ``iteration`` or ``final``); returns its path,
-    or None when ``every`` is 0 (off) or a ``step`` snapshot is not due. ``reward``: the reward adapter and score head
-    (boundary snapshots of runs whose reward model is an adapter on the shared base; None otherwise)."""
+    """Write the snapshot of ``progress``'s global step (``kind`` ``step``, ``iteration`` or ``final``); returns its
+    path, or None when ``every`` is 0 (off) or a ``step`` snapshot is not due. ``reward``: the reward adapter and score
+    head (boundary snapshots of runs whose reward model is an adapter on the shared base; None otherwise)."""
     step, global_step = progress.step, progress.global_step
     if every == 0 or (kind == "step" and global_step % every):
         return None
