@@ -16,7 +16,7 @@ from benchmarks.conftest import DEVICE, RESULTS_DIR, environment
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the peer mirrors the CPU default job")
 def test_trl_rloo_trainer_peer():
-    from zopro.train.models import find_smollm2_gguf
+    from zopro.train.loading import find_smollm2_gguf
 
     try:
         find_smollm2_gguf()

@@ -32,15 +32,16 @@ def main(argv=None) -> dict:
     from transformers import TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
-    from zopro.train import memory, models
+    from zopro.train import memory
+    from zopro.train.loading import find_smollm2_gguf, load_base
     from zopro.train.data import load_default_prompts
     from zopro.train.judges import HeuristicJudge
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    gguf = models.find_smollm2_gguf()
-    base, tokenizer = models.load_base(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
-                                       device=torch.device("cpu"))
+    gguf = find_smollm2_gguf()
+    base, tokenizer = load_base(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                device=torch.device("cpu"))
     # The GGUF weights are dequantised to fp32 on load, but transformers still marks the model as GGUF-quantised,
     # and its Trainer refuses to train such a model: clear the mark (the weights are plain fp32 tensors).
     base.is_quantized, base.hf_quantizer = False, None

@@ -74,7 +74,7 @@ def iteration0(cfg: TrainConfig) -> Path:
     _write_config(cfg)
     state = program.Run(cfg, out)
     state.reward_init()
-    while state.meta["step"] < cfg.steps_per_iteration:
+    while state.progress.step < cfg.steps_per_iteration:
         state.train_step()
     state.save()
     done.write_text("iteration 0 complete\n")

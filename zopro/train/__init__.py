@@ -1,9 +1,10 @@
 """The training program: preference-tune a causal LM with ZOPrO (``python -m zopro.train``), on the optimiser of
 :mod:`zopro`. Nothing in :mod:`zopro`'s top level imports this package.
 
-Modules, in the order a run uses them: ``config`` (the flags), ``loading`` (data, models, judge), ``rollout``,
-``losses``, ``reward`` (the reward adapter), ``updaters`` (first-order and ZO steps), ``ppo`` (the PPO baseline),
-``guides``, ``evaluation``, ``checkpoint``, ``report``, ``memory``, and ``program`` (the run itself). Commands:
+Modules, in the order a run uses them: ``config`` (the flags), ``loading`` (data, base models, judge), ``models``
+(the shared-base bundle), ``reward_model`` (an external reward model), ``rollout``, ``losses``, ``reward`` (the
+reward adapter), ``updaters`` (first-order and ZO steps), ``ppo`` (the PPO baseline), ``guides``, ``evaluation``,
+``state`` (the run's checkpointed state), ``checkpoint``, ``report``, ``memory``, and ``program`` (the run itself). Commands:
 ``python -m zopro.train``, ``python -m zopro.train.evaluate``, ``python -m zopro.train.export``.
 """
 

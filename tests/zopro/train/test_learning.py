@@ -34,7 +34,8 @@ import re
 import pytest
 import torch
 
-from zopro.train.models import PolicyRewardModel, build_tiny_model, build_tiny_tokenizer
+from zopro.train.loading import build_tiny_model, build_tiny_tokenizer
+from zopro.train.models import PolicyRewardModel
 from zopro.optim import ZOOptimizer
 from zopro.train.rollout import collect_rollout
 from zopro.samplers import Isotropic, Targeted

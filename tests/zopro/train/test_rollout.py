@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from zopro.train.models import AnyRewardModel, PolicyRewardModel
+from zopro.train.models import PolicyRewardModel
+from zopro.train.reward_model import AnyRewardModel
 from zopro.train.losses import rloo_advantages
 from zopro.train.rollout import Rollout, collect_rollout, tokenize_prompts
 

@@ -227,8 +227,7 @@ def test_default_config_is_valid_and_documented():
 
 @pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
-    from zopro.train.models import build_tiny_model, build_tiny_tokenizer
-    from zopro.train.loading import load_models
+    from zopro.train.loading import build_tiny_model, build_tiny_tokenizer, load_models
 
     tok = build_tiny_tokenizer()
     build_tiny_model(len(tok), seed=0, hidden=64, layers=2, heads=4).save_pretrained(tmp_path / "tiny")
