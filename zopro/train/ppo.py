@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from zopro.train.losses import clipped_terms, masked_mean
 from zopro.train.models import PolicyRewardModel, last_true_index
 from zopro.train.rollout import Rollout
-from zopro.train.updaters import Update, first_order_step, old_token_logps
+from zopro.train.updaters import FirstOrderUpdater, Update, first_order_step, old_token_logps
 
 __all__ = [
     "PPOConfig",
@@ -325,33 +325,18 @@ def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.opti
     return {"loss": value, "grad_norm": grad_norm}
 
 
-class PPOUpdater:
+class PPOUpdater(FirstOrderUpdater):
     """The training program's PPO: one :func:`ppo_step` per rollout, with one AdamW over the policy adapter and the
     critic (TRL steps policy and value with one optimiser), made afresh each iteration; the critic lives for the run."""
 
     mode = "ppo"
-    checkpoint_key = "fo_optimizer"
 
     def __init__(self, bundle: PolicyRewardModel, value_model: ValueModel, cfg: PPOConfig):
         self.bundle, self.value_model, self.cfg = bundle, value_model, cfg
         params = list(bundle.policy_parameters().values()) + list(value_model.trainable_parameters().values())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    @property
-    def first_order_optimizer(self):
-        """The optimiser whose moments ``--guide adam`` reads when the iteration ends."""
-        return self.optimizer
-
     def step(self, rollout: Rollout, seed: int) -> Update:
         """One PPO update; ``seed`` orders its minibatches."""
         stats = ppo_step(self.bundle, self.value_model, rollout, self.optimizer, self.cfg, seed=seed)
         return Update(self.mode, stats["loss"], stats["grad_norm"], self.cfg.lr, None, 0)
-
-    def iteration_log(self) -> dict | None:
-        return None
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)

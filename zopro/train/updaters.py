@@ -121,26 +121,17 @@ class Update:
     skipped: int
 
 
-class FirstOrderRLOO:
-    """First-order RLOO: one AdamW step over the policy adapter per rollout (:func:`first_order_step`)."""
+class FirstOrderUpdater:
+    """What the first-order updaters share: an AdamW in ``self.optimizer``, checkpointed under ``fo_optimizer``, read
+    by ``--guide adam``, and no log to replay."""
 
-    mode = "first-order"
     checkpoint_key = "fo_optimizer"
-
-    def __init__(self, bundle, *, lr: float, loss: str, clip: float, microbatch: int):
-        self.bundle, self.lr, self.loss, self.clip, self.microbatch = bundle, lr, loss, clip, microbatch
-        self.optimizer = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
+    optimizer: torch.optim.Optimizer
 
     @property
     def first_order_optimizer(self):
         """The optimiser whose moments ``--guide adam`` reads when the iteration ends."""
         return self.optimizer
-
-    def step(self, rollout, seed: int) -> Update:
-        """One update on ``rollout`` (``seed`` is unused: the step draws nothing)."""
-        loss, grad = first_order_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
-                                      microbatch=self.microbatch, old_tok=old_token_logps(rollout, self.loss))
-        return Update(self.mode, loss, grad, self.lr, None, 0)
 
     def iteration_log(self) -> dict | None:
         """What the iteration leaves besides the weights: nothing to replay for a first-order iteration."""
@@ -151,6 +142,22 @@ class FirstOrderRLOO:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+class FirstOrderRLOO(FirstOrderUpdater):
+    """First-order RLOO: one AdamW step over the policy adapter per rollout (:func:`first_order_step`)."""
+
+    mode = "first-order"
+
+    def __init__(self, bundle, *, lr: float, loss: str, clip: float, microbatch: int):
+        self.bundle, self.lr, self.loss, self.clip, self.microbatch = bundle, lr, loss, clip, microbatch
+        self.optimizer = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
+
+    def step(self, rollout, seed: int) -> Update:
+        """One update on ``rollout`` (``seed`` is unused: the step draws nothing)."""
+        loss, grad = first_order_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
+                                      microbatch=self.microbatch, old_tok=old_token_logps(rollout, self.loss))
+        return Update(self.mode, loss, grad, self.lr, None, 0)
 
 
 class ZORLOO:
