@@ -71,9 +71,6 @@ class LowRank:
         u, v = self.u.double(), self.v.double()
         return ((u.T @ u) * (v.T @ v)).sum()
 
-    def scaled(self, factor: float) -> LowRank:
-        return LowRank((self.u.float() * factor).to(self.u.dtype).contiguous(), self.v)
-
     @classmethod
     def from_matrix(cls, matrix: torch.Tensor, rank: int, *, seed: int = 0, niter: int = 4,
                     dtype: torch.dtype | None = None) -> LowRank:
