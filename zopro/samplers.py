@@ -46,6 +46,10 @@ class Isotropic:
     def advance(self) -> None:
         """No schedule."""
 
+    def guide_share(self, t: int) -> float:
+        """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
+        return 0.0
+
     def apply(self, params, streams, terms, decay: torch.Tensor) -> None:
         """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter.
 
@@ -192,19 +196,42 @@ class Targeted(Isotropic):
         guided = torch.tensor(self.guided)
         c = torch.where(guided, math.sqrt(max(0.0, 1 - d * d)) * prev_norm / perp_sq.sqrt(), torch.ones_like(dot))
         a = torch.where(guided, torch.full_like(dot, d), torch.zeros_like(dot))
-        if self.scale == "numel":
-            r = torch.where(guided, self.numel.sqrt() / prev_norm.clamp(min=1e-300), torch.ones_like(dot))
-            c, a = c * r, a * r
-        elif self.scale == "unit":
-            total = float(prev_norm.pow(2).sum().sqrt())  # 0 only when no tensor is guided
-            r = torch.where(guided, torch.full_like(dot, 1 / total if total > 0 else 0.0),
-                            torch.full_like(dot, 1 / math.sqrt(float(self.numel.sum()))))
+        if self.scale != "paper":
+            r = self._scale_ratio()
             c, a = c * r, a * r
         # z = a*prev + c*xi - c*beta*delta
         self._cache = {k: v for k, v in self._cache.items() if k != seed}
         if len(self._cache) >= 2:
             self._cache.pop(next(iter(self._cache)))
         self._cache[seed] = (a, c, -c * beta)
+
+    def _scale_ratio(self) -> torch.Tensor:
+        """Per tensor, the factor ``scale`` puts on its direction (float64): ``numel``: ``sqrt(numel) / |prev|`` on
+        guided tensors; ``unit``: ``1 / |prev|`` (all tensors together) on guided ones, ``1 / sqrt(D)`` on the rest;
+        ``paper``: 1."""
+        prev_norm = torch.tensor(self.prev_norm, dtype=torch.float64)
+        guided = torch.tensor(self.guided)
+        ones = torch.ones_like(prev_norm)
+        if self.scale == "numel":
+            return torch.where(guided, self.numel.sqrt() / prev_norm.clamp(min=1e-300), ones)
+        if self.scale == "unit":
+            total = float(prev_norm.pow(2).sum().sqrt())  # 0 only when no tensor is guided
+            return torch.where(guided, torch.full_like(ones, 1 / total if total > 0 else 0.0),
+                               torch.full_like(ones, 1 / math.sqrt(float(self.numel.sum()))))
+        return ones
+
+    def guide_share(self, t: int) -> float:
+        """Share of the squared norm of update ``t``'s direction that comes from the guide ``prev``, the rest from the
+        noise. A guided tensor's direction is ``r (d prev + sqrt(1 - d^2) |prev| xi_perp / |xi_perp|)``: guide part
+        ``(r d |prev|)^2``, noise part ``r^2 (1 - d^2) |prev|^2``, exactly; an unguided tensor is all noise, ``r xi``,
+        counted at ``|xi|^2 = numel``, its expected value (``r``: :meth:`_scale_ratio`)."""
+        d = self.mixing(t)
+        norms = torch.tensor(self.prev_norm, dtype=torch.float64)
+        guided = torch.tensor(self.guided)
+        r = self._scale_ratio()
+        guide_sq = float(torch.where(guided, (r * d * norms) ** 2, torch.zeros_like(norms)).sum())
+        noise_sq = float(torch.where(guided, r ** 2 * (1 - d * d) * norms ** 2, r ** 2 * self.numel).sum())
+        return guide_sq / (guide_sq + noise_sq) if guide_sq + noise_sq > 0 else 0.0
 
     def apply(self, params, streams, terms, decay):
         prev_c = sum(coef * self._cache[s][0] for s, coef in terms)

@@ -140,3 +140,16 @@ def test_targeted_mixing_follows_the_schedule_across_steps_and_a_resume(name):
     resumed.step(loss)
     assert resumed.sampler.mixing() == pytest.approx(schedule(9), abs=1e-12)
     assert [d for d, _ in seen] == pytest.approx([schedule(t) for t in range(9)], abs=1e-5)
+
+
+@pytest.mark.parametrize("scale", ["unit", "numel", "paper"])
+def test_guide_share_counts_the_guide_against_the_noise_at_every_scale(scale):
+    """One guided tensor (|prev| = 2, 4 elements) and one unguided (9 elements), d = 0.6: the guide contributes
+    (r d |prev|)^2, the noise r^2 (1 - d^2) |prev|^2 plus r_u^2 * 9, with r from the scale (Targeted's docstring)."""
+    params = [torch.zeros(4), torch.zeros(9)]
+    sampler = Targeted({"a": torch.tensor([2.0, 0.0, 0.0, 0.0])}, d0=0.6, scale=scale)
+    sampler.bind(["a", "b"], params)
+    r, r_u = {"unit": (1 / 2, 1 / math.sqrt(13)), "numel": (math.sqrt(4) / 2, 1.0), "paper": (1.0, 1.0)}[scale]
+    guide = (r * 0.6 * 2) ** 2
+    noise = r**2 * (1 - 0.36) * 4 + r_u**2 * 9
+    assert sampler.guide_share(0) == pytest.approx(guide / (guide + noise), rel=1e-12)

@@ -93,38 +93,12 @@ def load(path: Path, part: str) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-step statistics for metrics.jsonl
-def guide_share(sampler, t: int) -> float:
-    """Share of the squared norm of update ``t``'s direction that comes from the guide (``prev``), the rest from
-    the noise, from the sampler's mixing weight, guide norms and scale (``Targeted.prepare``'s coefficients).
-
-    For a guided tensor the sampler builds ``z = r (d prev + sqrt(1 - d^2) |prev| xi_perp / |xi_perp|)``: the guide
-    part has squared norm ``(r d |prev|)^2`` and the noise part ``r^2 (1 - d^2) |prev|^2``, exactly. An unguided
-    tensor (no or zero guide) is all noise, ``r_u xi``, counted at ``|xi|^2 = numel``, its expected value.
-    An isotropic sampler is all noise: 0."""
-    if not hasattr(sampler, "mixing"):
-        return 0.0
-    d = sampler.mixing(t)
-    norms = torch.tensor(sampler.prev_norm, dtype=torch.float64)
-    guided = torch.tensor(sampler.guided)
-    numel = sampler.numel
-    if sampler.scale == "unit":
-        total = float(norms.pow(2).sum().sqrt())
-        r = torch.full_like(norms, 1 / total if total > 0 else 0.0)
-        r_unguided = 1 / math.sqrt(float(numel.sum()))
-    elif sampler.scale == "numel":
-        r, r_unguided = numel.sqrt() / norms.clamp(min=1e-300), 1.0
-    else:
-        r, r_unguided = torch.ones_like(norms), 1.0
-    guide_sq = float(torch.where(guided, (r * d * norms) ** 2, torch.zeros_like(norms)).sum())
-    noise_sq = float(torch.where(guided, r ** 2 * (1 - d * d) * norms ** 2, r_unguided ** 2 * numel).sum())
-    return guide_sq / (guide_sq + noise_sq) if guide_sq + noise_sq > 0 else 0.0
-
-
 class StepProbe:
     """Reads the policy weights and the ZO optimiser's log before a training step, and after it returns the metrics
     fields the visualisation needs: ``moved`` (L2 norm of the step's change of the policy adapter, all modes) and,
     for ZO steps, per update ``zo_g`` (the projected gradient, from the losses the optimiser logged), ``zo_d`` (the
-    mixing weight) and ``zo_guide_share`` (:func:`guide_share`). No random numbers are drawn and no weight is written.
+    mixing weight) and ``zo_guide_share`` (the sampler's ``guide_share``). No random numbers are drawn and no weight
+    is written.
 
     The copy of the policy adapter is held in host memory, so a GPU run's peak memory of the update (``peak_update``)
     is the same as without it; on the CPU the resident-set peak includes it (9.8 MB for the default job's adapter,
@@ -150,7 +124,7 @@ class StepProbe:
             out["zo_g"] = [_projected_gradient(losses[i * per:(i + 1) * per], opt.eps, opt.q, opt.one_sided)
                            for i in range(len(steps))]
             out["zo_d"] = [opt.sampler.mixing(t) if hasattr(opt.sampler, "mixing") else 0.0 for t in steps]
-            out["zo_guide_share"] = [guide_share(opt.sampler, t) for t in steps]
+            out["zo_guide_share"] = [opt.sampler.guide_share(t) for t in steps]
         return out
 
 
