@@ -75,6 +75,9 @@ class TrainConfig:
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
     clip: float = 0.2
     minibatches: int = field(default=1, metadata={"help": "ZO steps per rollout, run back to back (2 passes each)"})
+    data_shards: int = field(default=0, metadata={
+        "help": "cut each step's prompts into this many shards, each sampled from its own seed (data-parallel: a "
+                "multiple of the ranks; the result depends on the shards, not the ranks); 0: one per rank"})
     fo_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of first-order steps (RLOO, PPO)"})
     fo_microbatch: int = field(default=4, metadata={
         "help": "first-order RLOO: accumulate the gradient over chunks of this many rows (0: the whole rollout at "

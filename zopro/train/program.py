@@ -18,6 +18,7 @@ Every step writes a metrics line and an atomic checkpoint, so ``--resume`` after
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, memory, snapshots
+from zopro.train import checkpoint, distributed, memory, snapshots
 from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
                                 resume_differences, reward_config, sampling_config, validate, zo_config)
 from zopro.train.evaluation import evaluate, paired_change
@@ -49,14 +50,15 @@ from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, ma
 class Run:
     """State of one run: what the checkpoint holds, plus the live models and optimisers."""
 
-    def __init__(self, cfg: TrainConfig, out: Path):
+    def __init__(self, cfg: TrainConfig, out: Path, ranks: distributed.Ranks | None = None):
         self.cfg, self.out = cfg, out
+        self.ranks = ranks or distributed.Ranks()  # data-parallel: only rank 0 writes (zopro.train.distributed)
         self.seeds = RunSeeds.of(cfg)
         self.device = resolve_device(cfg)
         self.train_records, self.eval_records = load_prompts(cfg)
         self.bundle, self.tokenizer = load_models(cfg, self.device)
         self.judge = load_judge(cfg, self.device)
-        self.metrics = MetricsLog(out / "metrics.jsonl")
+        self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
         self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
         self.value_model = self.ppo_cfg = None
@@ -72,6 +74,8 @@ class Run:
         return self.state.progress
 
     def save(self):
+        if not self.ranks.writes:
+            return
         progress = self.progress
         progress.metrics_bytes = self.metrics.size()
         # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
@@ -97,7 +101,8 @@ class Run:
             self.updater = self._updater(self.progress.iteration)
             self.updater.load_state_dict(live.objects[self.updater.checkpoint_key])
         self.metrics.truncate(self.progress.metrics_bytes)  # _open_run_dir checked that these bytes are intact
-        snapshots.prune_after(self.out, self.progress.global_step)  # steps after the checkpoint are redone
+        if self.ranks.writes:
+            snapshots.prune_after(self.out, self.progress.global_step)  # steps after the checkpoint are redone
         self.checkpoint_name = loaded.name
 
     def _updater(self, it: int):
@@ -123,7 +128,11 @@ class Run:
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
                                  self.seeds.pairs(1))
         loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
+        distributed.sync_trainable_(self.bundle, self.ranks)
         self.progress.reward_losses.append(loss)
+        if not self.ranks.writes:  # the held-out evaluation is rank 0's
+            self.begin_iteration(0)
+            return
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
                                          [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
@@ -151,20 +160,28 @@ class Run:
         cfg, it, step = self.cfg, self.progress.iteration, self.progress.step
         t0 = time.perf_counter()
         memory.reset_peak(self.device)
-        rollout = collect_rollout(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                  kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
-                                  max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
+        collect = functools.partial(distributed.collect_shards, ranks=self.ranks) if self.ranks.sharded else \
+            collect_rollout
+        rollout = collect(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
+                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
+                          max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
         probe = snapshots.StepProbe(self.bundle.policy_parameters(), zo)
-        update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
+        if self.ranks.sharded:
+            update = distributed.step(self.updater, rollout, self.ranks)
+        else:
+            update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
         if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
-            rows = repeat_each(rollout.prompts, rollout.k)
-            judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
+            if self.ranks.sharded:
+                judge_score = float(rollout.judge_scores(self.judge, self.ranks).mean())
+            else:
+                rows = repeat_each(rollout.prompts, rollout.k)
+                judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
         record = {"iteration": it, "step": step, "global_step": self.progress.global_step, "mode": update.mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
@@ -195,6 +212,7 @@ class Run:
                                                             self.seeds.reward(it + 1)))
             if cfg.reward_merge_alpha < 1:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
+            distributed.sync_trainable_(self.bundle, self.ranks)
             now = self.bundle.reward_parameters()
             delta = {n: now[n].detach() - self.state.iter_start[f"reward.{n}"] for n in prev}
         previous = self.state.guides["prev"] if self.state.guides is not None else None
@@ -202,7 +220,7 @@ class Run:
                                                 self.bundle.policy_parameters(), self.seeds.placebo(it)),
                              "delta": delta}
         log = self.updater.iteration_log()
-        if log is not None:  # the ZO optimiser's log: replays the iteration's updates bit for bit
+        if log is not None and self.ranks.writes:  # the ZO optimiser's log: replays the iteration's updates bit for bit
             checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
@@ -215,6 +233,8 @@ class Run:
     def _snapshot(self, kind: str, mode: str | None = None) -> None:
         """The adapters for ``python -m zopro.train.visualize`` (:mod:`zopro.train.snapshots`); the reward adapter
         only at iteration boundaries, the only place it changes."""
+        if not self.ranks.writes:
+            return
         reward = reward_tensors(self.bundle) if kind != "step" and self.bundle.shares_parameter_space else None
         snapshots.take(self.out, self.cfg.snapshot_every, self.progress, mode or self.updater.mode,
                        self.bundle.policy_parameters(), reward, kind)
@@ -348,37 +368,79 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
 
 
 def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
-    """Run (or resume) a ZOPrO job; returns the summary dict. ``stop_after_steps`` simulates a kill (tests).
+    """Run (or resume) a ZOPrO job; returns the summary dict (None on ranks other than 0 of a data-parallel job, see
+    :mod:`zopro.train.distributed`). ``stop_after_steps`` simulates a kill (tests).
 
     The run directory's lock is held from before the first read of the directory to the end; a resume continues
     from the newest verified checkpoint (or, with a message, the one before it when the newest is damaged), and a
     resume of a finished run rewrites its outputs."""
     started = time.perf_counter()
     cfg = validate(cfg)
-    cfg, lock, loaded = _open_run_dir(cfg, resume)
+    ranks = distributed.set_up(cfg, resolve_device(cfg))  # one process unless launched by torchrun
     try:
-        out = Path(cfg.output_dir)
-        if loaded is None:
-            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
-        for line in loaded.skipped if loaded else ():
-            print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        state = Run(cfg, out)
-        if loaded is not None:
-            state.restore(loaded)
-        else:
-            state.reward_init()
-        return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+        cfg, lock, loaded = _open_shared_run_dir(distributed.resolve(cfg, ranks), resume, ranks)
+        try:
+            out = Path(cfg.output_dir)
+            if loaded is None and ranks.writes:
+                checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+            for line in loaded.skipped if loaded and ranks.writes else ():
+                print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            state = Run(cfg, out, ranks)
+            if loaded is not None:
+                state.restore(loaded)
+                ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
+            else:
+                state.reward_init()
+            return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+        finally:
+            if lock is not None:
+                lock.close()
     finally:
-        lock.close()
+        distributed.tear_down(ranks)
+
+
+def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):
+    """:func:`_open_run_dir` on rank 0; its error, or the run's config and checkpoint name, broadcast to the other
+    ranks, which read the same checkpoint from the shared run directory (they take no lock and write nothing).
+    Returns ``(cfg, lock or None, loaded checkpoint or None)``."""
+    if ranks.world == 1:
+        return _open_run_dir(cfg, resume)
+    opened, error = (None, None, None), None
+    if ranks.writes:
+        try:
+            opened = _open_run_dir(cfg, resume)
+        except ValueError as err:
+            error = str(err)
+    error = ranks.broadcast_text(error, "the run directory's checks")
+    if error is not None:
+        raise ValueError(error)
+    try:
+        shared = json.dumps({"cfg": dataclasses.asdict(opened[0]), "checkpoint": opened[2] and opened[2].name}) \
+            if ranks.writes else None
+        shared = json.loads(ranks.broadcast_text(shared, "the run's config"))
+        if ranks.writes:
+            return opened
+        cfg = validate(TrainConfig(**shared["cfg"]))
+        loaded = checkpoint.load(Path(cfg.output_dir)) if shared["checkpoint"] else None
+        if (loaded and loaded.name) != shared["checkpoint"]:
+            raise ValueError(f"--resume: rank {ranks.rank} reads checkpoint {loaded and loaded.name} of "
+                             f"{cfg.output_dir}, rank 0 {shared['checkpoint']}: the run directory must be on a file "
+                             "system every rank sees")
+        return cfg, None, loaded
+    except BaseException:
+        if opened[1] is not None:
+            opened[1].close()
+        raise
 
 
 def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started):
     total = cfg.iterations * cfg.steps_per_iteration
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=state.progress.global_step, desc="ZOPrO", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=total, initial=state.progress.global_step, desc="ZOPrO",
+               disable=not progress or not state.ranks.writes, file=sys.stderr)
     done_now = 0
     while state.progress.phase == "train":
         while state.progress.step < cfg.steps_per_iteration:
@@ -393,8 +455,11 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
             bar.set_postfix(iter=record["iteration"], mode=record["mode"], reward=f"{record['reward']:.3f}",
                             kl=f"{record['kl']:.3f}")
         state.end_iteration()
-        plot_rewards(state.metrics.read(), out / "reward_curve.png")
+        if state.ranks.writes:
+            plot_rewards(state.metrics.read(), out / "reward_curve.png")
     bar.close()
+    if not state.ranks.writes:  # the held-out evaluation and every output are rank 0's
+        return None
     state.finish()  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
     records = state.metrics.read()
     plot_rewards(records, out / "reward_curve.png")
@@ -419,4 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # configuration errors: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except distributed.RankLost as err:  # another rank of the job died: one line on each survivor
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0

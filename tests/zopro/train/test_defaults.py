@@ -23,7 +23,8 @@ DEFAULTS = {
     "k": 4, "prompts_per_step": 4, "max_new_tokens": 32, "max_prompt_len": 96, "temperature": 0.7, "kl_coef": 0.05,
     # optimisation
     "algorithm": "zopro", "iterations": 3, "steps_per_iteration": 10, "first_order_iteration0": True,
-    "loss": "sequence", "clip": 0.2, "minibatches": 1, "fo_lr": 1e-3, "fo_microbatch": 4, "ppo_epochs": 4,
+    "loss": "sequence", "clip": 0.2, "minibatches": 1, "data_shards": 0, "fo_lr": 1e-3, "fo_microbatch": 4,
+    "ppo_epochs": 4,
     "zo_lr": 10.0, "zo_eps": 1e-2, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
     "d0": 1 - 1e-3, "d_schedule": "constant", "d_tau": 1.0, "zo_scale": "unit", "zo_lr_decay": "linear",
     "guide": "prev", "zo_epochs": 1, "logprob_temperature": 0.0,

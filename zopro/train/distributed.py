@@ -1,0 +1,366 @@
+"""Data-parallel ZOPrO on ``torch.distributed``: ``torchrun --nproc-per-node N -m zopro.train ...``.
+
+ZO is the easiest optimiser to distribute: every rank perturbs with the same seed, evaluates its own share of the
+step's rows, and only a few floats per row cross the network. The rules, in the order a step meets them:
+
+* **Shards.** A step's prompts (the same on every rank: one seed picks them) are cut into ``--data-shards`` equal,
+  contiguous shards (0: one per rank). Shard ``j`` is sampled with its own seed, ``derive_seed(rollout seed, j)``,
+  scored and given its RLOO advantages on its own (a prompt's group of answers never leaves its shard), and rank
+  ``r`` of ``W`` holds shards ``r*S/W .. (r+1)*S/W - 1``. A step's rows are therefore a function of the shards, not of
+  the ranks: a single process with ``--data-shards S`` computes the very rows ``S / m`` ranks compute.
+* **ZO steps.** Each closure evaluates this rank's rows of the minibatch (each shard's rows are cut into
+  ``--minibatches`` chunks; minibatch ``m`` is chunk ``m`` of every shard), and all-gathers the per-row terms of the
+  surrogate (sequence loss: one float per row; token loss: the row's sum and token count), then reduces them in
+  global row order. Every rank so holds the same loss, bit for bit, forms the same projected gradient and applies the
+  same update: the weights stay identical without being sent, and the result is bit for bit that of one process with
+  the same shards (an all-gather copies; the order of the sum is fixed).
+* **First-order steps** (iteration 0, ``--algorithm rloo``): each shard's gradient is accumulated on its own (in
+  chunks of ``--fo-microbatch`` rows, weighted by the shard's share of the global loss), the shards of a rank are
+  summed in order, and one all-reduce sums the ranks' gradients before clipping and AdamW. This is an explicit
+  all-reduce rather than ``DistributedDataParallel``: the policy's forward passes are methods of the bundle
+  (log-probs under an adapter of a shared base), not one ``module.forward`` that DDP could wrap, and only the policy
+  adapter's tensors take part. With one shard per rank on two ranks the sum is ``a + b`` as in a single process, so
+  bit for bit; with more ranks the backend chooses the order of the sum (the difference is float rounding of the
+  gradient, ~1e-7 relative per step).
+* **Everything else** (the reward adapter's training, judged pairs, guides) runs on every rank from the same seeds;
+  after each reward training rank 0's trainable tensors are broadcast, so a nondeterministic kernel cannot let ranks
+  drift. The held-out evaluation runs on rank 0 alone.
+* **Files.** Only rank 0 writes the run directory (config, metrics, checkpoints, snapshots, ZO logs, outputs); a
+  resume reads the checkpoint on every rank, so the run directory must be on a file system that every node sees.
+* **Failure.** A rank that cannot reach another during a collective raises :class:`RankLost`, whose message names
+  the rank and says how to continue (``--resume``); configuration errors are raised on every rank before anything is
+  written (rank 0's checks of the run directory are broadcast to the others).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from zopro.seeds import derive_seed
+from zopro.train.losses import clipped_terms
+from zopro.train.rollout import Rollout, collect_rollout, repeat_each
+from zopro.train.updaters import ZORLOO, FirstOrderRLOO, Update, old_token_logps, surrogate
+
+
+class RankLost(RuntimeError):
+    """A collective failed: another rank died, was killed or stopped answering."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the job: ``rank`` of ``world`` processes, ``shards`` data shards per step."""
+
+    rank: int = 0
+    world: int = 1
+    shards: int = 1
+    comm_device: torch.device = torch.device("cpu")  # where tensors go for a collective (nccl: this rank's GPU)
+    owns_group: bool = False  # set_up initialised the process group, so tear_down destroys it
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run directory (rank 0 only)."""
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """Whether steps take the sharded path (several shards or ranks); one shard in one process is the plain one."""
+        return self.shards > 1 or self.world > 1
+
+    @property
+    def local_shards(self) -> range:
+        per = self.shards // self.world
+        return range(self.rank * per, (self.rank + 1) * per)
+
+    # -- collectives: each failure becomes RankLost -----------------------------------------------------------------
+    def _collective(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as err:  # noqa: BLE001 (gloo and nccl raise RuntimeError or DistBackendError subclasses)
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise RankLost(f"rank {self.rank} of {self.world}: lost contact with another rank during {what} "
+                           f"({type(err).__name__}: {first}); the job stops: continue it with --resume from its "
+                           "last checkpoint") from None
+
+    def gather_rows(self, x: torch.Tensor, what: str = "a ZO loss") -> torch.Tensor:
+        """The ranks' ``x`` (same shape on every rank) concatenated along dim 0 in rank order; ``x`` itself in one
+        process."""
+        if self.world == 1:
+            return x
+        local = x.detach().to(self.comm_device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world)]
+        self._collective(what, dist.all_gather, parts, local)
+        return torch.cat(parts).to(x.device)
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor], what: str = "a gradient all-reduce") -> None:
+        """Sum ``tensors`` (same dtype) over the ranks, in place, with one collective on a flat buffer."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self.comm_device)
+        self._collective(what, dist.all_reduce, flat)
+        flat = flat.to(tensors[0].device)
+        start = 0
+        for t in tensors:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+
+    def broadcast_(self, tensors: list[torch.Tensor], what: str = "a weight broadcast") -> None:
+        """Rank 0's ``tensors`` on every rank, in place."""
+        if self.world == 1:
+            return
+        for t in tensors:
+            buf = t.detach().to(self.comm_device).contiguous()
+            self._collective(what, dist.broadcast, buf, 0)
+            with torch.no_grad():
+                t.copy_(buf)
+
+    def broadcast_text(self, text: str | None, what: str) -> str | None:
+        """Rank 0's ``text`` (or None) on every rank: UTF-8 bytes in a tensor, no pickle."""
+        if self.world == 1:
+            return text
+        data = b"" if text is None else text.encode("utf-8")
+        head = torch.tensor([len(data) if text is not None else -1], dtype=torch.long, device=self.comm_device)
+        self._collective(what, dist.broadcast, head, 0)
+        n = int(head.item())
+        if n < 0:
+            return None
+        buf = torch.zeros(n, dtype=torch.uint8, device=self.comm_device)
+        if self.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        if n:
+            self._collective(what, dist.broadcast, buf, 0)
+        return bytes(buf.cpu().tolist()).decode("utf-8")
+
+    def barrier(self, what: str) -> None:
+        if self.world > 1:
+            self._collective(what, dist.barrier)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Set-up from torchrun's environment
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer (torchrun sets it)") from None
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` from torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; ``(0, 1, 0)``
+    without them."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise ValueError(f"environment: RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} do not describe a rank of "
+                         "a job (launch with torchrun)")
+    return rank, world, local
+
+
+def check(cfg, world: int) -> int:
+    """The number of data shards of ``cfg`` on ``world`` ranks; raises ValueError, naming the flag, for a combination
+    that does not split evenly. Pure: every rank raises the same error before anything is written."""
+    shards = cfg.data_shards or world
+    if shards % world:
+        raise ValueError(f"--data-shards {shards}: must be a multiple of the number of ranks ({world}), so that every "
+                         "rank holds as many shards")
+    if shards == 1:
+        return shards
+    if cfg.algorithm == "ppo":
+        raise ValueError(f"--algorithm ppo: not data-parallel (its value model trains per step on the whole rollout); "
+                         f"run it in one process with --data-shards 1 (got {shards} shards on {world} ranks)")
+    if cfg.prompts_per_step % shards:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step}: does not split evenly into {shards} data shards "
+                         f"({world} ranks; --data-shards {cfg.data_shards}): use a multiple of {shards}")
+    rows = cfg.prompts_per_step // shards * cfg.k
+    if rows % cfg.minibatches:
+        raise ValueError(f"--minibatches {cfg.minibatches}: must divide each shard's {rows} rows "
+                         f"(--prompts-per-step {cfg.prompts_per_step} / {shards} shards x --k {cfg.k})")
+    return shards
+
+
+def set_up(cfg, device: torch.device) -> Ranks:
+    """This process's :class:`Ranks`: checks ``cfg`` against the job (:func:`check`), then joins the process group
+    (gloo on CPU, nccl on CUDA; torchrun's ``MASTER_ADDR``/``MASTER_PORT``), unless it exists already or the job is
+    one process."""
+    rank, world, local = world_from_env()
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    shards = check(cfg, world)
+    if world == 1:
+        return Ranks(shards=shards)
+    comm = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        comm = torch.device("cuda", local)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=comm if device.type == "cuda" else None)
+    return Ranks(rank=rank, world=world, shards=shards, comm_device=comm, owns_group=owns)
+
+
+def resolve(cfg, ranks: Ranks):
+    """``cfg`` with ``--data-shards`` 0 replaced by its value on this job when the job has several ranks (saved in the
+    run's config.json, so a resume in a single process computes the same shards); a one-process config is kept as
+    given, so its config.json is unchanged."""
+    if ranks.world > 1 and cfg.data_shards == 0:
+        return dataclasses.replace(cfg, data_shards=ranks.shards)
+    return cfg
+
+
+def tear_down(ranks: Ranks) -> None:
+    if ranks.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A step's rollout, by shard
+@dataclass
+class ShardedRollout:
+    """This rank's shards of a step's rollout, and the per-row values of the whole step for its metrics line."""
+
+    local: list[Rollout]  # this rank's shards, in shard order
+    scores: torch.Tensor  # [N] every shard's rows, in shard order (all ranks)
+    rewards: torch.Tensor  # [N]
+    kl: torch.Tensor  # [N]
+    k: int
+
+    def judge_scores(self, judge, ranks: Ranks) -> torch.Tensor:
+        """The judge's score of every row of the step, each rank scoring its own rows."""
+        local = torch.cat([judge.score(repeat_each(r.prompts, r.k), r.completions).float().cpu() for r in self.local])
+        return ranks.gather_rows(local, "the judge's scores")
+
+
+def collect_shards(bundle, tokenizer, prompts: list[str], ranks: Ranks, *, seed: int, **kw) -> ShardedRollout:
+    """This rank's shards of the step's ``prompts`` (shard ``j``: sampled with ``derive_seed(seed, j)``);
+    ``kw``: :func:`~zopro.train.rollout.collect_rollout`'s other arguments."""
+    per = len(prompts) // ranks.shards
+    local = [collect_rollout(bundle, tokenizer, prompts[j * per:(j + 1) * per], seed=derive_seed(seed, j), **kw)
+             for j in ranks.local_shards]
+    rows = torch.stack([torch.cat([getattr(r, name).float().cpu() for r in local])
+                        for name in ("scores", "rewards", "kl")], dim=1)
+    scores, rewards, kl = ranks.gather_rows(rows, "the rollout's rewards").unbind(1)
+    return ShardedRollout(local, scores, rewards, kl, local[0].k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The updates on a sharded rollout
+def _row_terms(bundle, rollout: Rollout, rows, loss: str, clip: float) -> torch.Tensor:
+    """``[n, 1]`` per-row surrogate terms (sequence loss) or ``[n, 2]`` (the row's summed token terms, its token
+    count) of ``rows`` under the current policy weights."""
+    args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
+    sums, tok = bundle.policy_logprobs(*args, temperature=rollout.logprob_temperature)
+    if loss == "sequence":
+        log_ratio, adv = sums - rollout.policy_logps[rows], rollout.advantages[rows]
+        return torch.maximum(*clipped_terms(log_ratio, adv, clip)).float().unsqueeze(1)
+    mask = rollout.response_mask[rows].bool()
+    terms = torch.maximum(*clipped_terms(tok - rollout.policy_token_logps[rows], rollout.advantages[rows, None], clip))
+    sums = torch.where(mask, terms, torch.zeros((), dtype=terms.dtype, device=terms.device)).sum(1)
+    return torch.stack([sums.float(), mask.sum(1).float()], dim=1)
+
+
+def _global_loss(rows: torch.Tensor, loss: str) -> torch.Tensor:
+    """The step's loss from every rank's per-row terms, reduced in global row order."""
+    if loss == "sequence":
+        return rows[:, 0].mean()
+    return rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)
+
+
+def zo_step(updater: ZORLOO, rollout: ShardedRollout, ranks: Ranks) -> Update:
+    """:meth:`ZORLOO.step` on a sharded rollout: every closure's loss is the whole step's, on every rank."""
+    opt, bundle = updater.optimizer, updater.bundle
+    lr, eps = opt.current_lr(), opt.eps  # those of the first step, as logged
+
+    def closure_for(m: int):
+        def closure():
+            local = torch.cat([_row_terms(bundle, r, _chunk(r, updater.minibatches, m), updater.loss, updater.clip)
+                               .cpu() for r in rollout.local])
+            return _global_loss(ranks.gather_rows(local), updater.loss)
+        return closure
+
+    results = opt.step_many([closure_for(m) for m in range(updater.minibatches)] * updater.epochs)
+    n = len(results)
+    return Update(updater.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
+                  sum(r.skipped for r in results))
+
+
+def _chunk(rollout: Rollout, chunks: int, m: int) -> torch.Tensor:
+    return torch.arange(len(rollout.sequences), device=rollout.sequences.device).chunk(chunks)[m]
+
+
+def first_order_step(updater: FirstOrderRLOO, rollout: ShardedRollout, ranks: Ranks) -> Update:
+    """:meth:`FirstOrderRLOO.step` on a sharded rollout: the gradient of the whole step's loss, every shard's
+    accumulated on its own, summed over shards in order and over ranks by one all-reduce, then clipped at 1.0 and
+    stepped by AdamW on every rank alike."""
+    opt, bundle, loss = updater.optimizer, updater.bundle, updater.loss
+    params = [p for g in opt.param_groups for p in g["params"]]
+    per_shard = [[1] * len(r.sequences) if loss == "sequence" else r.response_mask.sum(1).tolist()
+                 for r in rollout.local]
+    count = torch.tensor([float(sum(map(sum, per_shard)))])
+    ranks.all_reduce_sum_([count], "the token count")
+    count = max(float(count), 1.0)
+    size = updater.microbatch
+    grads = [torch.zeros_like(p) for p in params]
+    total = torch.zeros((), dtype=torch.float32)
+    for r, per_row in zip(rollout.local, per_shard, strict=True):
+        opt.zero_grad(set_to_none=True)
+        n = len(r.sequences)
+        for start in range(0, n, size or n):
+            rows = torch.arange(start, min(start + (size or n), n), device=r.sequences.device)
+            value = surrogate(bundle, r, rows, loss=loss, clip=updater.clip, old_tok=old_token_logps(r, loss),
+                              grad=True)
+            value = value * (sum(per_row[start:start + (size or n)]) / count)
+            value.backward()
+            total = total + value.detach().float().cpu()
+        for acc, p in zip(grads, params, strict=True):
+            if p.grad is not None:
+                acc.add_(p.grad)  # 0 + a is a: one shard per rank sums exactly as one process does
+    ranks.all_reduce_sum_(grads + [total.view(1)], "the first-order gradient")
+    for acc, p in zip(grads, params, strict=True):
+        p.grad = acc
+    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return Update(updater.mode, float(total), norm.item(), updater.lr, None, 0)
+
+
+def step(updater, rollout: ShardedRollout, ranks: Ranks) -> Update:
+    """The iteration's update on a sharded rollout."""
+    if isinstance(updater, ZORLOO):
+        return zo_step(updater, rollout, ranks)
+    if isinstance(updater, FirstOrderRLOO):
+        return first_order_step(updater, rollout, ranks)
+    raise TypeError(f"{type(updater).__name__}: no data-parallel step (check() refuses its algorithm)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files: only rank 0 writes
+class NullLog:
+    """The metrics log of a rank that writes nothing (:class:`~zopro.train.report.MetricsLog`'s interface)."""
+
+    def size(self) -> int:
+        return 0
+
+    def truncate(self, n_bytes: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+
+def sync_trainable_(bundle, ranks: Ranks) -> None:
+    """Rank 0's trainable tensors (policy, reward adapter, score head) on every rank."""
+    if ranks.world == 1:
+        return
+    state = bundle.trainable_state()
+    ranks.broadcast_(list(state.values()), "the reward model's broadcast")
+    bundle.load_trainable_state_(state)
