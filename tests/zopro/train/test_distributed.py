@@ -1,0 +1,159 @@
+"""Data-parallel runs (``zopro.train.distributed``) with gloo and two CPU processes on the smoke preset: two ranks give
+bit for bit the adapters, metrics and ZO logs of one process with the same data shards; bad combinations fail on
+every rank before anything is written; a rank that dies stops the job on every rank and ``--resume`` continues it."""
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zopro.train import distributed
+from zopro.train.config import preset
+from zopro.train.program import main, run
+
+ROOT = Path(__file__).resolve().parents[3]
+TIMING = ("step_time", "peak_rollout", "peak_update")  # the values that legitimately differ between runs
+
+
+def _cfg(out, **overrides):
+    return dataclasses.replace(preset("smoke"), output_dir=str(out), threads=1, **overrides)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH", "")] if p])
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def _adapters(out: Path) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for name in ("policy_adapter", "reward_adapter")
+            for k, v in load_file(out / f"{name}.safetensors").items()}
+
+
+def _same(a, b) -> bool:
+    """Nested dicts / lists of tensors and numbers, equal bit for bit."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    left, right = _adapters(a), _adapters(b)
+    assert left.keys() == right.keys()
+    assert all(torch.equal(left[k], right[k]) for k in left), "adapters differ"
+    assert _metrics(a) == _metrics(b)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The smoke run in one process with two data shards: what two ranks must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("dp") / "one"
+    run(_cfg(out, data_shards=2), progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad combinations
+@pytest.mark.parametrize("overrides, world, message", [
+    (dict(data_shards=3), 2, "--data-shards 3: must be a multiple of the number of ranks (2)"),
+    (dict(prompts_per_step=3), 2, "--prompts-per-step 3: does not split evenly into 2 data shards"),
+    (dict(prompts_per_step=4, minibatches=4, k=3), 2, "--minibatches 4: must divide each shard's 6 rows"),
+    (dict(algorithm="ppo"), 2, "--algorithm ppo: not data-parallel"),
+    (dict(data_shards=2, prompts_per_step=3), 1, "--prompts-per-step 3: does not split evenly into 2"),
+])
+def test_bad_combinations_are_refused_by_name(overrides, world, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distributed.check(_cfg("unused", **overrides), world)
+
+
+def test_one_shard_per_rank_by_default_and_one_process_stays_unsharded():
+    assert distributed.check(_cfg("unused", prompts_per_step=4), 4) == 4
+    assert distributed.check(_cfg("unused", prompts_per_step=4, data_shards=4), 2) == 4
+    ranks = distributed.Ranks(rank=1, world=2, shards=4)
+    assert list(ranks.local_shards) == [2, 3] and not ranks.writes and ranks.sharded
+    assert not distributed.Ranks().sharded  # one process, one shard: the plain path, bit for bit the old one
+
+
+def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "never"
+    for rank in ("0", "1"):  # the check needs no process group: each rank raises it alone, before any collective
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert main(["--preset", "smoke", "--prompts-per-step", "3", "--output-dir", str(out)]) == 2
+        assert "error: --prompts-per-step 3: does not split evenly into 2 data shards" in capsys.readouterr().err
+    assert not out.exists()
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
+        distributed.world_from_env()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Two processes
+def test_two_ranks_reproduce_one_process_with_the_same_shards_bit_for_bit(one_process, tmp_path):
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "zopro.train", "--preset", "smoke", "--threads", "1", "--output-dir", str(out)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["data_shards"] == 2  # 0 resolved: a resume needs it
+    _assert_same_run(one_process, out)
+    # the log stays the checkpoint: the ZO iteration's log (its losses, seeds, lr) is the one-process run's
+    logs = [torch.load(d / "zo_log_iter1.pt", weights_only=True) for d in (one_process, out)]
+    assert _same(logs[0], logs[1]) and len(logs[0]["log"]["losses"]) == 4  # 2 steps x (L+, L-)
+    # only rank 0 wrote: the same files as one process's run, and each once (no rank-1 leftovers)
+    names = [sorted(str(p.relative_to(d)) for p in d.rglob("*") if "ckpt-" not in str(p)) for d in (one_process, out)]
+    assert names[0] == names[1]
+
+
+def _worker(out: Path, rank: int, port: int, stop_after: int | None):
+    code = ("import sys, dataclasses\n"
+            "from zopro.train import distributed\n"
+            "from zopro.train.config import preset\n"
+            "from zopro.train.program import run\n"
+            f"cfg = dataclasses.replace(preset('smoke'), output_dir={str(out)!r}, threads=1)\n"
+            "try:\n"
+            f"    run(cfg, progress=False, stop_after_steps={stop_after!r})\n"
+            "except distributed.RankLost as err:\n"
+            "    print(f'error: {err}', file=sys.stderr)\n"
+            "    sys.exit(3)\n")
+    env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_rank_that_dies_stops_every_rank_and_resume_continues(one_process, tmp_path):
+    out, port = tmp_path / "dies", _free_port()
+    procs = [_worker(out, 0, port, None), _worker(out, 1, port, 1)]  # rank 1 raises before its second step
+    start, errors = time.monotonic(), []
+    for p in procs:
+        errors.append(p.communicate(timeout=300)[1])
+    assert time.monotonic() - start < 300
+    assert procs[1].returncode != 0 and "stopped after 1 steps (simulated kill)" in errors[1]
+    assert procs[0].returncode == 3, errors[0][-3000:]
+    assert "error: rank 0 of 2: lost contact with another rank" in errors[0] and "--resume" in errors[0]
+    assert len(_metrics(out)) == 1  # the step both ranks finished, checkpointed by rank 0
+    # the run's config holds its 2 shards: one process resumes it and ends where the uninterrupted run ends
+    run(_cfg(out, data_shards=2), resume=True, progress=False)
+    _assert_same_run(one_process, out)
