@@ -24,7 +24,8 @@ step's rows, and only a few floats per row cross the network. The rules, in the 
   gradient, ~1e-7 relative per step).
 * **Everything else** (the reward adapter's training, judged pairs, guides) runs on every rank from the same seeds;
   after each reward training rank 0's trainable tensors are broadcast, so a nondeterministic kernel cannot let ranks
-  drift. The held-out evaluation runs on rank 0 alone.
+  drift. The held-out evaluation's generate calls are dealt out to the ranks, its answers gathered, and rank 0
+  scores them with the single process's judge calls.
 * **Files.** Only rank 0 writes the run directory (config, metrics, checkpoints, snapshots, ZO logs, outputs); a
   resume reads the checkpoint on every rank, so the run directory must be on a file system that every node sees.
 * **Failure.** A rank that cannot reach another during a collective raises :class:`RankLost`, whose message names
@@ -35,6 +36,7 @@ step's rows, and only a few floats per row cross the network. The rules, in the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -107,6 +109,22 @@ class Ranks:
         for t in tensors:
             t.copy_(flat[start:start + t.numel()].view_as(t))
             start += t.numel()
+
+    def gather_json(self, obj, what: str) -> list:
+        """Every rank's ``obj`` (JSON data), in rank order: UTF-8 bytes in tensors, no pickle."""
+        if self.world == 1:
+            return [obj]
+        data = json.dumps(obj).encode("utf-8")
+        size = torch.tensor([len(data)], dtype=torch.long, device=self.comm_device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        self._collective(what, dist.all_gather, sizes, size)
+        sizes = [int(s.item()) for s in sizes]
+        buf = torch.zeros(max(sizes), dtype=torch.uint8)
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # json.dumps is never empty
+        buf = buf.to(self.comm_device)
+        bufs = [torch.empty_like(buf) for _ in range(self.world)]
+        self._collective(what, dist.all_gather, bufs, buf)
+        return [json.loads(b[:n].cpu().numpy().tobytes().decode("utf-8")) for b, n in zip(bufs, sizes, strict=True)]
 
     def broadcast_(self, tensors: list[torch.Tensor], what: str = "a weight broadcast") -> None:
         """Rank 0's ``tensors`` on every rank, in place."""

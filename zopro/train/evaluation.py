@@ -19,7 +19,7 @@ from zopro.train.loading import load_judge, load_models, load_prompts, resolve_d
 from zopro.train.rollout import repeat_each, sample_completions
 
 
-def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None):
+def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None, ranks=None):
     """Held-out evaluation: ``ev.samples`` sampled completions per prompt.
 
     Prompts go ``max(1, ev.batch // ev.samples)`` to a generate call; call ``c`` samples from seed
@@ -27,17 +27,31 @@ def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds,
     blurred by fresh sampling noise. transformers samples a call's rows from one generator, so the answers depend on
     ``ev.batch`` (``--eval-batch``) as they do on the seed. Each prompt's value is the mean judge score of its
     completions, or, for pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]``
-    (0.5 with no reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``)."""
+    (0.5 with no reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``).
+
+    ``ranks`` (a data-parallel job's :class:`~zopro.train.distributed.Ranks`): rank ``r`` of ``W`` makes the generate
+    calls ``c`` with ``c % W == r``, the texts are gathered on every rank, and rank 0 alone scores them, with the same
+    judge calls as one process (the values are bit for bit a single process's); the other ranks return None values.
+    """
     if not prompts:
         return "none", [], []
     n, sampling = ev.samples, ev.sampling
     per_call = max(1, ev.batch // n)
+    rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
     texts = []
     for c, start in enumerate(range(0, len(prompts), per_call)):
+        if c % world != rank:
+            continue
         chunk = prompts[start:start + per_call]
         _, answers = sample_completions(bundle, tokenizer, chunk, n, sampling.max_new_tokens, sampling.temperature,
                                         seeds.evaluation(c), sampling.max_prompt_len)
         texts += [answers[i * n:(i + 1) * n] for i in range(len(chunk))]
+    if world > 1:  # rank r holds calls r, r + W, ...: interleave them back into call order
+        parts = ranks.gather_json(texts, "the held-out evaluation's answers")
+        calls = [[part[i:i + per_call] for i in range(0, len(part), per_call)] for part in parts]
+        texts = [t for c in range(-(-len(prompts) // per_call)) for t in calls[c % world][c // world]]
+        if rank != 0:
+            return None, None, texts
     rows = repeat_each(prompts, n)
     flat = [t for ts in texts for t in ts]
     if hasattr(judge, "score"):

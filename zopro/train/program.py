@@ -130,11 +130,9 @@ class Run:
         loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
         distributed.sync_trainable_(self.bundle, self.ranks)
         self.progress.reward_losses.append(loss)
-        if not self.ranks.writes:  # the held-out evaluation is rank 0's
-            self.begin_iteration(0)
-            return
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
-                                         [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds)
+                                         [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds,
+                                         ranks=self.ranks if self.ranks.world > 1 else None)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
         self.progress.evaluation = {"metric": metric, "before": statistics.fmean(before) if before else None,
                                     "n": len(self.eval_records), "samples": cfg.eval_samples,
@@ -247,7 +245,10 @@ class Run:
         prompts = [r.prompt for r in self.eval_records]
         if self.progress.phase == "evaluate":
             _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
-                                       self.seeds, reference_texts=ev["before_texts"])
+                                       self.seeds, reference_texts=ev["before_texts"],
+                                       ranks=self.ranks if self.ranks.world > 1 else None)
+            if not self.ranks.writes:  # rank 0 scores the answers and writes every output
+                return
             ev["after"] = statistics.fmean(after) if after else None
             ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
             ev["after_per_prompt"], ev["after_texts"] = after, texts
@@ -458,7 +459,9 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
         if state.ranks.writes:
             plot_rewards(state.metrics.read(), out / "reward_curve.png")
     bar.close()
-    if not state.ranks.writes:  # the held-out evaluation and every output are rank 0's
+    if not state.ranks.writes:  # the evaluation's generation is split; its scores and every output are rank 0's
+        if state.progress.phase == "evaluate":
+            state.finish()
         return None
     state.finish()  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
     records = state.metrics.read()

@@ -27,6 +27,10 @@ def _cfg(out, **overrides):
     return dataclasses.replace(preset("smoke"), output_dir=str(out), threads=1, **overrides)
 
 
+# one held-out prompt per generate call: the smoke preset's two prompts make two calls, one per rank
+EVAL_SPLIT = {"eval_batch": 2}
+
+
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH", "")] if p])
@@ -65,13 +69,17 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert left.keys() == right.keys()
     assert all(torch.equal(left[k], right[k]) for k in left), "adapters differ"
     assert _metrics(a) == _metrics(b)
+    # the held-out answers (generated on both ranks, gathered in call order) and their scores (rank 0's)
+    assert (a / "eval_samples.jsonl").read_text() == (b / "eval_samples.jsonl").read_text()
+    summaries = [json.loads((d / "summary.json").read_text())["evaluation"] for d in (a, b)]
+    assert summaries[0] == summaries[1]
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The smoke run in one process with two data shards: what two ranks must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("dp") / "one"
-    run(_cfg(out, data_shards=2), progress=False)
+    run(_cfg(out, data_shards=2, **EVAL_SPLIT), progress=False)
     return out
 
 
@@ -115,7 +123,7 @@ def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypat
 def test_two_ranks_reproduce_one_process_with_the_same_shards_bit_for_bit(one_process, tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "zopro.train", "--preset", "smoke", "--threads", "1", "--output-dir", str(out)]
+           "zopro.train", "--preset", "smoke", "--threads", "1", "--eval-batch", "2", "--output-dir", str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["data_shards"] == 2  # 0 resolved: a resume needs it
@@ -133,7 +141,7 @@ def _worker(out: Path, rank: int, port: int, stop_after: int | None):
             "from zopro.train import distributed\n"
             "from zopro.train.config import preset\n"
             "from zopro.train.program import run\n"
-            f"cfg = dataclasses.replace(preset('smoke'), output_dir={str(out)!r}, threads=1)\n"
+            f"cfg = dataclasses.replace(preset('smoke'), output_dir={str(out)!r}, threads=1, eval_batch=2)\n"
             "try:\n"
             f"    run(cfg, progress=False, stop_after_steps={stop_after!r})\n"
             "except distributed.RankLost as err:\n"
@@ -155,5 +163,5 @@ def test_a_rank_that_dies_stops_every_rank_and_resume_continues(one_process, tmp
     assert "error: rank 0 of 2: lost contact with another rank" in errors[0] and "--resume" in errors[0]
     assert len(_metrics(out)) == 1  # the step both ranks finished, checkpointed by rank 0
     # the run's config holds its 2 shards: one process resumes it and ends where the uninterrupted run ends
-    run(_cfg(out, data_shards=2), resume=True, progress=False)
+    run(_cfg(out, data_shards=2, **EVAL_SPLIT), resume=True, progress=False)
     _assert_same_run(one_process, out)
