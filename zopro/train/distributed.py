@@ -99,12 +99,12 @@ class Ranks:
         return torch.cat(parts).to(x.device)
 
     def all_reduce_sum_(self, tensors: list[torch.Tensor], what: str = "a gradient all-reduce") -> None:
-        """Sum ``tensors`` (same dtype) over the ranks, in place, with one collective on a flat buffer."""
+        """Sum ``tensors`` (same dtype, any devices) over the ranks, in place, with one collective on a flat buffer."""
         if self.world == 1 or not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self.comm_device)
+        # each piece to the collective's device first: the gradients live on the GPU, the loss and counts on the host
+        flat = torch.cat([t.reshape(-1).to(self.comm_device) for t in tensors])
         self._collective(what, dist.all_reduce, flat)
-        flat = flat.to(tensors[0].device)
         start = 0
         for t in tensors:
             t.copy_(flat[start:start + t.numel()].view_as(t))

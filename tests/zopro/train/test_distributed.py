@@ -27,8 +27,9 @@ def _cfg(out, **overrides):
     return dataclasses.replace(preset("smoke"), output_dir=str(out), threads=1, **overrides)
 
 
-# one held-out prompt per generate call: the smoke preset's two prompts make two calls, one per rank
-EVAL_SPLIT = {"eval_batch": 2}
+# one held-out prompt per generate call: three calls, rank 0 makes calls 0 and 2, rank 1 call 1 (so a gather in rank
+# order instead of call order would show)
+EVAL_SPLIT = {"eval_batch": 2, "n_eval_prompts": 3}
 
 
 def _env(**extra):
@@ -123,7 +124,8 @@ def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypat
 def test_two_ranks_reproduce_one_process_with_the_same_shards_bit_for_bit(one_process, tmp_path):
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "zopro.train", "--preset", "smoke", "--threads", "1", "--eval-batch", "2", "--output-dir", str(out)]
+           "zopro.train", "--preset", "smoke", "--threads", "1", "--eval-batch", "2",
+           "--n-eval-prompts", "3", "--output-dir", str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["data_shards"] == 2  # 0 resolved: a resume needs it
@@ -141,7 +143,8 @@ def _worker(out: Path, rank: int, port: int, stop_after: int | None):
             "from zopro.train import distributed\n"
             "from zopro.train.config import preset\n"
             "from zopro.train.program import run\n"
-            f"cfg = dataclasses.replace(preset('smoke'), output_dir={str(out)!r}, threads=1, eval_batch=2)\n"
+            f"cfg = dataclasses.replace(preset('smoke'), output_dir={str(out)!r}, threads=1, eval_batch=2, "
+            "n_eval_prompts=3)\n"
             "try:\n"
             f"    run(cfg, progress=False, stop_after_steps={stop_after!r})\n"
             "except distributed.RankLost as err:\n"
