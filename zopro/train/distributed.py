@@ -22,10 +22,12 @@ step's rows, and only a few floats per row cross the network. The rules, in the 
   adapter's tensors take part. With one shard per rank on two ranks the sum is ``a + b`` as in a single process, so
   bit for bit; with more ranks the backend chooses the order of the sum (the difference is float rounding of the
   gradient, ~1e-7 relative per step).
-* **Everything else** (the reward adapter's training, judged pairs, guides) runs on every rank from the same seeds;
-  after each reward training rank 0's trainable tensors are broadcast, so a nondeterministic kernel cannot let ranks
-  drift. The held-out evaluation's generate calls are dealt out to the ranks, its answers gathered, and rank 0
-  scores them with the single process's judge calls.
+* **The reward adapter** is trained the same way: its preference pairs are cut into the data shards, a rank samples
+  and judges only its shards' pairs, and each Bradley-Terry step sums the shards' gradients of their rows' share of
+  the batch loss, then all-reduces (:mod:`zopro.train.reward`). After each reward training rank 0's trainable
+  tensors are broadcast (the trainable size, once per phase), so a nondeterministic kernel cannot let ranks drift.
+  Guides are computed on every rank from identical weights. The held-out evaluation's generate calls are dealt out
+  to the ranks, its answers gathered, and rank 0 scores them with the single process's judge calls.
 * **Files.** Only rank 0 writes the run directory (config, metrics, checkpoints, snapshots, ZO logs, outputs); a
   resume reads the checkpoint on every rank, so the run directory must be on a file system that every node sees.
 * **Failure.** A rank that cannot reach another during a collective raises :class:`RankLost`, whose message names
@@ -376,7 +378,11 @@ class NullLog:
 
 
 def sync_trainable_(bundle, ranks: Ranks) -> None:
-    """Rank 0's trainable tensors (policy, reward adapter, score head) on every rank."""
+    """Rank 0's trainable tensors (policy, reward adapter, score head) on every rank.
+
+    Every rank already computes the same weights (the same all-reduced gradients, the same AdamW steps); this one
+    broadcast per phase, of the trainable tensors only, keeps a nondeterministic kernel on one rank (a GPU's atomics)
+    from letting the ranks drift apart over a long job."""
     if ranks.world == 1:
         return
     state = bundle.trainable_state()

@@ -121,18 +121,19 @@ class Run:
         cfg = self.cfg
         has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
         if has_pairs:
-            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg))
+            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg), self.ranks)
         else:
             prompts = random.Random(self.seeds.pairs(0)).sample([r.prompt for r in self.train_records],
                                                                  min(cfg.reward_pairs, len(self.train_records)))
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
-                                 self.seeds.pairs(1))
-        loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0))
+                                 self.seeds.pairs(1), self.ranks)
+        loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0),
+                            self.ranks)
         distributed.sync_trainable_(self.bundle, self.ranks)
         self.progress.reward_losses.append(loss)
         metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
                                          [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds,
-                                         ranks=self.ranks if self.ranks.world > 1 else None)
+                                         ranks=self.ranks)
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
         self.progress.evaluation = {"metric": metric, "before": statistics.fmean(before) if before else None,
                                     "n": len(self.eval_records), "samples": cfg.eval_samples,
@@ -205,9 +206,9 @@ class Run:
             prompts = random.Random(self.seeds.pairs(it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
             previous = reward_state(self.bundle)
             pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
-                                 self.seeds.pairs(it, 3))
+                                 self.seeds.pairs(it, 3), self.ranks)
             self.progress.reward_losses.append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
-                                                            self.seeds.reward(it + 1)))
+                                                            self.seeds.reward(it + 1), self.ranks))
             if cfg.reward_merge_alpha < 1:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
             distributed.sync_trainable_(self.bundle, self.ranks)
@@ -245,8 +246,7 @@ class Run:
         prompts = [r.prompt for r in self.eval_records]
         if self.progress.phase == "evaluate":
             _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
-                                       self.seeds, reference_texts=ev["before_texts"],
-                                       ranks=self.ranks if self.ranks.world > 1 else None)
+                                       self.seeds, reference_texts=ev["before_texts"], ranks=self.ranks)
             if not self.ranks.writes:  # rank 0 scores the answers and writes every output
                 return
             ev["after"] = statistics.fmean(after) if after else None

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from zopro.train import distributed
-from zopro.train.config import preset
+from zopro.train.config import preset, reward_config
+from zopro.train.models import PolicyRewardModel
 from zopro.train.program import main, run
+from zopro.train.reward import ShardedPairs, reward_state, shard_bounds, train_reward
 
 ROOT = Path(__file__).resolve().parents[3]
 TIMING = ("step_time", "peak_rollout", "peak_update")  # the values that legitimately differ between runs
@@ -117,6 +119,34 @@ def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypat
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ValueError, match="RANK=2, WORLD_SIZE=2"):
         distributed.world_from_env()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_sharded_reward_training_steps_on_the_whole_batch(tiny_llama_config, make_tiny_model):
+    """Three uneven shards of 7 pairs in one process: each Bradley-Terry step's gradient is the whole batch's (the
+    same rows as the unsharded path draws, each shard weighted by its share), so the weights match the unsharded
+    training to float rounding, and a shard's rows are its own (a wrong offset or share would move them elsewhere)."""
+    from transformers import LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(5)
+    n, length = 7, 6
+    ids = [torch.randint(4, tiny_llama_config.vocab_size, (n, length), generator=gen) for _ in range(2)]
+    mask = torch.ones(n, length, dtype=torch.long)
+    pairs = (ids[0], mask, ids[1], mask, 0.5 + 0.5 * torch.rand(n, generator=gen))
+    rc = dataclasses.replace(reward_config(preset("smoke")), batch=5, lr=1e-2, soft_labels=True)
+    bundles = [PolicyRewardModel(make_tiny_model(LlamaForCausalLM, tiny_llama_config, 0), lora_r=2, seed=0)
+               for _ in range(2)]
+    start = reward_state(bundles[0])
+    bounds = shard_bounds(n, 3)
+    assert bounds == [0, 3, 5, 7]
+    sharded = ShardedPairs(bounds, {j: tuple(t[bounds[j]:bounds[j + 1]] for t in pairs) for j in range(3)})
+    losses = [train_reward(bundles[0], pairs, rc, 3, seed=11),
+              train_reward(bundles[1], sharded, rc, 3, seed=11, ranks=distributed.Ranks(shards=3))]
+    whole, parts = reward_state(bundles[0]), reward_state(bundles[1])
+    assert max((whole[k] - start[k]).abs().max() for k in start) > 1e-3  # the steps moved the weights
+    for k in whole:
+        torch.testing.assert_close(parts[k], whole[k], rtol=1e-5, atol=1e-6)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
