@@ -211,18 +211,22 @@ def main(argv=None) -> dict:
                 results[name][seed]["movement"] = movement(base.parent / "iter1", base.parent / name)
             print(f"seed {seed}: {name} change {results[name][seed]['change']:+.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    table = analyse(results)
-    env = environment()
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"zo-ablation-{args.tag}-{env['device_kind']}"
-    stem.with_suffix(".json").write_text(json.dumps({**env, "tag": args.tag, "extra_flags": extra, "arms": arms,
-                                                     "results": results, "table": table}, indent=1) + "\n")
-    text = markdown(env, args.tag, extra, results, table)
-    stem.with_suffix(".md").write_text(text)
+        # written after every seed: a sweep that is stopped or dies keeps the seeds it finished
+        table, text = write_results(Path(args.results_dir), args.tag, extra, arms, results)
     print(text)
     return table
 
+
+def write_results(out: Path, tag: str, extra: list[str], arms: dict, results: dict) -> tuple[dict, str]:
+    table = analyse(results)
+    env = environment()
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"zo-ablation-{tag}-{env['device_kind']}"
+    checkpoint.atomic_write_text(stem.with_suffix(".json"), json.dumps(
+        {**env, "tag": tag, "extra_flags": extra, "arms": arms, "results": results, "table": table}, indent=1) + "\n")
+    text = markdown(env, tag, extra, results, table)
+    checkpoint.atomic_write_text(stem.with_suffix(".md"), text)
+    return table, text
 
 if __name__ == "__main__":
     main()
