@@ -315,6 +315,34 @@ def _chunk(rollout: Rollout, chunks: int, m: int) -> torch.Tensor:
     return torch.arange(len(rollout.sequences), device=rollout.sequences.device).chunk(chunks)[m]
 
 
+class ShardGradients:
+    """The gradient of a loss summed over data shards: each shard's backward passes (after ``zero_grad``) are taken
+    into per-parameter sums in shard order, then one all-reduce adds the ranks' sums and sets them as ``.grad``.
+    With one shard per rank on two ranks the result is ``a + b`` as in one process (``0 + a`` is ``a``): bit for bit."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.sums = [torch.zeros_like(p) for p in params]
+        self.total = torch.zeros((), dtype=torch.float32)
+
+    def backward(self, value: torch.Tensor) -> None:
+        value.backward()
+        self.total = self.total + value.detach().float().cpu()
+
+    def take(self) -> None:
+        """Add the current ``.grad`` (one shard's) to the sums."""
+        for acc, p in zip(self.sums, self.params, strict=True):
+            if p.grad is not None:
+                acc.add_(p.grad)
+
+    def reduce_(self, ranks: Ranks, what: str) -> float:
+        """Sum over the ranks, set each parameter's ``.grad``; returns the whole loss."""
+        ranks.all_reduce_sum_(self.sums + [self.total.view(1)], what)
+        for acc, p in zip(self.sums, self.params, strict=True):
+            p.grad = acc
+        return float(self.total)
+
+
 def first_order_step(updater: FirstOrderRLOO, rollout: ShardedRollout, ranks: Ranks) -> Update:
     """:meth:`FirstOrderRLOO.step` on a sharded rollout: the gradient of the whole step's loss, every shard's
     accumulated on its own, summed over shards in order and over ranks by one all-reduce, then clipped at 1.0 and
@@ -327,8 +355,7 @@ def first_order_step(updater: FirstOrderRLOO, rollout: ShardedRollout, ranks: Ra
     ranks.all_reduce_sum_([count], "the token count")
     count = max(float(count), 1.0)
     size = updater.microbatch
-    grads = [torch.zeros_like(p) for p in params]
-    total = torch.zeros((), dtype=torch.float32)
+    sums = ShardGradients(params)
     for r, per_row in zip(rollout.local, per_shard, strict=True):
         opt.zero_grad(set_to_none=True)
         n = len(r.sequences)
@@ -336,18 +363,12 @@ def first_order_step(updater: FirstOrderRLOO, rollout: ShardedRollout, ranks: Ra
             rows = torch.arange(start, min(start + (size or n), n), device=r.sequences.device)
             value = surrogate(bundle, r, rows, loss=loss, clip=updater.clip, old_tok=old_token_logps(r, loss),
                               grad=True)
-            value = value * (sum(per_row[start:start + (size or n)]) / count)
-            value.backward()
-            total = total + value.detach().float().cpu()
-        for acc, p in zip(grads, params, strict=True):
-            if p.grad is not None:
-                acc.add_(p.grad)  # 0 + a is a: one shard per rank sums exactly as one process does
-    ranks.all_reduce_sum_(grads + [total.view(1)], "the first-order gradient")
-    for acc, p in zip(grads, params, strict=True):
-        p.grad = acc
+            sums.backward(value * (sum(per_row[start:start + (size or n)]) / count))
+        sums.take()
+    total = sums.reduce_(ranks, "the first-order gradient")
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
-    return Update(updater.mode, float(total), norm.item(), updater.lr, None, 0)
+    return Update(updater.mode, total, norm.item(), updater.lr, None, 0)
 
 
 def step(updater, rollout: ShardedRollout, ranks: Ranks) -> Update:

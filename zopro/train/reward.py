@@ -16,6 +16,7 @@ import torch
 
 from zopro.seeds import derive_seed
 from zopro.train.config import RewardConfig, SamplingConfig
+from zopro.train.distributed import ShardGradients
 from zopro.train.losses import bradley_terry_loss
 from zopro.train.rollout import left_pad, prompt_ids, sample_completions
 
@@ -112,8 +113,7 @@ def _train_reward_sharded(bundle, pairs: ShardedPairs, rc: RewardConfig, steps: 
     loss = float("nan")
     for _ in range(steps):
         idx = order.sample(range(n), min(rc.batch, n))
-        grads = [torch.zeros_like(p) for p in params]
-        total = torch.zeros((), dtype=torch.float32)
+        sums = ShardGradients(params)
         for j, (c_ids, c_mask, r_ids, r_mask, q) in pairs.local.items():
             lo, hi = pairs.bounds[j], pairs.bounds[j + 1]
             rows = torch.tensor([i - lo for i in idx if lo <= i < hi], dtype=torch.long)
@@ -123,17 +123,10 @@ def _train_reward_sharded(bundle, pairs: ShardedPairs, rc: RewardConfig, steps: 
             chosen = bundle.reward_scores(c_ids[rows], c_mask[rows], grad=True)
             rejected = bundle.reward_scores(r_ids[rows], r_mask[rows], grad=True)
             value = bradley_terry_loss(chosen, rejected, q[rows].to(chosen.device) if rc.soft_labels else None)
-            value = value * (len(rows) / len(idx))  # the batch's mean, in shares
-            value.backward()
-            total = total + value.detach().float().cpu()
-            for acc, p in zip(grads, params, strict=True):
-                if p.grad is not None:
-                    acc.add_(p.grad)  # 0 + a is a: one shard per rank sums exactly as one process does
-        ranks.all_reduce_sum_(grads + [total.view(1)], "the reward model's gradient")
-        for acc, p in zip(grads, params, strict=True):
-            p.grad = acc
+            sums.backward(value * (len(rows) / len(idx)))  # the batch's mean, in shares
+            sums.take()
+        loss = sums.reduce_(ranks, "the reward model's gradient")  # a log line needs it
         opt.step()
-        loss = float(total)  # a log line needs it
     return loss
 
 
