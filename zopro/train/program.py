@@ -17,6 +17,7 @@ Every step writes a metrics line and an atomic checkpoint, so ``--resume`` after
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -378,28 +379,25 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     started = time.perf_counter()
     cfg = validate(cfg)
     ranks = distributed.set_up(cfg, resolve_device(cfg))  # one process unless launched by torchrun
-    try:
+    with contextlib.ExitStack() as cleanup:  # on the way out, whatever happens: the lock, then the process group
+        cleanup.callback(distributed.tear_down, ranks)
         cfg, lock, loaded = _open_shared_run_dir(distributed.resolve(cfg, ranks), resume, ranks)
-        try:
-            out = Path(cfg.output_dir)
-            if loaded is None and ranks.writes:
-                checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
-            for line in loaded.skipped if loaded and ranks.writes else ():
-                print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            state = Run(cfg, out, ranks)
-            if loaded is not None:
-                state.restore(loaded)
-                ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
-            else:
-                state.reward_init()
-            return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
-        finally:
-            if lock is not None:
-                lock.close()
-    finally:
-        distributed.tear_down(ranks)
+        if lock is not None:
+            cleanup.callback(lock.close)
+        out = Path(cfg.output_dir)
+        if loaded is None and ranks.writes:
+            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        for line in loaded.skipped if loaded and ranks.writes else ():
+            print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        state = Run(cfg, out, ranks)
+        if loaded is not None:
+            state.restore(loaded)
+            ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
+        else:
+            state.reward_init()
+        return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
 
 
 def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):
@@ -408,13 +406,17 @@ def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Rank
     Returns ``(cfg, lock or None, loaded checkpoint or None)``."""
     if ranks.world == 1:
         return _open_run_dir(cfg, resume)
-    opened, error = (None, None, None), None
+    opened, error, failure = (None, None, None), None, None
     if ranks.writes:
         try:
             opened = _open_run_dir(cfg, resume)
         except ValueError as err:
             error = str(err)
+        except Exception as err:  # noqa: BLE001 (an OSError, say: the other ranks must not wait for rank 0 forever)
+            error, failure = f"rank 0 could not open {cfg.output_dir}: {type(err).__name__}: {err}", err
     error = ranks.broadcast_text(error, "the run directory's checks")
+    if failure is not None:
+        raise failure
     if error is not None:
         raise ValueError(error)
     try:

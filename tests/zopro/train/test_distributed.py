@@ -121,6 +121,32 @@ def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypat
         distributed.world_from_env()
 
 
+class _Broadcast(distributed.Ranks):
+    """A rank of two whose broadcast hands back rank 0's text (``sent``) and records what this rank offered."""
+
+    def broadcast_text(self, text, what):
+        self.offered = text
+        return text if self.rank == 0 else self.sent
+
+
+def test_rank_0_failing_to_open_the_run_directory_stops_every_rank_with_its_reason(tmp_path, monkeypatch):
+    from zopro.train import program
+
+    def denied(cfg, resume):
+        raise PermissionError(13, "Permission denied", cfg.output_dir)
+
+    monkeypatch.setattr(program, "_open_run_dir", denied)
+    cfg = _cfg(tmp_path / "locked")
+    rank0 = _Broadcast(rank=0, world=2, shards=2)
+    with pytest.raises(PermissionError):  # rank 0 keeps its own exception and traceback
+        program._open_shared_run_dir(cfg, False, rank0)
+    assert rank0.offered.startswith(f"rank 0 could not open {cfg.output_dir}: PermissionError")
+    rank1 = _Broadcast(rank=1, world=2, shards=2)
+    rank1.sent = rank0.offered
+    with pytest.raises(ValueError, match="rank 0 could not open .*PermissionError"):  # and the others are told why
+        program._open_shared_run_dir(cfg, False, rank1)
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_sharded_reward_training_steps_on_the_whole_batch(tiny_llama_config, make_tiny_model):
     """Three uneven shards of 7 pairs in one process: each Bradley-Terry step's gradient is the whole batch's (the
