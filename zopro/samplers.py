@@ -50,8 +50,9 @@ class Isotropic:
         """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
         return 0.0
 
-    def apply(self, params, streams, terms, decay: torch.Tensor) -> None:
-        """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter.
+    def apply(self, params, streams, terms, decay: torch.Tensor, offsets=None) -> None:
+        """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter;
+        ``offsets``: each tensor's global first element where it is a shard (:mod:`zopro.sharded`), default 0.
 
         Parameters sharing the same (decay, coefficients) go in one launch; with weight decay there are two groups.
         """
@@ -61,11 +62,13 @@ class Isotropic:
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
             ts, ss = [params[i] for i in idx], [streams[i] for i in idx]
+            os_ = [offsets[i] for i in idx] if offsets is not None else None
             if len(terms) == 1:
-                perturb_(ts, terms[0][0], key[1], dist=self.dist, streams=ss, decay=key[0], impl=self.impl)
+                perturb_(ts, terms[0][0], key[1], dist=self.dist, streams=ss, decay=key[0], impl=self.impl,
+                         offsets=os_)
             else:
                 perturb2_(ts, terms[0][0], key[1], terms[1][0], key[2], dist=self.dist, streams=ss, decay=key[0],
-                          impl=self.impl)
+                          impl=self.impl, offsets=os_)
 
     def state_dict(self) -> dict:
         return {"name": self.name, "dist": self.dist}

@@ -1,0 +1,160 @@
+"""ZOOptimizer on DTensor parameters (``zopro.sharded``), gloo and two CPU processes: the gathered weights after a run
+on two ranks equal a single process's bit for bit, uneven and empty shards included; its log replays in a single
+process to the same weights; unsupported placements and samplers are refused by name.
+
+One pair of processes runs every case (this file is their script: ``python test_sharded.py OUT``); the closure
+computes the loss from the gathered weights (an all-gather is exact), so the losses, and with them every
+coefficient, are the single process's."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name: (shape, dtype, placement). Uneven on purpose: 37 rows and 5 rows on 2 ranks (19/18, 3/2), one element (rank
+# 1 holds none), Shard(1) of a (1, 9) row (leading size-1 dims: a contiguous range of 5 and 4), a replicated bias.
+PARAMS = {"w": ((37, 11), torch.float32, ("shard", 0)), "u": ((5, 7), torch.bfloat16, ("shard", 0)),
+          "one": ((1,), torch.float32, ("shard", 0)), "row": ((1, 9), torch.float32, ("shard", 1)),
+          "b": ((11,), torch.float32, ("replicate",))}
+# (sampler dist, q, one_sided, calls): step() twice then step_many of two (perturb_ and the fused perturb2_ passes)
+CASES = {"gauss": ("gaussian", 1, False), "radem_q2_one_sided": ("rademacher", 2, True)}
+
+
+def initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {n: (torch.randn(shape, generator=g) * 0.5).to(dtype) for n, (shape, dtype, _) in PARAMS.items()}
+
+
+def loss(full: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A fixed quadratic of the whole weights: the same float on every rank and in one process."""
+    g = torch.Generator().manual_seed(1)
+    total = torch.zeros((), dtype=torch.float64)
+    for name in PARAMS:
+        w = full[name].double()
+        target = torch.randn(w.shape, generator=g, dtype=torch.float64)
+        total = total + ((w - target) ** 2).sum()
+    return total
+
+
+def run_case(params: dict, case: str, gather) -> tuple[dict, dict]:
+    from zopro.optim import ZOOptimizer
+    from zopro.samplers import Isotropic
+
+    dist, q, one_sided = CASES[case]
+    opt = ZOOptimizer(params, lr=1e-3, eps=1e-2, weight_decay=0.1, sampler=Isotropic(dist), seed=7, q=q,
+                      one_sided=one_sided)
+
+    def closure():
+        return loss({n: gather(p) for n, p in params.items()})
+
+    opt.step(closure)
+    opt.step(closure)
+    opt.step_many([closure, closure])
+    return {n: gather(p).clone() for n, p in params.items()}, opt.state_dict()["log"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rank processes
+def _rank_main(out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+
+    from zopro.optim import ZOOptimizer
+    from zopro.samplers import Targeted
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+
+    def place(name, t):
+        kind = PARAMS[name][2]
+        return distribute_tensor(t, mesh, [Shard(kind[1]) if kind[0] == "shard" else Replicate()])
+
+    def gather(p):
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    results = {}
+    for case in CASES:
+        params = {n: place(n, t) for n, t in initial().items()}
+        results[case] = run_case(params, case, gather)
+        results[case + "/local_numels"] = [p.to_local().numel() for p in params.values()]
+    refusals = {}
+    for what, make in (("strided", lambda: {"m": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)])}),
+                       ("targeted", lambda: {n: place(n, t) for n, t in initial().items()})):
+        try:
+            sampler = Targeted({"w": torch.ones(37, 11)}) if what == "targeted" else None
+            ZOOptimizer(make(), lr=1e-3, sampler=sampler)
+            refusals[what] = "accepted"
+        except ValueError as err:
+            refusals[what] = str(err)
+    results["refusals"] = refusals
+    torch.save(results, f"{out}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out, port = tmp_path_factory.mktemp("sharded"), _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TRITON_INTERPRET")}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH", "")] if p]),
+               OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [subprocess.Popen([sys.executable, __file__, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    for p, err in zip(procs, errors):
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _one_process(case: str):
+    params = initial()
+    return run_case(params, case, lambda p: p)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_end_with_the_single_process_weights_bit_for_bit(two_ranks, case):
+    weights, log = _one_process(case)
+    assert two_ranks[0][case + "/local_numels"] == [19 * 11, 3 * 7, 1, 5, 11]  # the uneven split this test claims
+    assert two_ranks[1][case + "/local_numels"] == [18 * 11, 2 * 7, 0, 4, 11]
+    for rank in two_ranks:
+        sharded_weights, sharded_log = rank[case]
+        for name, w in weights.items():
+            assert not torch.equal(w, initial()[name]), name  # the run moved every parameter
+            assert torch.equal(sharded_weights[name], w), name
+        assert sharded_log["losses"].tolist() == log["losses"].tolist()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_two_rank_log_replays_in_one_process(two_ranks, case):
+    from zopro.optim import ZOOptimizer
+    from zopro.samplers import Isotropic
+
+    weights, log = two_ranks[0][case]
+    dist, q, one_sided = CASES[case]
+    params = initial()
+    ZOOptimizer(params, lr=1e-3, eps=1e-2, weight_decay=0.1, sampler=Isotropic(dist), seed=7, q=q,
+                one_sided=one_sided).replay(log)
+    for name, w in weights.items():
+        assert torch.equal(params[name], w), name
+
+
+def test_unsupported_layouts_and_samplers_are_refused_by_name(two_ranks):
+    for rank in two_ranks:
+        refusals = rank["refusals"]
+        assert "parameter 'm' is sharded on dim 1 of shape (4, 3)" in refusals["strided"]
+        assert "sampler 'targeted' does not support DTensor parameters" in refusals["targeted"]
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
