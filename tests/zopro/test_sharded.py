@@ -1,6 +1,7 @@
 """ZOOptimizer on DTensor parameters (``zopro.sharded``), gloo and two CPU processes: the gathered weights after a run
 on two ranks equal a single process's bit for bit, uneven and empty shards included; its log replays in a single
-process to the same weights; unsupported placements and samplers are refused by name.
+process to the same weights; a model sharded by FSDP2's ``fully_shard`` too; unsupported placements and samplers are
+refused by name.
 
 One pair of processes runs every case (this file is their script: ``python test_sharded.py OUT``); the closure
 computes the loss from the gathered weights (an all-gather is exact), so the losses, and with them every
@@ -59,6 +60,32 @@ def run_case(params: dict, case: str, gather) -> tuple[dict, dict]:
     return {n: gather(p).clone() for n, p in params.items()}, opt.state_dict()["log"]
 
 
+def mlp() -> torch.nn.Module:
+    """The FSDP2 case's model: 13 and 3 output rows, uneven on two ranks (7/6, 2/1)."""
+    g = torch.Generator().manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def run_mlp(model: torch.nn.Module) -> tuple[dict, dict]:
+    """ZO on the model's own forward (under FSDP2: all-gathered weights, so the single process's losses)."""
+    from zopro.optim import ZOOptimizer
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 7, generator=g), torch.randn(5, 3, generator=g)
+    opt = ZOOptimizer(dict(model.named_parameters()), lr=1e-2, eps=1e-2, seed=3)
+
+    def closure():
+        return ((model(x) - y) ** 2).sum()
+
+    opt.step(closure)
+    opt.step_many([closure, closure])
+    return opt.state_dict()["log"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The rank processes
 def _rank_main(out: str) -> None:
@@ -83,6 +110,14 @@ def _rank_main(out: str) -> None:
         params = {n: place(n, t) for n, t in initial().items()}
         results[case] = run_case(params, case, gather)
         results[case + "/local_numels"] = [p.to_local().numel() for p in params.values()]
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    log = run_mlp(model)
+    results["fsdp2"] = ({n: p.full_tensor() for n, p in model.named_parameters()}, log)
+    results["fsdp2/placements"] = [str(p.placements) for p in model.parameters()]
     refusals = {}
     for what, make in (("strided", lambda: {"m": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)])}),
                        ("targeted", lambda: {n: place(n, t) for n, t in initial().items()})):
@@ -133,6 +168,17 @@ def test_two_ranks_end_with_the_single_process_weights_bit_for_bit(two_ranks, ca
             assert not torch.equal(w, initial()[name]), name  # the run moved every parameter
             assert torch.equal(sharded_weights[name], w), name
         assert sharded_log["losses"].tolist() == log["losses"].tolist()
+
+
+def test_fully_shard_model_ends_with_the_single_process_weights_bit_for_bit(two_ranks):
+    model = mlp()
+    log = run_mlp(model)
+    assert two_ranks[0]["fsdp2/placements"] == ["(Shard(dim=0),)"] * 4
+    for rank in two_ranks:
+        weights, sharded_log = rank["fsdp2"]
+        assert sharded_log["losses"].tolist() == log["losses"].tolist()
+        for name, p in model.named_parameters():
+            assert torch.equal(weights[name], p.detach()), name
 
 
 @pytest.mark.parametrize("case", list(CASES))
