@@ -116,6 +116,8 @@ class ZOOptimizer:
         # DTensor parameters (zopro.sharded): each rank perturbs its local shards at their global offsets
         self.shards = sharded.layout(self.names, self.params, self.sampler)
         self.sampler.bind(self.names, self.params)
+        if self.shards is not None:
+            self.shards.bind(self.sampler)
         self.step_count = 0
         self.skipped = 0
         self.log = {"losses": [], "groups": [], "lr": [], "eps": []}
@@ -391,7 +393,7 @@ class _Live:
     def __call__(self, closure) -> float:
         with torch.inference_mode():
             loss = closure()
-        loss = float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
         self.current.append(loss)
         return loss
 

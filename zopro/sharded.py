@@ -4,19 +4,27 @@ its own shard.
 The noise is a pure function of (seed, stream, element index) (:mod:`zokernels.rng`), so a rank that holds elements
 ``[o, o + n)`` of a parameter draws exactly ``z[o:o + n]`` of the whole by passing ``offsets=[o]`` to the kernels:
 the union of the shards sees the single-process z, element for element. The losses the closure returns are global
-(a DTensor model's forward does its own collectives, and a replicated scalar converts to the same float on every
-rank), so the projected gradient, and with it every coefficient of every pass, is the same on every rank; nothing
-but the model's own forward crosses the network. A run on N ranks therefore ends with the single-process weights,
-bit for bit when its losses are the single process's (they are when the forward's reductions run in one order,
-e.g. on gathered weights; a forward with sharded reductions reassociates sums, and the weights then follow its
-losses), and its log replays in a single process.
+(a DTensor model's forward does its own collectives; a loss that is still a ``Partial`` DTensor is reduced by
+:func:`as_float`, since ``float()`` of one reads this rank's share only), so the projected gradient, and with it
+every coefficient of every pass, is the same on every rank; nothing but the model's own forward and these scalars
+crosses the network. A run on N ranks therefore ends with the single-process weights, bit for bit when its losses
+are the single process's (they are when the forward's reductions run in one order, e.g. on all-gathered weights as
+FSDP2's; a forward with sharded reductions reassociates sums, and the weights then follow its losses), and its log
+replays in a single process.
 
 Supported: ``Shard(dim)`` where every dimension before ``dim`` has size 1 (so each rank holds one contiguous range of
 the row-major flat tensor: ``Shard(0)`` always), uneven and empty shards included; ``Replicate()`` (every rank
-updates its whole copy identically); plain tensors beside DTensors (treated as replicated). Refused with a
-ValueError: meshes of more than one dimension, ``Partial`` placements, other ``Shard`` dimensions (their local
-block is strided in the flat tensor: redistribute to ``Shard(0)``), parameters on different meshes, and the guided
-samplers (their guide norms and dots are sums over whole tensors).
+updates its whole copy identically); plain tensors beside DTensors (treated as replicated); the Isotropic and
+Targeted samplers. Refused with a ValueError: meshes of more than one dimension, ``Partial`` placements, other
+``Shard`` dimensions (their local block is strided in the flat tensor: redistribute to ``Shard(0)``), parameters on
+different meshes, and RankGuided (its factors would need a distributed SVD).
+
+Targeted takes its guides whole (plain tensors, the same on every rank: each rank then keeps its part, but holds the
+whole while the sampler binds) or as DTensors placed as their parameters (only the shard is ever held; the norms are
+all-reduced). Each direction's guide dots (``delta . xi``, ``|xi|^2``) are summed over the ranks by one all-reduce of
+two float64 numbers per tensor. Those sums are reassociated against a single process: a coefficient may differ in
+its last float32 bit, so a Targeted run matches one process within one unit in the last place of the weights per
+pass, not bit for bit in general (it was bit for bit in the 2-rank test, whose coefficients rounded alike).
 """
 
 from __future__ import annotations
@@ -37,10 +45,22 @@ def _dtensor_types():
     return DTensor, Shard, Replicate
 
 
+SAMPLERS = ("isotropic", "targeted")
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a DTensor's local shard, any other tensor itself."""
     types = _dtensor_types()
     return t.to_local() if types is not None and isinstance(t, types[0]) else t
+
+
+def as_float(loss) -> float:
+    """A closure's loss as a Python float: a DTensor is reduced to its full value first (``float()`` of a ``Partial``
+    DTensor, such as a sum over a sharded tensor, returns this rank's share only)."""
+    types = _dtensor_types()
+    if types is not None and isinstance(loss, types[0]):
+        loss = loss.full_tensor()
+    return float(loss)
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,38 @@ class ShardLayout:
     offsets: list[int]
     sharded: list[bool]
     mesh: object
+
+    def bind(self, sampler) -> None:
+        """After ``sampler.bind``: a Targeted sampler keeps only this rank's part of each guide and sums its guide
+        dots over the ranks (Isotropic needs nothing)."""
+        if sampler.name == "targeted":
+            sampler.use_shards(self.locals, self.offsets, self.local_guide, self.sum_shards)
+
+    def local_guide(self, i: int, guide: torch.Tensor) -> torch.Tensor:
+        """The part of parameter ``i``'s guide that matches its local tensor: a DTensor guide's own shard (placed as
+        the parameter), or the flat range ``[offset, offset + numel)`` of a whole guide."""
+        local_ = self.locals[i]
+        types = _dtensor_types()
+        if types is not None and isinstance(guide, types[0]):
+            part = guide.to_local()
+            if tuple(part.shape) != tuple(local_.shape):
+                raise ValueError(f"a guide of parameter {i} is a DTensor whose local shard has shape "
+                                 f"{tuple(part.shape)}, the parameter's {tuple(local_.shape)}: place it as the "
+                                 "parameter")
+            return part.contiguous()
+        o = self.offsets[i]
+        return guide.reshape(-1)[o:o + local_.numel()].reshape(local_.shape).contiguous()
+
+    def sum_shards(self, dots: torch.Tensor) -> torch.Tensor:
+        """Per-tensor sums ``(len(locals), k)`` (CPU float64) added over the ranks for sharded tensors (one
+        all-reduce), left as they are for whole ones. Every rank gets the same bits (the collective's result is one
+        value); against a single process the sums are reassociated (about 1e-16 relative)."""
+        import torch.distributed as dist
+
+        split = torch.tensor(self.sharded)[:, None]
+        total = torch.where(split, dots, torch.zeros_like(dots)).to(self.mesh.device_type)
+        dist.all_reduce(total, group=self.mesh.get_group())
+        return torch.where(split, total.cpu(), dots)
 
 
 def flat_offset(name: str, global_shape, local_shape, global_offset, placement) -> int:
@@ -76,9 +128,9 @@ def layout(names: list[str], params: list[torch.Tensor], sampler) -> ShardLayout
     if types is None or not any(isinstance(p, types[0]) for p in params):
         return None
     dtensor, shard, replicate = types
-    if getattr(sampler, "name", None) != "isotropic":
+    if getattr(sampler, "name", None) not in SAMPLERS:
         raise ValueError(f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} does not support DTensor "
-                         "parameters (its guide norms and dots are sums over whole tensors): use Isotropic")
+                         f"parameters: use one of {SAMPLERS} (RankGuided's factors would need a distributed SVD)")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     locals_, offsets, sharded, mesh = [], [], [], None

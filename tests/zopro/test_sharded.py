@@ -43,6 +43,29 @@ def loss(full: dict[str, torch.Tensor]) -> torch.Tensor:
     return total
 
 
+def guides() -> tuple[dict, dict]:
+    """Targeted's guides, whole: ``prev`` for every parameter but ``one`` (unguided: isotropic noise there),
+    ``reward_delta`` for ``w``, ``u`` and ``b``."""
+    g = torch.Generator().manual_seed(4)
+    prev = {n: torch.randn(shape, generator=g) for n, (shape, _, _) in PARAMS.items() if n != "one"}
+    delta = {n: torch.randn(PARAMS[n][0], generator=g) for n in ("w", "u", "b")}
+    return prev, delta
+
+
+def run_targeted(params: dict, gather, prev, delta) -> tuple[dict, dict]:
+    from zopro.optim import ZOOptimizer
+    from zopro.samplers import Targeted
+
+    opt = ZOOptimizer(params, lr=1e-3, eps=1e-2, sampler=Targeted(prev, delta, d0=0.6), seed=7)
+
+    def closure():
+        return loss({n: gather(p) for n, p in params.items()})
+
+    opt.step(closure)
+    opt.step_many([closure, closure])
+    return {n: gather(p).clone() for n, p in params.items()}, opt.state_dict()["log"]
+
+
 def run_case(params: dict, case: str, gather) -> tuple[dict, dict]:
     from zopro.optim import ZOOptimizer
     from zopro.samplers import Isotropic
@@ -93,7 +116,7 @@ def _rank_main(out: str) -> None:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
     from zopro.optim import ZOOptimizer
-    from zopro.samplers import Targeted
+    from zopro.samplers import RankGuided
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -110,6 +133,16 @@ def _rank_main(out: str) -> None:
         params = {n: place(n, t) for n, t in initial().items()}
         results[case] = run_case(params, case, gather)
         results[case + "/local_numels"] = [p.to_local().numel() for p in params.values()]
+    prev, delta = guides()
+    delta["u"] = place("u", delta["u"])  # a guide may also be a DTensor placed as its parameter
+    results["targeted"] = run_targeted({n: place(n, t) for n, t in initial().items()}, gather, prev, delta)
+
+    # a loss that is still a Partial DTensor (a sum over a sharded tensor): every rank logs the full value
+    w = place("w", initial()["w"])
+    opt = ZOOptimizer({"w": w}, lr=1e-3, eps=1e-2, seed=7)
+    opt.step(lambda: (w.double() ** 2).sum())
+    results["partial_loss"] = opt.state_dict()["log"]["losses"]
+
     from torch.distributed.fsdp import fully_shard
 
     model = mlp()
@@ -120,9 +153,9 @@ def _rank_main(out: str) -> None:
     results["fsdp2/placements"] = [str(p.placements) for p in model.parameters()]
     refusals = {}
     for what, make in (("strided", lambda: {"m": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)])}),
-                       ("targeted", lambda: {n: place(n, t) for n, t in initial().items()})):
+                       ("rank_guided", lambda: {n: place(n, t) for n, t in initial().items()})):
         try:
-            sampler = Targeted({"w": torch.ones(37, 11)}) if what == "targeted" else None
+            sampler = RankGuided({"w": torch.ones(37, 11)}) if what == "rank_guided" else None
             ZOOptimizer(make(), lr=1e-3, sampler=sampler)
             refusals[what] = "accepted"
         except ValueError as err:
@@ -195,11 +228,45 @@ def test_the_two_rank_log_replays_in_one_process(two_ranks, case):
         assert torch.equal(params[name], w), name
 
 
+def test_targeted_on_two_ranks_matches_one_process_and_its_replay(two_ranks):
+    """Targeted's guide dots are summed over the ranks (one all-reduce per direction), reassociated against one
+    process: a coefficient may then differ in its last float32 bit, so the bound is one unit in the last place of the
+    weights' dtype against a one-process replay of the same log (same losses; bit for bit in this very run), and a
+    looser one against a separate one-process run, whose losses then follow (the chaos of a few steps)."""
+    from zopro.optim import ZOOptimizer
+    from zopro.samplers import Targeted
+
+    weights, log = run_targeted(initial(), lambda p: p, *guides())
+    for rank in two_ranks:
+        sharded_weights, sharded_log = rank["targeted"]
+        replayed = initial()
+        ZOOptimizer(replayed, lr=1e-3, eps=1e-2, sampler=Targeted(*guides(), d0=0.6), seed=7).replay(sharded_log)
+        for name, w in replayed.items():
+            ulp = torch.finfo(w.dtype).eps * w.float().abs().clamp(min=torch.finfo(w.dtype).tiny)
+            assert ((sharded_weights[name].float() - w.float()).abs() <= ulp).all(), name
+            torch.testing.assert_close(sharded_weights[name].float(), weights[name].float(), rtol=1e-4, atol=1e-4)
+            assert not torch.equal(w, initial()[name]), name
+    # the guides steer: the same run with isotropic noise ends elsewhere
+    assert not torch.equal(two_ranks[0]["targeted"][0]["w"], two_ranks[0]["gauss"][0]["w"])
+
+
+def test_a_partial_loss_is_reduced_to_its_full_value_on_every_rank(two_ranks):
+    from zopro.optim import ZOOptimizer
+
+    w = initial()["w"]
+    opt = ZOOptimizer({"w": w}, lr=1e-3, eps=1e-2, seed=7)
+    opt.step(lambda: (w.double() ** 2).sum())
+    expected = opt.state_dict()["log"]["losses"]
+    assert two_ranks[0]["partial_loss"].tolist() == two_ranks[1]["partial_loss"].tolist()
+    # the two ranks' partial sums are added in another order than one process's sum: equal within float64 rounding
+    torch.testing.assert_close(two_ranks[0]["partial_loss"], expected, rtol=1e-12, atol=0)
+
+
 def test_unsupported_layouts_and_samplers_are_refused_by_name(two_ranks):
     for rank in two_ranks:
         refusals = rank["refusals"]
         assert "parameter 'm' is sharded on dim 1 of shape (4, 3)" in refusals["strided"]
-        assert "sampler 'targeted' does not support DTensor parameters" in refusals["targeted"]
+        assert "sampler 'rank_guided' does not support DTensor parameters" in refusals["rank_guided"]
 
 
 if __name__ == "__main__":
