@@ -69,6 +69,7 @@ class ShardLayout:
     the global flat index of that tensor's first element. ``sharded[i]`` tells whether parameter ``i`` is split
     across ranks (a sum over it needs an all-reduce) or whole on every rank."""
 
+    names: list[str]
     locals: list
     offsets: list[int]
     sharded: list[bool]
@@ -88,7 +89,7 @@ class ShardLayout:
         if types is not None and isinstance(guide, types[0]):
             part = guide.to_local()
             if tuple(part.shape) != tuple(local_.shape):
-                raise ValueError(f"a guide of parameter {i} is a DTensor whose local shard has shape "
+                raise ValueError(f"a guide of parameter {self.names[i]!r} is a DTensor whose local shard has shape "
                                  f"{tuple(part.shape)}, the parameter's {tuple(local_.shape)}: place it as the "
                                  "parameter")
             return part.contiguous()
@@ -164,4 +165,4 @@ def layout(names: list[str], params: list[torch.Tensor], sampler) -> ShardLayout
             raise ValueError(f"parameter {name!r} has placement {placement}; ZOOptimizer takes Shard(dim) or "
                              "Replicate()")
         locals_.append(local)
-    return ShardLayout(locals_, offsets, sharded, mesh)
+    return ShardLayout(list(names), locals_, offsets, sharded, mesh)

@@ -113,10 +113,10 @@ def run_mlp(model: torch.nn.Module) -> tuple[dict, dict]:
 # The rank processes
 def _rank_main(out: str) -> None:
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
 
     from zopro.optim import ZOOptimizer
-    from zopro.samplers import RankGuided
+    from zopro.samplers import RankGuided, Targeted
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -152,14 +152,22 @@ def _rank_main(out: str) -> None:
     results["fsdp2"] = ({n: p.full_tensor() for n, p in model.named_parameters()}, log)
     results["fsdp2/placements"] = [str(p.placements) for p in model.parameters()]
     refusals = {}
-    for what, make in (("strided", lambda: {"m": distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)])}),
-                       ("rank_guided", lambda: {n: place(n, t) for n, t in initial().items()})):
+    mesh2d = init_device_mesh("cpu", (1, dist.get_world_size()))
+    zeros = torch.zeros(4, 3)
+    cases = {"strided": ({"m": distribute_tensor(zeros, mesh, [Shard(1)])}, None),
+             "partial": ({"m": DTensor.from_local(zeros.clone(), mesh, [Partial()])}, None),
+             "mesh2d": ({"m": distribute_tensor(zeros, mesh2d, [Replicate(), Shard(0)])}, None),
+             "rank_guided": ({n: place(n, t) for n, t in initial().items()}, RankGuided({"w": torch.ones(37, 11)})),
+             "guide_placement": ({"m": distribute_tensor(zeros, mesh, [Shard(0)])},
+                                 Targeted({"m": distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])}))}
+    for what, (params, sampler) in cases.items():
+        before = {n: p.to_local().clone() for n, p in params.items()}
         try:
-            sampler = RankGuided({"w": torch.ones(37, 11)}) if what == "rank_guided" else None
-            ZOOptimizer(make(), lr=1e-3, sampler=sampler)
+            ZOOptimizer(params, lr=1e-3, sampler=sampler)
             refusals[what] = "accepted"
         except ValueError as err:
             refusals[what] = str(err)
+        assert all(torch.equal(p.to_local(), before[n]) for n, p in params.items()), what
     results["refusals"] = refusals
     torch.save(results, f"{out}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
@@ -267,6 +275,10 @@ def test_unsupported_layouts_and_samplers_are_refused_by_name(two_ranks):
         refusals = rank["refusals"]
         assert "parameter 'm' is sharded on dim 1 of shape (4, 3)" in refusals["strided"]
         assert "sampler 'rank_guided' does not support DTensor parameters" in refusals["rank_guided"]
+        assert "parameter 'm' has placement P(sum); ZOOptimizer takes Shard(dim)" in refusals["partial"]
+        assert "parameter 'm' lives on a 2-D device mesh" in refusals["mesh2d"]
+        assert ("a guide of parameter 'm' is a DTensor whose local shard has shape (4, 3), the parameter's (2, 3)"
+                in refusals["guide_placement"])
 
 
 if __name__ == "__main__":
