@@ -10,7 +10,8 @@ Generator
 Mapping (seed, stream, index) -> (counter, key)
     * ``seed`` is an integer in ``[0, 2**64)``: ``key = (seed & 0xFFFFFFFF, seed >> 32)``.
     * ``stream`` is an integer in ``[0, 2**32)`` naming one tensor (the optimiser gives each parameter its own).
-    * ``index`` is the element's flat index in its tensor. Elements are grouped into Philox *calls* of
+    * ``index`` is the element's flat index in its tensor (for a shard holding elements ``[o, o + n)`` of a larger
+      tensor, the index in that whole tensor: the ops' ``offsets=o``). Elements are grouped into Philox *calls* of
       ``per_call`` elements (below); call ``c = index // per_call`` uses
       ``counter = (c & 0xFFFFFFFF, c >> 32, stream, domain)``.
     * ``domain`` separates uses of the same seed: ``DOMAIN_NOISE = 0`` for perturbation noise,
