@@ -116,7 +116,7 @@ def _rank_main(out: str) -> None:
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor, init_device_mesh
 
     from zopro.optim import ZOOptimizer
-    from zopro.samplers import RankGuided, Targeted
+    from zopro.samplers import Isotropic, RankGuided, Targeted
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -133,6 +133,14 @@ def _rank_main(out: str) -> None:
         params = {n: place(n, t) for n, t in initial().items()}
         results[case] = run_case(params, case, gather)
         results[case + "/local_numels"] = [p.to_local().numel() for p in params.values()]
+    # the other way round: a one-process log replayed on sharded parameters
+    _, plain_log = run_case(initial(), "gauss", lambda p: p)
+    params = {n: place(n, t) for n, t in initial().items()}
+    dist_, q, one_sided = CASES["gauss"]
+    ZOOptimizer(params, lr=1e-3, eps=1e-2, weight_decay=0.1, sampler=Isotropic(dist_), seed=7, q=q,
+                one_sided=one_sided).replay(plain_log)
+    results["replayed_on_shards"] = {n: gather(p) for n, p in params.items()}
+
     prev, delta = guides()
     delta["u"] = place("u", delta["u"])  # a guide may also be a DTensor placed as its parameter
     results["targeted"] = run_targeted({n: place(n, t) for n, t in initial().items()}, gather, prev, delta)
@@ -209,6 +217,13 @@ def test_two_ranks_end_with_the_single_process_weights_bit_for_bit(two_ranks, ca
             assert not torch.equal(w, initial()[name]), name  # the run moved every parameter
             assert torch.equal(sharded_weights[name], w), name
         assert sharded_log["losses"].tolist() == log["losses"].tolist()
+
+
+def test_a_one_process_log_replays_on_sharded_parameters(two_ranks):
+    weights, _ = _one_process("gauss")
+    for rank in two_ranks:
+        for name, w in weights.items():
+            assert torch.equal(rank["replayed_on_shards"][name], w), name
 
 
 def test_fully_shard_model_ends_with_the_single_process_weights_bit_for_bit(two_ranks):
