@@ -1,7 +1,8 @@
 """ZOOptimizer on DTensor parameters (``zopro.sharded``), gloo and two CPU processes: the gathered weights after a run
 on two ranks equal a single process's bit for bit, uneven and empty shards included; its log replays in a single
-process to the same weights; a model sharded by FSDP2's ``fully_shard`` too; unsupported placements and samplers are
-refused by name.
+process to the same weights, and a single process's log on the shards; a model sharded by FSDP2's ``fully_shard``
+too; Targeted within one ulp of its one-process replay; a Partial loss is the same full value on every rank;
+unsupported placements, meshes, guides and samplers are refused by name before anything changes.
 
 One pair of processes runs every case (this file is their script: ``python test_sharded.py OUT``); the closure
 computes the loss from the gathered weights (an all-gather is exact), so the losses, and with them every
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {"w": ((37, 11), torch.float32, ("shard", 0)), "u": ((5, 7), torch.bfloat16, ("shard", 0)),
           "one": ((1,), torch.float32, ("shard", 0)), "row": ((1, 9), torch.float32, ("shard", 1)),
           "b": ((11,), torch.float32, ("replicate",))}
-# (sampler dist, q, one_sided, calls): step() twice then step_many of two (perturb_ and the fused perturb2_ passes)
+# (sampler dist, q, one_sided); each runs step() twice then step_many of two (perturb_ and the fused perturb2_ passes)
 CASES = {"gauss": ("gaussian", 1, False), "radem_q2_one_sided": ("rademacher", 2, True)}
 
 
