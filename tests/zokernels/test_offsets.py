@@ -2,8 +2,8 @@
 ``z[o:o + n]`` of the whole, so the pieces of a tensor, perturbed with their offsets and concatenated, equal the whole
 tensor perturbed, bit for bit (stochastic-rounding bits included); guide dots of the pieces sum to the whole's.
 
-Uneven pieces on purpose: 5 (not a whole Philox call, not a 16-byte vector), 1000, 37; and 8, 1000, 34, whose
-offsets are whole vectors (the aligned Triton path). Triton runs in the interpreter on CPU (tests/conftest.py)."""
+Uneven pieces on purpose: 5 (not a whole Philox call, not a 16-byte vector), 1000, 37; and 8, 8, 1026, whose
+offsets are whole vectors (the aligned Triton path) and whose middle piece starts and ends inside one block. Triton runs in the interpreter on CPU (tests/conftest.py)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ import torch
 from zokernels import _common, perturb2_, perturb_, rng
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 
-SPLITS = [[5, 1000, 37], [8, 1000, 34]]
+SPLITS = [[5, 1000, 37], [8, 8, 1026]]
 BLOCK = 256  # several Triton blocks per piece, so first, inner and tail blocks all meet an offset
 
 
@@ -32,15 +32,15 @@ def impl(request):
 @pytest.fixture(params=[("torch", False), ("torch", True), ("triton", False)],
                 ids=["torch-batched", "torch-chunked", "triton"])
 def impl_path(request, monkeypatch):
-    """The torch reference batches small tensors and chunks large ones; a 64-element chunk sends the 1000-element
-    piece through the chunked path (chunks start inside it at 64, 128, ...). Triton has one path."""
+    """The torch reference batches small tensors and chunks large ones; a 64-element chunk sends the pieces of 64
+    elements or more through the chunked path (chunks start inside them at 64, 128, ...). Triton has one path."""
     impl, chunked = request.param
     if chunked:
         monkeypatch.setattr(_common, "TORCH_CHUNK", 64)
     return impl
 
 
-@pytest.mark.parametrize("sizes", SPLITS, ids=["5-1000-37", "8-1000-34"])
+@pytest.mark.parametrize("sizes", SPLITS, ids=["5-1000-37", "8-8-1026"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_pieces_with_offsets_equal_the_whole_bit_for_bit(impl_path, sizes, dtype, dist):
