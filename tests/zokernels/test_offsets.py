@@ -32,8 +32,8 @@ def impl(request):
 @pytest.fixture(params=[("torch", False), ("torch", True), ("triton", False)],
                 ids=["torch-batched", "torch-chunked", "triton"])
 def impl_path(request, monkeypatch):
-    """The torch reference batches small tensors and chunks large ones; a 64-element chunk sends the pieces of 64
-    elements or more through the chunked path (chunks start inside them at 64, 128, ...). Triton has one path."""
+    """The torch reference batches small tensors and chunks large ones; a 64-element chunk sends the pieces of 16
+    elements or more (a quarter chunk) through the chunked path (chunks start inside them at 64, 128, ...)."""
     impl, chunked = request.param
     if chunked:
         monkeypatch.setattr(_common, "TORCH_CHUNK", 64)
