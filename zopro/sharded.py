@@ -14,10 +14,10 @@ replays in a single process.
 
 Supported: ``Shard(dim)`` where every dimension before ``dim`` has size 1 (so each rank holds one contiguous range of
 the row-major flat tensor: ``Shard(0)`` always), uneven and empty shards included; ``Replicate()`` (every rank
-updates its whole copy identically); plain tensors beside DTensors (treated as replicated); the Isotropic and
-Targeted samplers. Refused with a ValueError: meshes of more than one dimension, ``Partial`` placements, other
+updates its whole copy identically); plain tensors beside DTensors (treated as replicated); the Isotropic, Targeted
+and RankGuided samplers. Refused with a ValueError: meshes of more than one dimension, ``Partial`` placements, other
 ``Shard`` dimensions (their local block is strided in the flat tensor: redistribute to ``Shard(0)``), parameters on
-different meshes, and RankGuided (its factors would need a distributed SVD).
+different meshes, and DTensor guides for RankGuided (its factors come from an SVD of the whole matrix).
 
 Targeted takes its guides whole (plain tensors, the same on every rank: each rank then keeps its part, but holds the
 whole while the sampler binds) or as DTensors placed as their parameters (only the shard is ever held; the norms are
@@ -25,6 +25,8 @@ all-reduced). Each direction's guide dots (``delta . xi``, ``|xi|^2``) are summe
 two float64 numbers per tensor. Those sums are reassociated against a single process: a coefficient may differ in
 its last float32 bit, so a Targeted run matches one process within one unit in the last place of the weights per
 pass, not bit for bit in general (it was bit for bit in the 2-rank test, whose coefficients rounded alike).
+RankGuided takes whole guides: every rank computes the same factors (a seeded SVD of the same matrix) and keeps the
+rows of ``u`` matching its rows of a matrix (or the rows of ``v`` matching its piece of a one-row matrix).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from zokernels.guided import LowRank
 
 
 def _dtensor_types():
@@ -45,7 +49,7 @@ def _dtensor_types():
     return DTensor, Shard, Replicate
 
 
-SAMPLERS = ("isotropic", "targeted")
+SAMPLERS = ("isotropic", "targeted", "rank_guided")
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -78,13 +82,22 @@ class ShardLayout:
     def bind(self, sampler) -> None:
         """After ``sampler.bind``: a Targeted sampler keeps only this rank's part of each guide and sums its guide
         dots over the ranks (Isotropic needs nothing)."""
-        if sampler.name == "targeted":
+        if sampler.name in ("targeted", "rank_guided"):
             sampler.use_shards(self.locals, self.offsets, self.local_guide, self.sum_shards)
 
-    def local_guide(self, i: int, guide: torch.Tensor) -> torch.Tensor:
+    def local_guide(self, i: int, guide):
         """The part of parameter ``i``'s guide that matches its local tensor: a DTensor guide's own shard (placed as
-        the parameter), or the flat range ``[offset, offset + numel)`` of a whole guide."""
+        the parameter), the flat range ``[offset, offset + numel)`` of a whole guide, or a LowRank's rows of ``u``
+        (a shard of whole rows) or of ``v`` (a piece of a single row)."""
         local_ = self.locals[i]
+        if isinstance(guide, LowRank):
+            rows, cols = local_.shape
+            start = self.offsets[i]
+            if cols == guide.shape[1]:
+                r0 = start // cols
+                return LowRank(guide.u[r0:r0 + rows].contiguous(), guide.v)
+            c0 = start % guide.shape[1]  # flat_offset admits a column piece only of a matrix with one row
+            return LowRank(guide.u, guide.v[c0:c0 + cols].contiguous())
         types = _dtensor_types()
         if types is not None and isinstance(guide, types[0]):
             part = guide.to_local()
@@ -131,7 +144,12 @@ def layout(names: list[str], params: list[torch.Tensor], sampler) -> ShardLayout
     dtensor, shard, replicate = types
     if getattr(sampler, "name", None) not in SAMPLERS:
         raise ValueError(f"sampler {getattr(sampler, 'name', type(sampler).__name__)!r} does not support DTensor "
-                         f"parameters: use one of {SAMPLERS} (RankGuided's factors would need a distributed SVD)")
+                         f"parameters: use one of {SAMPLERS}")
+    if sampler.name == "rank_guided":
+        given = {**sampler.prev_src, **sampler.delta_src}  # the guides as given, before bind
+        if any(isinstance(g, dtensor) for g in given.values()):
+            raise ValueError("RankGuided takes whole guides (plain tensors) with DTensor parameters: its factors come "
+                             "from an SVD of the whole matrix, which a DTensor guide would need gathered first")
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     locals_, offsets, sharded, mesh = [], [], [], None

@@ -1,8 +1,9 @@
 """ZOOptimizer on DTensor parameters (``zopro.sharded``), gloo and two CPU processes: the gathered weights after a run
 on two ranks equal a single process's bit for bit, uneven and empty shards included; its log replays in a single
 process to the same weights, and a single process's log on the shards; a model sharded by FSDP2's ``fully_shard``
-too; Targeted within one ulp of its one-process replay; a Partial loss is the same full value on every rank;
-unsupported placements, meshes, guides and samplers are refused by name before anything changes.
+too; Targeted and RankGuided within one ulp of their one-process replays (bit for bit here); a Partial loss is the
+same full value on every rank; unsupported placements, meshes, guides and samplers are refused by name before
+anything changes.
 
 One pair of processes runs every case (this file is their script: ``python test_sharded.py OUT``); the closure
 computes the loss from the gathered weights (an all-gather is exact), so the losses, and with them every
@@ -53,11 +54,16 @@ def guides() -> tuple[dict, dict]:
     return prev, delta
 
 
-def run_targeted(params: dict, gather, prev, delta) -> tuple[dict, dict]:
-    from zopro.optim import ZOOptimizer
-    from zopro.samplers import Targeted
+def targeted(prev, delta, kind: str):
+    from zopro.samplers import RankGuided, Targeted
 
-    opt = ZOOptimizer(params, lr=1e-3, eps=1e-2, sampler=Targeted(prev, delta, d0=0.6), seed=7)
+    return Targeted(prev, delta, d0=0.6) if kind == "targeted" else RankGuided(prev, delta, d0=0.6, rank=3)
+
+
+def run_targeted(params: dict, gather, prev, delta, kind: str = "targeted") -> tuple[dict, dict]:
+    from zopro.optim import ZOOptimizer
+
+    opt = ZOOptimizer(params, lr=1e-3, eps=1e-2, sampler=targeted(prev, delta, kind), seed=7)
 
     def closure():
         return loss({n: gather(p) for n, p in params.items()})
@@ -145,6 +151,8 @@ def _rank_main(out: str) -> None:
     prev, delta = guides()
     delta["u"] = place("u", delta["u"])  # a guide may also be a DTensor placed as its parameter
     results["targeted"] = run_targeted({n: place(n, t) for n, t in initial().items()}, gather, prev, delta)
+    results["rank_guided"] = run_targeted({n: place(n, t) for n, t in initial().items()}, gather, *guides(),
+                                          kind="rank_guided")
 
     # a loss that is still a Partial DTensor (a sum over a sharded tensor): every rank logs the full value
     w = place("w", initial()["w"])
@@ -166,7 +174,8 @@ def _rank_main(out: str) -> None:
     cases = {"strided": ({"m": distribute_tensor(zeros, mesh, [Shard(1)])}, None),
              "partial": ({"m": DTensor.from_local(zeros.clone(), mesh, [Partial()])}, None),
              "mesh2d": ({"m": distribute_tensor(zeros, mesh2d, [Replicate(), Shard(0)])}, None),
-             "rank_guided": ({n: place(n, t) for n, t in initial().items()}, RankGuided({"w": torch.ones(37, 11)})),
+             "rank_guided": ({n: place(n, t) for n, t in initial().items()},
+                             RankGuided({"w": place("w", torch.ones(37, 11))})),
              "guide_placement": ({"m": distribute_tensor(zeros, mesh, [Shard(0)])},
                                  Targeted({"m": distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])}))}
     for what, (params, sampler) in cases.items():
@@ -252,26 +261,27 @@ def test_the_two_rank_log_replays_in_one_process(two_ranks, case):
         assert torch.equal(params[name], w), name
 
 
-def test_targeted_on_two_ranks_matches_one_process_and_its_replay(two_ranks):
-    """Targeted's guide dots are summed over the ranks (one all-reduce per direction), reassociated against one
-    process: a coefficient may then differ in its last float32 bit, so the bound is one unit in the last place of the
-    weights' dtype against a one-process replay of the same log (same losses; bit for bit in this very run), and a
-    looser one against a separate one-process run, whose losses then follow (the chaos of a few steps)."""
+@pytest.mark.parametrize("kind", ["targeted", "rank_guided"])
+def test_guided_samplers_on_two_ranks_match_one_process_and_its_replay(two_ranks, kind):
+    """The guide dots are summed over the ranks (one all-reduce per direction), reassociated against one process,
+    and RankGuided's torch reference rebuilds a shard's guide rows by a matmul of fewer rows (BLAS may sum a rank-k
+    product in another order): a coefficient or guide element may then differ in its last float32 bit, so the bound
+    is one unit in the last place of the weights' dtype against a one-process replay of the same log (same losses),
+    and a looser one against a separate one-process run, whose losses then follow (the chaos of a few steps)."""
     from zopro.optim import ZOOptimizer
-    from zopro.samplers import Targeted
 
-    weights, log = run_targeted(initial(), lambda p: p, *guides())
+    weights, log = run_targeted(initial(), lambda p: p, *guides(), kind=kind)
     for rank in two_ranks:
-        sharded_weights, sharded_log = rank["targeted"]
+        sharded_weights, sharded_log = rank[kind]
         replayed = initial()
-        ZOOptimizer(replayed, lr=1e-3, eps=1e-2, sampler=Targeted(*guides(), d0=0.6), seed=7).replay(sharded_log)
+        ZOOptimizer(replayed, lr=1e-3, eps=1e-2, sampler=targeted(*guides(), kind), seed=7).replay(sharded_log)
         for name, w in replayed.items():
             ulp = torch.finfo(w.dtype).eps * w.float().abs().clamp(min=torch.finfo(w.dtype).tiny)
             assert ((sharded_weights[name].float() - w.float()).abs() <= ulp).all(), name
             torch.testing.assert_close(sharded_weights[name].float(), weights[name].float(), rtol=1e-4, atol=1e-4)
             assert not torch.equal(w, initial()[name]), name
     # the guides steer: the same run with isotropic noise ends elsewhere
-    assert not torch.equal(two_ranks[0]["targeted"][0]["w"], two_ranks[0]["gauss"][0]["w"])
+    assert not torch.equal(two_ranks[0][kind][0]["w"], two_ranks[0]["gauss"][0]["w"])
 
 
 def test_a_partial_loss_is_reduced_to_its_full_value_on_every_rank(two_ranks):
@@ -290,7 +300,7 @@ def test_unsupported_layouts_and_samplers_are_refused_by_name(two_ranks):
     for rank in two_ranks:
         refusals = rank["refusals"]
         assert "parameter 'm' is sharded on dim 1 of shape (4, 3)" in refusals["strided"]
-        assert "sampler 'rank_guided' does not support DTensor parameters" in refusals["rank_guided"]
+        assert "RankGuided takes whole guides (plain tensors) with DTensor parameters" in refusals["rank_guided"]
         assert "parameter 'm' has placement P(sum); ZOOptimizer takes Shard(dim)" in refusals["partial"]
         assert "parameter 'm' lives on a 2-D device mesh" in refusals["mesh2d"]
         assert ("a guide of parameter 'm' is a DTensor whose local shard has shape (4, 3), the parameter's (2, 3)"
