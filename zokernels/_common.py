@@ -111,6 +111,25 @@ def check_streams(streams, n: int, name: str = "streams") -> list[int]:
     return [rng.check_stream(s, f"{name}[{i}]") for i, s in enumerate(streams)]
 
 
+def check_offsets(offsets, n: int, name: str = "offsets") -> list[int]:
+    """``None`` gives zeros; otherwise one int in [0, 2**62) per tensor: the global flat index of the tensor's first
+    element in the (unsharded) tensor whose noise it draws. A rank holding elements ``[o, o + n)`` of a tensor then
+    draws exactly ``z[o:o + n]`` of the whole (:mod:`zokernels.rng`: the noise is a function of the element index)."""
+    if offsets is None:
+        return [0] * n
+    if isinstance(offsets, int):
+        offsets = [offsets]
+    offsets = list(offsets)
+    if len(offsets) != n:
+        raise ValueError(f"{name} has {len(offsets)} entries for {n} tensors")
+    for i, o in enumerate(offsets):
+        if isinstance(o, bool) or not isinstance(o, int):
+            raise TypeError(f"{name}[{i}] must be a Python int, got {type(o).__name__}")
+        if not 0 <= o < 2**62:  # block starts and ends stay int64 in the launch table
+            raise ValueError(f"{name}[{i}] must be in [0, 2**62), got {o}")
+    return offsets
+
+
 def check_dist(dist: str) -> str:
     if dist not in rng.DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {rng.DISTRIBUTIONS}, got {dist!r}")
@@ -152,14 +171,19 @@ def check_block(block) -> int | None:
 # costs ~5 us). Program p reads row p of an int64 table whose first columns every kernel shares (read on the device
 # by ``table_row_tl``):
 #   OFFSET  the tensor's first element, in elements from the launch's base tensor (may be negative; tensors of one
-#           dtype are aligned to their itemsize, so byte distances divide evenly)
-#   NUMEL   the tensor's elements
+#           dtype are aligned to their itemsize, so byte distances divide evenly), minus its global offset ``o``
+#   NUMEL   the end of its elements in global index, ``o + numel``
 #   STREAM  its noise stream
-#   BLOCK   which block of the tensor the program handles (elements BLOCK*block .. +block)
+#   BLOCK   which block of the tensor the program handles (global elements BLOCK*block .. +block)
+# A tensor with a global offset ``o`` (a shard holding elements ``[o, o + numel)`` of a larger tensor) is cut into
+# blocks of the *global* index, so a block's noise is generated exactly as for the whole tensor and the kernel's
+# element arrangement (rng.arranged_offsets_tl) stays aligned to Philox calls; only its first block may start before
+# ``o``. Such a table (``offsets`` given, any nonzero) has one more column, the last: LO = ``o``, which the kernel
+# reads to mask the elements below it. With every offset 0 the table is the unsharded one, with no LO column.
 # With ``matrix=True`` three more follow, so that a kernel finds the row and column of its elements with 32-bit
 # arithmetic only (a 64-bit division is a ~70-instruction subroutine on the GPU):
 #   NCOLS   elements per row (the last dimension; 1 for a 0-d tensor)
-#   ROW0    the row of the block's first element
+#   ROW0    the (local) row of the block's first element (negative in a shard's first block when it starts before o)
 #   COL0    that element's column
 # then the kernel's own per-tensor columns (``extra``), from column ``table.shape[1] - len(extra)`` on.
 OFFSET, NUMEL, STREAM, BLOCK, NCOLS, ROW0, COL0 = range(7)
@@ -168,38 +192,44 @@ _TABLE_CACHE_SIZE = 64
 
 
 def launch_table(tensors: list[torch.Tensor], streams: list[int], block: int, *, extra=None,
-                 matrix: bool = False) -> tuple[torch.Tensor, bool]:
+                 matrix: bool = False, offsets: list[int] | None = None) -> tuple[torch.Tensor, bool]:
     """The per-block launch table (int64 ``(n_blocks, 4 [+ 3] + len(extra[i]))`` on the tensors' device) and whether
     every tensor starts on a 16-byte boundary (then the kernel may promise aligned vector loads).
 
     ``tensors`` share one device and, where a kernel reads them through OFFSET, one dtype (``guide_dot`` reads no
     weight and mixes them); offsets are counted from ``tensors[0]``. ``extra``: one tuple of ints per
-    tensor (all of one length), appended to each of its rows. Cached by layout: a training step launches the same
-    lists again and again.
+    tensor (all of one length), appended to each of its rows. ``offsets``: each tensor's global offset (above);
+    any nonzero adds the LO column and counts aligned only where ``o`` is a multiple of the 16-byte vector. Cached
+    by layout: a training step launches the same lists again and again.
     """
     base = tensors[0]
     itemsize = base.element_size()
     extra = [tuple(e) for e in extra] if extra is not None else [()] * len(tensors)
-    key = (base.device, base.dtype, block, matrix,
-           tuple((t.data_ptr(), tuple(t.shape), s, e) for t, s, e in zip(tensors, streams, extra)))
+    offsets = offsets if offsets is not None and any(offsets) else None
+    key = (base.device, base.dtype, block, matrix, offsets is not None,
+           tuple((t.data_ptr(), tuple(t.shape), s, e, o) for t, s, e, o in
+                 zip(tensors, streams, extra, offsets or [0] * len(tensors))))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         return hit
     rows, aligned = [], True
     for i, (t, s, e) in enumerate(zip(tensors, streams, extra)):
+        o = offsets[i] if offsets is not None else 0
+        lo = (o,) if offsets is not None else ()
         distance = t.data_ptr() - base.data_ptr()
         assert t.dtype != base.dtype or distance % itemsize == 0, "tensors of one dtype are aligned to their itemsize"
-        aligned &= t.data_ptr() % 16 == 0
-        n_blocks = (t.numel() + block - 1) // block
+        aligned &= t.data_ptr() % 16 == 0 and (o * itemsize) % 16 == 0
+        blocks = range(o // block, (o + t.numel() + block - 1) // block)
         if matrix:
             ncols = t.shape[-1] if t.dim() else 1
             if ncols + block >= 2**31:  # in-row positions of a block's elements are int32 on the device
                 raise ValueError(f"tensors[{i}] has {ncols} columns; the Triton path takes fewer than 2**31 - {block}")
-            rows.extend((distance // itemsize, t.numel(), s, b, ncols, b * block // ncols, b * block % ncols, *e)
-                        for b in range(n_blocks))
+            # Python's floor division: a first block starting before o has a negative row and a column in [0, ncols)
+            rows.extend((distance // itemsize - o, o + t.numel(), s, b, ncols, (b * block - o) // ncols,
+                         (b * block - o) % ncols, *e, *lo) for b in blocks)
         else:
-            rows.extend((distance // itemsize, t.numel(), s, b, *e) for b in range(n_blocks))
-    cols = 4 + 3 * matrix + (len(extra[0]) if extra else 0)
+            rows.extend((distance // itemsize - o, o + t.numel(), s, b, *e, *lo) for b in blocks)
+    cols = 4 + 3 * matrix + (len(extra[0]) if extra else 0) + (offsets is not None)
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, cols).to(base.device)
     if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
         _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
@@ -253,6 +283,29 @@ if triton_available():
         pid = tl.program_id(0).to(tl.int64)
         row = table_ptr + pid * COLS
         return pid, row, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3) * BLOCK
+
+    @triton.jit
+    def block_bounds_tl(row, numel, start, BLOCK: tl.constexpr, OFFSETS: tl.constexpr, COLS: tl.constexpr):
+        """(rem, first, full) of a block starting at global element ``start``: its elements that belong to the tensor
+        are the arranged offsets in ``[first, rem)`` (int32), all of them when ``full``. ``numel`` is the table's
+        NUMEL (the end); with ``OFFSETS`` the table's last column holds the tensor's first global element, below which
+        a shard's first block is masked; without, ``first`` is the constant 0 and the mask is the tail's only."""
+        rem = tl.minimum(numel - start, BLOCK).to(tl.int32)
+        if OFFSETS:
+            lo = tl.load(row + COLS - 1)
+            return rem, tl.maximum(lo - start, 0).to(tl.int32), (start >= lo) & (start + BLOCK <= numel)
+        else:
+            return rem, 0, start + BLOCK <= numel
+
+    @triton.jit
+    def block_mask_tl(local, rem, first, OFFSETS: tl.constexpr):
+        """The mask of :func:`block_bounds_tl`'s ``[first, rem)``: one comparison of 32-bit offsets without OFFSETS.
+        Kernels build it where a masked access needs it: built once ahead of the full-block branch, it changed the
+        unsharded kernels' register allocation (perturb2_ fp16 Gaussian SR: 80 -> 96 registers on sm_90)."""
+        if OFFSETS:
+            return (local >= first) & (local < rem)
+        else:
+            return local < rem
 
     @triton.jit
     def matrix_row_col_tl(row, local):

@@ -120,6 +120,11 @@ def variants() -> list[tuple[str, bool, dict, object]]:
                         lambda dt=dt, dist=dist: perturb.perturb_([_w(n, dt)], 1, 1e-3, dist=dist, decay=0.99)))
         out.append((f"perturb_ {names[dt]}/gauss unaligned", dt == f16, {},
                     lambda dt=dt: perturb.perturb_([_w(n + 1, dt)[1:]], 1, 1e-3)))
+    # global element offsets (sharded parameters, zopro.sharded): the OFFSETS variants, shard starts a whole vector
+    for dt, rounding, ci in ((f32, None, True), (bf16, None, False), (bf16, 5, False)):
+        out.append((f"perturb2_ {names[dt]}/gauss{' SR' if rounding else ''} offsets", ci, {},
+                    lambda dt=dt, rounding=rounding: perturb.perturb2_(
+                        [_w(n, dt), _w(300, dt)], 1, 1e-3, 2, -1e-4, rounding_seed=rounding, offsets=[4096, 8])))
     for gdt in (f32, bf16):
         for dist in ("gaussian", "rademacher"):
             out.append((f"guide_dot dense {names[gdt]}guide/{dist[:5]}", False, {},
@@ -145,6 +150,16 @@ def variants() -> list[tuple[str, bool, dict, object]]:
                         _loop_meta(rank),
                         lambda ws=ws, lr=lr: guided.guided_perturb_(ws[:1], noise=[(1, c[:1])],
                                                                     guides=[([lr], c[:1]), ([lr], c[:1])])))
+    ws, gs = [_w(64 * 96, f32, (64, 96)), _w(96, f32)], [_w(64 * 96, f32, (64, 96)), None]
+    out.append(("guide_dot dense fp32guide/gauss offsets", False, {},
+                lambda: guided.guide_dot(ws, gs, 3, offsets=[96 * 8, 0])))
+    out.append(("guided_perturb_ fp32 2noise 2dense offsets", True, {},
+                lambda: guided.guided_perturb_(ws, noise=[(1, c), (2, c)], guides=[(gs, c), (gs, c)],
+                                               offsets=[96 * 8, 0])))
+    lr = guided.LowRank(torch.randn(64, 64), torch.randn(96, 64))
+    out.append(("guided_perturb_ bf16 1noise 2lowrank r64 offsets", False, _loop_meta(64),
+                lambda lr=lr: guided.guided_perturb_([_w(64 * 96, bf16, (64, 96))], noise=[(1, c[:1])],
+                                                     guides=[([lr], c[:1]), ([lr], c[:1])], offsets=[96 * 8])))
     for dist in ("gaussian", "rademacher"):
         iw = quant.Int8Weight(torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64) + 0.1)
         out.append((f"int8_code_perturb_ {dist[:5]}", dist == "gaussian", {},

@@ -151,20 +151,21 @@ def _flat_guide(g) -> torch.Tensor:
     return g.dense().reshape(-1) if isinstance(g, LowRank) else g.reshape(-1).float()
 
 
-def _guide_dot_torch(tensors, guides, seed, dist, streams):
+def _guide_dot_torch(tensors, guides, seed, dist, streams, offsets):
     out = torch.zeros(len(tensors), 2, dtype=torch.float64)
     large, batches = _common.split_small(tensors, _common.TORCH_CHUNK)
     for t in large:
         w, g, stream = tensors[t], guides[t], streams[t]
         for s, e in _chunks(w, [g]):
-            xi = rng.noise(dist, seed, stream, s, e - s, device=w.device).double()
+            xi = rng.noise(dist, seed, stream, offsets[t] + s, e - s, device=w.device).double()
             if g is not None:
                 out[t, 0] += (_guide_chunk(g, w, s, e).double() * xi).sum().cpu()
             out[t, 1] += (xi * xi).sum().cpu()
     for idx in batches:
         numels = [tensors[i].numel() for i in idx]
         device = tensors[idx[0]].device
-        xi = rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=device).double()
+        xi = rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=device,
+                             starts=[offsets[i] for i in idx]).double()
         g = torch.cat([_flat_guide(guides[i]) if guides[i] is not None
                        else torch.zeros(tensors[i].numel(), device=device) for i in idx]).double()
         segment = torch.repeat_interleave(torch.arange(len(idx), device=device), torch.tensor(numels, device=device))
@@ -175,7 +176,7 @@ def _guide_dot_torch(tensors, guides, seed, dist, streams):
     return out
 
 
-def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dist):
+def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dist, offsets):
     decay = decay.tolist()
     noise_terms = [(seed, coef.tolist()) for seed, coef in noise_terms]
     guide_terms = [(guides, coef.tolist()) for guides, coef in guide_terms]
@@ -188,7 +189,7 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
             if decay[t] != 1.0:
                 y.mul_(decay[t])
             for seed, coef in noise_terms:
-                y.add_(rng.noise(dist, seed, stream, s, e - s, device=w.device).mul_(coef[t]))
+                y.add_(rng.noise(dist, seed, stream, offsets[t] + s, e - s, device=w.device).mul_(coef[t]))
             for guides, coef in guide_terms:
                 if guides[t] is not None:
                     y.add_(_guide_chunk(guides[t], w, s, e) * coef[t])  # a float32 guide chunk is a view: no mul_
@@ -201,7 +202,8 @@ def _guided_perturb_torch(tensors, streams, noise_terms, guide_terms, decay, dis
         torch._foreach_mul_(ys, [decay[i] for i in idx])
         numels = [w.numel() for w in ws]
         for seed, coef in noise_terms:
-            zs = list(rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=ws[0].device).split(numels))
+            zs = list(rng.noise_batch(dist, seed, [streams[i] for i in idx], numels, device=ws[0].device,
+                                      starts=[offsets[i] for i in idx]).split(numels))
             torch._foreach_mul_(zs, [coef[i] for i in idx])
             torch._foreach_add_(ys, zs)
         for guides, coef in guide_terms:
@@ -225,7 +227,7 @@ if _common.triton_available():
     import triton
     import triton.language as tl
 
-    from zokernels._common import MATRIX_EXTRA_TL, matrix_row_col_tl, table_row_tl
+    from zokernels._common import MATRIX_EXTRA_TL, block_bounds_tl, block_mask_tl, matrix_row_col_tl, table_row_tl
     from zokernels.rng import arranged_offsets_tl, noise_arranged_tl, seed_key_tl
     from zokernels.rounding import round_nearest_bf16_tl
 
@@ -309,19 +311,20 @@ if _common.triton_available():
             return g
 
     @triton.jit
-    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr, COLS: tl.constexpr):
-        """(program, its table row, OFFSET, STREAM, first element, arranged offsets, tail mask, full block?)."""
+    def _block_start(table_ptr, BLOCK: tl.constexpr, G: tl.constexpr, V: tl.constexpr, COLS: tl.constexpr,
+                     OFFSETS: tl.constexpr):
+        """(program, its table row, OFFSET, STREAM, first element, arranged offsets, element mask, full block?)."""
         pid, row, offset, numel, stream, start = table_row_tl(table_ptr, COLS, BLOCK)
         local = arranged_offsets_tl(BLOCK, G, V)
-        mask = local < tl.minimum(numel - start, BLOCK).to(tl.int32)
-        return pid, row, offset, stream, start, local, mask, start + BLOCK <= numel
+        rem, first, full = block_bounds_tl(row, numel, start, BLOCK, OFFSETS, COLS)
+        return pid, row, offset, stream, start, local, block_mask_tl(local, rem, first, OFFSETS), full
 
     @triton.jit(do_not_specialize=["s0", "s1", "s2", "s3"])
     def _guide_dot_kernel(gbase, table_ptr, partial_ptr, s0, s1, s2, s3,
                           BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                           LOWRANK: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
-                          COLS: tl.constexpr):
-        pid, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS)
+                          COLS: tl.constexpr, OFFSETS: tl.constexpr = False):
+        pid, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS, OFFSETS)
         k0, k1 = seed_key_tl(s0, s1, s2, s3)
         xi = tl.where(mask, noise_arranged_tl(k0, k1, stream, start, BLOCK, G, V, GAUSSIAN, FAST), 0.0)
         g = _guide_tl(gbase, row, 0, start, local, mask, full, LOWRANK, GVEC)
@@ -333,8 +336,8 @@ if _common.triton_available():
                                BLOCK: tl.constexpr, GAUSSIAN: tl.constexpr, FAST: tl.constexpr,
                                N_NOISE: tl.constexpr, N_GUIDES: tl.constexpr, LOWRANK: tl.constexpr,
                                VEC: tl.constexpr, GVEC: tl.constexpr, G: tl.constexpr, V: tl.constexpr,
-                               COLS: tl.constexpr):
-        _, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS)
+                               COLS: tl.constexpr, OFFSETS: tl.constexpr = False):
+        _, row, _, stream, start, local, mask, full = _block_start(table_ptr, BLOCK, G, V, COLS, OFFSETS)
         # the OFFSET column loaded here, not taken from _block_start: tl.multiple_of on a value returned through a
         # helper's tuple failed an assertion in Triton 3.9's AxisInfo (TritonGPUCoalesce) for this kernel
         offset = tl.multiple_of(tl.load(row), VEC)
@@ -376,24 +379,26 @@ def _guide_storage(guide_lists):
     return parts[0], lowrank
 
 
-def _guide_vec(guides, lowrank) -> int:
-    """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary (then the kernel may
-    promise aligned vector loads), else 1. For LowRank guides: 4 if every rank is a multiple of 4 and every u and v
-    starts on a 4-element boundary (then a thread loads 4 ranks of an element at once), else 1."""
+def _guide_vec(guides, lowrank, offsets=()) -> int:
+    """Elements per 16 bytes of the dense guides if every one starts on a 16-byte boundary and every global offset
+    is a whole number of 16 bytes (then the kernel may promise aligned vector loads), else 1. For LowRank guides: 4
+    if every rank is a multiple of 4 and every u and v starts on a 4-element boundary (then a thread loads 4 ranks
+    of an element at once), else 1 (their addresses come from rows and columns, not offsets)."""
     if lowrank:
         parts = [p for g in guides if g is not None for p in (g.u, g.v)]
         ok = parts and all(g.rank % 4 == 0 for g in guides if g is not None) \
             and all(p.data_ptr() % (4 * p.element_size()) == 0 for p in parts)
         return 4 if ok else 1
     dense = [g for g in guides if g is not None and not lowrank]
-    if not dense or any(g.data_ptr() % 16 for g in dense):
+    if not dense or any(g.data_ptr() % 16 for g in dense) or any(o * dense[0].element_size() % 16 for o in offsets):
         return 1
     return 16 // dense[0].element_size()
 
 
-def _guide_columns(tensors, guide_lists, gbase) -> list[tuple]:
+def _guide_columns(tensors, guide_lists, gbase, offsets) -> list[tuple]:
     """Per tensor, the kernels' own table columns: its index, then for each of ``MAX_GUIDES`` guides (has-guide flag,
-    offset from ``gbase`` (dense: the guide; LowRank: u), offset of v, rank), zeros where there is none."""
+    offset from ``gbase`` (dense: the guide, less the tensor's global offset, as the weight's OFFSET column;
+    LowRank: u), offset of v, rank), zeros where there is none."""
     out = []
     for t in range(len(tensors)):
         cols = [t]
@@ -406,36 +411,38 @@ def _guide_columns(tensors, guide_lists, gbase) -> list[tuple]:
                 cols += [1, (g.u.data_ptr() - gbase.data_ptr()) // size, (g.v.data_ptr() - gbase.data_ptr()) // size,
                          g.rank]
             else:
-                cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size(), 0, 0]
+                cols += [1, (g.data_ptr() - gbase.data_ptr()) // g.element_size() - offsets[t], 0, 0]
         out.append(tuple(cols))
     return out
 
 
-def _triton_table(tensors, streams, guide_lists, gbase, block):
+def _triton_table(tensors, streams, guide_lists, gbase, block, offsets):
     """The launch table of tensors of one dtype (the caller groups them) and whether they are 16-byte aligned."""
-    return _common.launch_table(tensors, streams, block, extra=_guide_columns(tensors, guide_lists, gbase), matrix=True)
+    return _common.launch_table(tensors, streams, block, extra=_guide_columns(tensors, guide_lists, gbase, offsets),
+                                matrix=True, offsets=offsets)
 
 
-def _guide_dot_triton(tensors, guides, seed, dist, streams, block=None):
+def _guide_dot_triton(tensors, guides, seed, dist, streams, offsets, block=None):
     keep = [i for i, w in enumerate(tensors) if w.numel()]
     out = torch.zeros(len(tensors), 2, dtype=torch.float64, device=tensors[0].device)
     if not keep:
         return out.cpu()
     ts, gs, ss = [tensors[i] for i in keep], [guides[i] for i in keep], [streams[i] for i in keep]
+    os_ = [offsets[i] for i in keep]
     gbase, lowrank = _guide_storage([gs])
     block = block or (TRITON_BLOCK_LOWRANK if lowrank else _common.TRITON_BLOCK)
-    table, _ = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block)
+    table, _ = _triton_table(ts, ss, [gs], gbase if gbase is not None else ts[0], block, os_)
     partial = torch.empty(table.shape[0], 2, dtype=torch.float32, device=ts[0].device)
     gtensor = gbase if gbase is not None else ts[0]
     _guide_dot_kernel[(table.shape[0],)](
         gtensor, table, partial, *_common.seed_pieces(seed),
         BLOCK=block, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device), LOWRANK=lowrank,
-        GVEC=_guide_vec(gs, lowrank), G=rng.arranged_group(dist, gtensor.element_size()),
-        V=16 // gtensor.element_size(), COLS=table.shape[1], num_warps=_common.TRITON_WARPS,
+        GVEC=_guide_vec(gs, lowrank, os_), G=rng.arranged_group(dist, gtensor.element_size()),
+        V=16 // gtensor.element_size(), COLS=table.shape[1], OFFSETS=any(os_), num_warps=_common.TRITON_WARPS,
         enable_fp_fusion=False)  # pinned: Triton's default changes in 3.10, and replays rely on these sums' bits
     # Deterministic segment sums: blocks of a tensor are contiguous rows; a float64 prefix sum (a fixed-order scan)
     # and differences at segment ends avoid atomics, whose order changes from run to run.
-    counts = torch.tensor([(w.numel() + block - 1) // block for w in ts])
+    counts = torch.tensor([(o + w.numel() + block - 1) // block - o // block for w, o in zip(ts, os_)])
     ends = counts.cumsum(0)
     prefix = torch.cat([torch.zeros(1, 2, dtype=torch.float64, device=partial.device),
                         partial.double().cumsum(0)])
@@ -444,7 +451,7 @@ def _guide_dot_triton(tensors, guides, seed, dist, streams, block=None):
     return out.cpu()
 
 
-def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, dist, block=None):
+def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, dist, offsets, block=None):
     coef_cols = [decay] + [c for _, c in noise_terms] + [c for _, c in guide_terms]
     seeds = [s for s, _ in noise_terms] + [0] * (MAX_NOISE - len(noise_terms))
     guide_lists = [g for g, _ in guide_terms]
@@ -457,30 +464,38 @@ def _guided_perturb_triton(tensors, streams, noise_terms, guide_terms, decay, di
         gl = [[gs[i] for i in idx] for gs in guide_lists]
         gbase, lowrank = _guide_storage(gl)
         blk = block or (TRITON_BLOCK_LOWRANK if lowrank else _common.TRITON_BLOCK)
-        table, aligned = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], blk)
+        os_ = [offsets[i] for i in idx]
+        table, aligned = _triton_table(ts, [streams[i] for i in idx], gl, gbase if gbase is not None else ts[0], blk,
+                                       os_)
         coef = torch.stack([c.float()[idx] for c in coef_cols], dim=1).contiguous().to(ts[0].device)
         _guided_perturb_kernel[(table.shape[0],)](
             ts[0], gbase if gbase is not None else ts[0], table, coef,
             *_common.seed_pieces(seeds[0]), *_common.seed_pieces(seeds[1]),
             BLOCK=blk, GAUSSIAN=dist == "gaussian", FAST=_common.fast_math(ts[0].device),
             N_NOISE=len(noise_terms), N_GUIDES=len(guide_terms), LOWRANK=lowrank,
-            VEC=16 // ts[0].element_size() if aligned else 1, GVEC=_guide_vec([g for gs in gl for g in gs], lowrank),
+            VEC=16 // ts[0].element_size() if aligned else 1,
+            GVEC=_guide_vec([g for gs in gl for g in gs], lowrank, os_),
             G=rng.arranged_group(dist, ts[0].element_size()), V=16 // ts[0].element_size(), COLS=table.shape[1],
-            num_warps=_common.TRITON_WARPS,
+            OFFSETS=any(os_), num_warps=_common.TRITON_WARPS,
             enable_fp_fusion=False)  # each term is multiplied, then added (two roundings), as in the torch reference
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Public ops
 def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=None, impl: str = "auto",
-              block: int | None = None) -> torch.Tensor:
+              block: int | None = None, offsets=None) -> torch.Tensor:
     """Per tensor ``(sum guide * xi, sum xi * xi)`` with ``xi = noise(dist, seed, stream, index)``.
 
     Args:
         tensors: the weights (only their shapes, dtypes and device are used: they are not read or modified).
         guides: one entry per tensor: None (first column is 0), a dense tensor of the weight's shape, or a
             :class:`LowRank` of the (2-D) weight's shape.
-    Returns a CPU float64 tensor ``(len(tensors), 2)``; deterministic for a given device and impl.
+        offsets: one int >= 0 per tensor (default 0): the global flat index of the tensor's first element, as in
+            :func:`~zokernels.perturb.perturb_`; ``xi`` is drawn at the global indices, the guide is read at the
+            local ones (a row shard of W pairs with the matching rows of a dense guide or of a LowRank's ``u``).
+    Returns a CPU float64 tensor ``(len(tensors), 2)``; deterministic for a given device and impl. The sums over
+    shards equal the whole's within reassociation: the torch path sums float64 products (relative to
+    ``sum |guide*xi|``, below n * 2**-53); the Triton path adds float32 block partials (below BLOCK * 2**-24).
     """
     tensors = _common.as_tensor_list(tensors)
     _common.check_float_tensors(tensors)
@@ -489,17 +504,18 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
     seed = rng.check_seed(seed)
     _common.check_dist(dist)
     streams = _common.check_streams(streams, len(tensors))
+    offsets = _common.check_offsets(offsets, len(tensors))
     block = _common.check_block(block)
     if not tensors:
         return torch.zeros(0, 2, dtype=torch.float64)
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            return _guide_dot_triton(tensors, guides, seed, dist, streams, block)
-        return _guide_dot_torch(tensors, guides, seed, dist, streams)
+            return _guide_dot_triton(tensors, guides, seed, dist, streams, offsets, block)
+        return _guide_dot_torch(tensors, guides, seed, dist, streams, offsets)
 
 
 def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "gaussian", streams=None,
-                    impl: str = "auto", block: int | None = None) -> None:
+                    impl: str = "auto", block: int | None = None, offsets=None) -> None:
     """In place: ``w[t] = decay[t]*w[t] + sum_k x_k[t]*xi(seed_k)[t] + sum_g c_g[t]*guide_g[t]``.
 
     Args:
@@ -509,6 +525,7 @@ def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "ga
         guides: up to two ``(guide_list, c)`` pairs; ``guide_list`` has one entry per tensor (None, a dense tensor
             of the weight's shape, or a :class:`LowRank`); ``c`` one coefficient per tensor.
         decay: per-tensor multipliers applied to the weights first (default all ones).
+        offsets: one int >= 0 per tensor (default 0): the global index of its first element, as in :func:`guide_dot`.
     Nothing is modified if any argument is rejected.
     """
     tensors = _common.as_tensor_list(tensors)
@@ -530,11 +547,12 @@ def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "ga
             raise ValueError(f"{name} coefficients must be finite")
     _common.check_dist(dist)
     streams = _common.check_streams(streams, n)
+    offsets = _common.check_offsets(offsets, n)
     block = _common.check_block(block)
     if not tensors:
         return
     with torch.no_grad():
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
-            _guided_perturb_triton(tensors, streams, noise, guides, decay, dist, block)
+            _guided_perturb_triton(tensors, streams, noise, guides, decay, dist, offsets, block)
         else:
-            _guided_perturb_torch(tensors, streams, noise, guides, decay, dist)
+            _guided_perturb_torch(tensors, streams, noise, guides, decay, dist, offsets)

@@ -10,7 +10,8 @@ Generator
 Mapping (seed, stream, index) -> (counter, key)
     * ``seed`` is an integer in ``[0, 2**64)``: ``key = (seed & 0xFFFFFFFF, seed >> 32)``.
     * ``stream`` is an integer in ``[0, 2**32)`` naming one tensor (the optimiser gives each parameter its own).
-    * ``index`` is the element's flat index in its tensor. Elements are grouped into Philox *calls* of
+    * ``index`` is the element's flat index in its tensor (for a shard holding elements ``[o, o + n)`` of a larger
+      tensor, the index in that whole tensor: the ops' ``offsets=o``). Elements are grouped into Philox *calls* of
       ``per_call`` elements (below); call ``c = index // per_call`` uses
       ``counter = (c & 0xFFFFFFFF, c >> 32, stream, domain)``.
     * ``domain`` separates uses of the same seed: ``DOMAIN_NOISE = 0`` for perturbation noise,
@@ -236,21 +237,28 @@ def rademacher(seed: int, stream: int, start: int, n: int, device=None) -> torch
 _BATCH_LAYOUTS: dict = {}
 
 
-def noise_batch(dist: str, seed: int, streams: list[int], numels: list[int], device=None) -> torch.Tensor:
-    """Noise of elements ``0 .. numel-1`` of several streams, concatenated (float32, ``(sum(numels),)``).
+def noise_batch(dist: str, seed: int, streams: list[int], numels: list[int], device=None,
+                starts: list[int] | None = None) -> torch.Tensor:
+    """Noise of elements ``start .. start + numel - 1`` of several streams, concatenated (float32,
+    ``(sum(numels),)``); ``starts`` defaults to zeros.
 
-    Equal to ``cat([noise(dist, seed, s, 0, n) for s, n in zip(streams, numels)])`` with one Philox evaluation for
-    all: the torch reference of a LoRA model's hundreds of small tensors otherwise pays per-op dispatch for each.
+    Equal to ``cat([noise(dist, seed, s, o, n) for s, o, n in zip(streams, starts, numels)])`` with one Philox
+    evaluation for all: the torch reference of a LoRA model's hundreds of small tensors otherwise pays per-op dispatch
+    for each.
     """
     per_call = PER_CALL[dist]
-    key = (per_call, tuple(streams), tuple(numels), str(device))
+    starts = list(starts) if starts is not None else [0] * len(numels)
+    key = (per_call, tuple(streams), tuple(numels), tuple(starts), str(device))
     layout = _BATCH_LAYOUTS.get(key)
     if layout is None:
-        n_calls = torch.tensor([(n + per_call - 1) // per_call for n in numels])
+        first_call = [o // per_call for o in starts]  # each stream's first call, and how many it needs
+        n_calls = torch.tensor([(o + n + per_call - 1) // per_call - c for o, n, c in zip(starts, numels, first_call)])
         first = torch.cumsum(n_calls, 0) - n_calls  # first call of each stream in the batch
-        calls = torch.arange(int(n_calls.sum())) - torch.repeat_interleave(first, n_calls)
+        calls = torch.arange(int(n_calls.sum())) - torch.repeat_interleave(first, n_calls) \
+            + torch.repeat_interleave(torch.tensor(first_call, dtype=torch.int64), n_calls)
         stream_of_call = torch.repeat_interleave(torch.tensor(streams, dtype=torch.int64), n_calls)
-        pick = torch.cat([torch.arange(n) + int(f) * per_call for n, f in zip(numels, first)])
+        pick = torch.cat([torch.arange(n) + int(f) * per_call + o - c * per_call
+                          for n, f, o, c in zip(numels, first, starts, first_call)])
         layout = tuple(x.to(device) for x in (calls, stream_of_call, pick))
         if len(_BATCH_LAYOUTS) >= 64:
             _BATCH_LAYOUTS.pop(next(iter(_BATCH_LAYOUTS)))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zopro import sharded
 from zopro.samplers import Isotropic
 from zopro.seeds import derive_seed
 
@@ -48,7 +49,7 @@ def _named(params) -> tuple[list[str], list[torch.Tensor]]:
     for n, p in zip(names, tensors):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameter {n!r} is a {type(p).__name__}, not a tensor")
-    _check_disjoint(names, tensors)
+    _check_disjoint(names, [sharded.local(t) for t in tensors])  # a DTensor's memory is its local shard's
     return names, tensors
 
 
@@ -74,7 +75,8 @@ class ZOOptimizer:
 
     Args:
         params: parameters, ``(name, parameter)`` pairs or a ``{name: parameter}`` dict (names let samplers map
-            guides); each parameter's noise stream is its position in this list.
+            guides); each parameter's noise stream is its position in this list. DTensors on a 1-D mesh (sharded or
+            replicated) are updated shard by shard with the single-process z (:mod:`zopro.sharded`).
         lr, eps: learning rate and perturbation size; ``eps`` may be changed between steps (it is logged).
         weight_decay: decoupled, applied to tensors with two or more dimensions only (biases and norm weights are
             vectors): decided by shape, not by names. ``no_decay`` names further exclusions.
@@ -111,7 +113,11 @@ class ZOOptimizer:
         self.decays = torch.tensor([p.dim() >= 2 and n not in no_decay for n, p in zip(self.names, self.params)])
         self.streams = list(range(len(self.params)))
         self.sampler = sampler if sampler is not None else Isotropic()
+        # DTensor parameters (zopro.sharded): each rank perturbs its local shards at their global offsets
+        self.shards = sharded.layout(self.names, self.params, self.sampler)
         self.sampler.bind(self.names, self.params)
+        if self.shards is not None:
+            self.shards.bind(self.sampler)
         self.step_count = 0
         self.skipped = 0
         self.log = {"losses": [], "groups": [], "lr": [], "eps": []}
@@ -148,7 +154,11 @@ class ZOOptimizer:
         n = len(self.params)
         terms = [(s, c if isinstance(c, torch.Tensor) else torch.full((n,), float(c), dtype=torch.float64))
                  for s, c in terms]
-        self.sampler.apply(self.params, self.streams, terms, decay if decay is not None else torch.ones(n))
+        decay = decay if decay is not None else torch.ones(n)
+        if self.shards is not None:
+            self.sampler.apply(self.shards.locals, self.streams, terms, decay, offsets=self.shards.offsets)
+        else:
+            self.sampler.apply(self.params, self.streams, terms, decay)
 
     def _log_settings(self, lr: float, eps: float) -> None:
         for key, value in (("lr", lr), ("eps", eps)):
@@ -383,7 +393,7 @@ class _Live:
     def __call__(self, closure) -> float:
         with torch.inference_mode():
             loss = closure()
-        loss = float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
         self.current.append(loss)
         return loss
 

@@ -50,8 +50,9 @@ class Isotropic:
         """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
         return 0.0
 
-    def apply(self, params, streams, terms, decay: torch.Tensor) -> None:
-        """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter.
+    def apply(self, params, streams, terms, decay: torch.Tensor, offsets=None) -> None:
+        """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter;
+        ``offsets``: each tensor's global first element where it is a shard (:mod:`zopro.sharded`), default 0.
 
         Parameters sharing the same (decay, coefficients) go in one launch; with weight decay there are two groups.
         """
@@ -61,17 +62,24 @@ class Isotropic:
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
             ts, ss = [params[i] for i in idx], [streams[i] for i in idx]
+            os_ = [offsets[i] for i in idx] if offsets is not None else None
             if len(terms) == 1:
-                perturb_(ts, terms[0][0], key[1], dist=self.dist, streams=ss, decay=key[0], impl=self.impl)
+                perturb_(ts, terms[0][0], key[1], dist=self.dist, streams=ss, decay=key[0], impl=self.impl,
+                         offsets=os_)
             else:
                 perturb2_(ts, terms[0][0], key[1], terms[1][0], key[2], dist=self.dist, streams=ss, decay=key[0],
-                          impl=self.impl)
+                          impl=self.impl, offsets=os_)
 
     def state_dict(self) -> dict:
         return {"name": self.name, "dist": self.dist}
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
+
+
+def _whole_sums(dots: torch.Tensor) -> torch.Tensor:
+    """The per-tensor sums of an unsharded run: the tensors are whole, so their own."""
+    return dots
 
 
 def _check_name(sampler, state):
@@ -131,7 +139,11 @@ class Targeted(Isotropic):
         return tensor.detach().to(device=param.device, dtype=self.guide_dtype or param.dtype).contiguous()
 
     def _sq_norm(self, guide) -> float:
-        return float(guide.sq_norm()) if isinstance(guide, LowRank) else float(guide.double().pow(2).sum())
+        if isinstance(guide, LowRank):
+            return float(guide.sq_norm())
+        total = guide.double().pow(2).sum()
+        # a sharded DTensor guide's sum is Partial: float() of it reads this rank's share only (zopro.sharded)
+        return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
     def bind(self, names, params):
         unknown = sorted((set(self.prev_src) | set(self.delta_src)) - set(names))
@@ -159,8 +171,18 @@ class Targeted(Isotropic):
         self.numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
         self.guided = [g is not None for g in self.prev]
         self._params = params
+        self._offsets, self._sum_shards = [0] * len(params), _whole_sums  # unsharded: see use_shards
         self._group_cache = None
         del self.prev_src, self.delta_src  # the caller's full-size tensors need not stay alive through us
+
+    def use_shards(self, params, offsets, local_guide, sum_shards) -> None:
+        """Work on this rank's shards (:mod:`zopro.sharded`, after :meth:`bind`): ``params`` the local tensors,
+        ``offsets`` their global first elements, ``local_guide(i, guide)`` the part of a guide matching ``params[i]``,
+        ``sum_shards(dots)`` the per-tensor sums over every rank's parts. Norms, sizes and which tensors are guided
+        were computed by ``bind`` from whole guides, so they are the same on every rank."""
+        self._params, self._offsets, self._sum_shards = list(params), list(offsets), sum_shards
+        self.prev = [g if g is None else local_guide(i, g) for i, g in enumerate(self.prev)]
+        self.delta = [g if g is None else local_guide(i, g) for i, g in enumerate(self.delta)]
 
     def guide_numbers(self) -> int:
         """How many numbers the guides hold (memory accounting for benchmarks and tests)."""
@@ -186,7 +208,9 @@ class Targeted(Isotropic):
         dots = torch.zeros(len(self._params), 2, dtype=torch.float64)
         for idx, _, _ in self._groups():  # one kind of guide per call
             dots[idx] = guide_dot([self._params[i] for i in idx], [self.delta[i] for i in idx], seed,
-                                  dist=self.dist, streams=idx.tolist(), impl=self.impl)
+                                  dist=self.dist, streams=idx.tolist(), impl=self.impl,
+                                  offsets=[self._offsets[i] for i in idx])
+        dots = self._sum_shards(dots)
         d = self.mixing()
         dot, xi_sq = dots[:, 0], dots[:, 1]
         delta_sq = torch.tensor(self.delta_sq, dtype=torch.float64)
@@ -233,7 +257,7 @@ class Targeted(Isotropic):
         noise_sq = float(torch.where(guided, r ** 2 * (1 - d * d) * norms ** 2, r ** 2 * self.numel).sum())
         return guide_sq / (guide_sq + noise_sq) if guide_sq + noise_sq > 0 else 0.0
 
-    def apply(self, params, streams, terms, decay):
+    def apply(self, params, streams, terms, decay, offsets=None):
         prev_c = sum(coef * self._cache[s][0] for s, coef in terms)
         noise = [(s, coef * self._cache[s][1]) for s, coef in terms]
         delta_c = sum(coef * self._cache[s][2] for s, coef in terms)
@@ -246,7 +270,8 @@ class Targeted(Isotropic):
             if has_delta:
                 guides.append(([self.delta[i] for i in idx], delta_c[idx].float()))
             guided_perturb_(ts, noise=[(s, c[idx].float()) for s, c in noise], guides=guides,
-                            decay=decay[idx].float(), dist=self.dist, streams=ss, impl=self.impl)
+                            decay=decay[idx].float(), dist=self.dist, streams=ss, impl=self.impl,
+                            offsets=[offsets[i] for i in idx] if offsets is not None else None)
 
     def _groups(self):
         """Launch groups: guides of one kind per call (dense vs LowRank), unguided tensors on their own."""
