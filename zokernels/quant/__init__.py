@@ -14,6 +14,10 @@ references work in chunks of ``_common.TORCH_CHUNK`` elements, the Triton kernel
   ``coef * z``, requantise into the 16-value code book by seeded stochastic rounding between the two neighbouring
   code values (unbiased), absmax kept fixed.
 
+Both code-space ops take the guide terms of :func:`zokernels.guided_perturb_` (``guides=[(guide_list, coef)]``,
+dense or :class:`~zokernels.guided.LowRank`): the step rounded to codes is ``eps*z + sum coef*guide``, so ZOPrO's
+targeted and rank-guided directions reach quantised storage (:mod:`~zokernels.quant.guides`).
+
 One file per piece, each read top to bottom: :mod:`~zokernels.quant.formats` (the two formats and their storage),
 :mod:`~zokernels.quant.scale` (scale space), :mod:`~zokernels.quant.int8` and :mod:`~zokernels.quant.nf4` (each
 code-space op: its torch reference, its Triton kernel and launcher, the public op).
