@@ -102,11 +102,37 @@ class CodeSpace:
 
     def sampler(self, direction) -> CodeSampler:
         """A sampler for ``ZOOptimizer(space.parameters(), sampler=...)`` whose passes move these codes along
-        ``direction``'s directions (Isotropic, Targeted or RankGuided, guides named as the layers)."""
-        if self._sampler is not None:
-            raise ValueError("this CodeSpace already has a sampler: one optimiser per space (build a new space)")
+        ``direction``'s directions (Isotropic, Targeted or RankGuided, guides named as the layers). A new sampler
+        replaces the previous one (one optimiser at a time: a training program builds one per iteration)."""
+        self._probe_terms.clear()
         self._sampler = CodeSampler(self, direction)
         return self._sampler
+
+    def scale_parameters(self) -> dict[str, torch.Tensor]:
+        """``{name: fp32 scales}`` (:func:`zokernels.quant.scale_params`): a float space any sampler moves directly."""
+        from zokernels.quant import scale_params
+
+        return {n: scale_params(self.weights[n])[0] for n in self.names}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Copies of what ZO may move (codes and the scale tensors), for checkpoints: the base is loaded anew on a
+        resume, so these are what carries the run's changes to it."""
+        out = {f"codes.{n}": c.detach().clone() for n, c in self.parameters().items()}
+        return out | {f"scales.{n}": c.detach().clone() for n, c in self.scale_parameters().items()}
+
+    def load_state_(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`state` back into the storage, after checking every entry's name, shape and dtype."""
+        mine = {f"codes.{n}": c for n, c in self.parameters().items()} | {
+            f"scales.{n}": c for n, c in self.scale_parameters().items()}
+        if set(state) != set(mine):
+            raise ValueError("CodeSpace state belongs to another model: its entries differ")
+        for k, t in state.items():
+            if t.shape != mine[k].shape or t.dtype != mine[k].dtype:
+                raise ValueError(f"CodeSpace state {k!r} is {t.dtype} {tuple(t.shape)}, the model's "
+                                 f"{mine[k].dtype} {tuple(mine[k].shape)}")
+        with torch.no_grad():
+            for k, t in state.items():
+                mine[k].copy_(t)
 
     def resident_bytes(self) -> int:
         """Bytes of the quantised storage (codes and scales) of the space's weights."""
@@ -120,10 +146,16 @@ class CodeSpace:
     # ---- NF4: probes in the dequantised compute path -------------------------------------------------------------
     def _install_forward(self, module, weight: NF4Weight, stream: int) -> None:
         space = self
+        bnb_forward = module.forward
 
         def forward(x, *args, **kwargs):
+            probes = space._probe_terms.get(stream, ())
+            if torch.is_grad_enabled() and not probes:
+                # backprop (a first-order iteration): bitsandbytes' own path, which dequantises again in backward
+                # instead of keeping the dense weight for it; with grad on it does not repack the codes
+                return bnb_forward(x, *args, **kwargs)
             w = weight.dequantize(torch.float32)
-            for seed, scale in space._probe_terms.get(stream, ()):
+            for seed, scale in probes:
                 space._sampler._perturb_dense(w, stream, seed, scale)
             bias = module.bias.to(x.dtype) if module.bias is not None else None
             return F.linear(x, w.to(x.dtype), bias)
@@ -161,6 +193,10 @@ class CodeSampler:
 
     def guide_share(self, t: int) -> float:
         return self.direction.guide_share(t)
+
+    def mixing(self, t: int | None = None) -> float:
+        """The direction's mixing weight of guide and noise (0 for isotropic directions)."""
+        return self.direction.mixing(t) if hasattr(self.direction, "mixing") else 0.0
 
     def state_dict(self) -> dict:
         return {**self.direction.state_dict(), "space": "codes"}

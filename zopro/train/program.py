@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, distributed, memory, snapshots
+from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
 from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
                                 resume_differences, reward_config, sampling_config, validate, zo_config)
 from zopro.train.evaluation import evaluate, paired_change
@@ -57,6 +57,8 @@ class Run:
         self.device = resolve_device(cfg)
         self.train_records, self.eval_records = load_prompts(cfg)
         self.bundle, self.tokenizer = load_models(cfg, self.device)
+        # --zo-target scales/codes: the base's quantised layers as ZO's parameter space, for the whole run
+        self.code_space = quant_target.code_space(self.bundle) if cfg.zo_target != "lora" else None
         self.judge = load_judge(cfg, self.device)
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
@@ -85,6 +87,8 @@ class Run:
             live.value = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
         if self.updater is not None:
             live.objects[self.updater.checkpoint_key] = self.updater.state_dict()
+        if self.code_space is not None:  # the base is loaded anew on a resume: its moved codes and scales go here
+            live.objects["base_quantised"] = self.code_space.state()
         name = f"{progress.global_step:06d}-{progress.phase}"
         self.checkpoint_name = checkpoint.save(self.out, name, **self.state.to_checkpoint(live),
                                                previous=self.checkpoint_name)
@@ -93,6 +97,8 @@ class Run:
         """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
         self.state, live = RunState.from_checkpoint(loaded)
         self.bundle.load_trainable_state_(live.trainable)
+        if self.code_space is not None:
+            self.code_space.load_state_(live.objects["base_quantised"])
         if self.value_model is not None:
             with torch.no_grad():
                 for n, p in self.value_model.trainable_parameters().items():
@@ -113,7 +119,11 @@ class Run:
             return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
         if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
             return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
-        zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
+        if self.code_space is not None:
+            zo = quant_target.make_quant_optimizer(self.bundle, self.code_space, cfg.zo_target, zo_config(cfg), it,
+                                                   self.state.guides, self.seeds)
+        else:
+            zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
         return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
 
     # -- phases ---------------------------------------------------------------------------------------------------
@@ -168,6 +178,7 @@ class Run:
         memory.reset_peak(self.device)
         zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
         probe = snapshots.StepProbe(self.bundle.policy_parameters(), zo)
+        saturated = dict(self.code_space.saturated) if self.code_space is not None else None
         if self.ranks.sharded:
             update = distributed.step(self.updater, rollout, self.ranks)
         else:
@@ -186,6 +197,8 @@ class Run:
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
                   "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
                   **probe.stats()}
+        if saturated is not None:  # codes pushed past the code book's ends in this step (int8 probes: undo inexact)
+            record |= {f"saturated_{k}": v - saturated[k] for k, v in self.code_space.saturated.items()}
         self.metrics.write(record)
         self.progress.skipped += update.skipped
         self.progress.step += 1
@@ -263,6 +276,8 @@ class Run:
         if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
             base_name = str(save_tiny_base(self.tokenizer, self.seeds.tiny_base, self.out / "base").resolve())
         save_adapters(self.bundle, self.out, base_name)
+        if self.code_space is not None:  # --zo-target scales/codes trained the base itself: its quantised storage
+            checkpoint.atomic_torch_save(self.out / "base_quantised.pt", self.code_space.state())
 
 
 def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
