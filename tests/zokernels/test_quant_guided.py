@@ -177,3 +177,34 @@ def test_guided_code_ops_refuse_bad_guides_before_anything_moves():
     with pytest.raises(ValueError, match="shape"):
         nf4_code_update_(nw, 1, 1e-3, rounding_seed=2, guides=[([_lowrank((8, 32), 2, 0)], torch.ones(1))])
     assert torch.equal(nw.codes, codes)
+
+
+def _nested_nf4(shape, seed=0):
+    import bitsandbytes.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    q, st = F.quantize_4bit(torch.randn(*shape, generator=g) * 0.05, blocksize=64, quant_type="nf4",
+                            compress_statistics=True)
+    return NF4Weight(codes=q.view(torch.uint8).reshape(-1), absmax=st.absmax, code=st.code, blocksize=64,
+                     shape=shape, nested_absmax=st.state2.absmax, nested_code=st.state2.code,
+                     nested_offset=torch.tensor(float(st.offset)), nested_blocksize=int(st.state2.blocksize))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nf4", "nf4-nested"])
+@pytest.mark.parametrize("kind", ["dense", "lowrank"])
+def test_scale_guide_is_the_weights_guide_pulled_back_to_the_scales(fmt, kind):
+    """scale_guide(w, G) = d<G, W(s)>/ds, the autograd derivative of the dequantised weight along G."""
+    from zokernels.quant import scale_guide, scale_params
+
+    shape = (40, 72)  # 2,880 elements: NF4 blocks of 64 straddle rows
+    w = _int8(shape) if fmt == "int8" else _nf4(shape) if fmt == "nf4" else _nested_nf4(shape)
+    if fmt == "nf4-nested":
+        w.nested_blocksize = 16  # several nested blocks on a small weight (the formula does not depend on 256)
+        w.nested_absmax = torch.cat([w.nested_absmax] * 3)[:3]
+    guide = _guide(kind, shape, 3)
+    got = scale_guide(w, guide)
+    (s,) = scale_params(w)
+    s.requires_grad_(True)
+    (dense_guide(guide) * w.dequantize().float()).sum().backward()
+    torch.testing.assert_close(got, s.grad, rtol=1e-4, atol=1e-7)
+    assert got.shape == s.shape and float(got.abs().sum()) > 0

@@ -38,8 +38,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     zo_target: str = field(default="lora", metadata={
         "help": "what ZO iterations move: lora (the policy adapter), scales (the quantised base's NF4 absmax / "
-                "nested absmax or int8 row scales; isotropic only) or codes (the base's NF4 / int8 codes, guided by "
-                "the policy adapter's B·A as rank-r factors); scales and codes need --quantize"})
+                "nested absmax or int8 row scales) or codes (the base's NF4 / int8 codes); both guided by the policy "
+                "adapter's B·A as rank-r factors; scales and codes need --quantize"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: all cores)"})
     # data and judge
@@ -381,13 +381,10 @@ def _check_zo_target(cfg: TrainConfig, bad) -> None:
         bad("zo_target", f"{target} is for ZO iterations; --algorithm {cfg.algorithm} has none")
     if cfg.weight_decay:
         bad("weight_decay", f"must be 0 with --zo-target {target}: decay means nothing on codes and scales")
-    if target == "scales" and cfg.sampler != "isotropic":
-        bad("sampler", "--zo-target scales takes isotropic directions only (no guide maps onto the scales): use "
-                       "--sampler isotropic")
-    if target == "codes" and cfg.guide != "prev":
-        bad("guide", "--zo-target codes is guided by the policy adapter's B·A (the first-order update of each base "
-                     "matrix): use --guide prev")
-    if cfg.reward_model and target == "codes" and cfg.sampler != "isotropic":
+    if cfg.guide != "prev":
+        bad("guide", f"--zo-target {target} is guided by the policy adapter's B·A (the first-order update of each "
+                     "base matrix): use --guide prev")
+    if cfg.reward_model and cfg.sampler != "isotropic":
         bad("sampler", "an external --reward-model has no update in the base's space: use --sampler isotropic")
 
 

@@ -3,7 +3,8 @@
 
 The base's bitsandbytes layers form one :class:`~zopro.quantised.CodeSpace` for the whole run, built when the models
 are loaded (its NF4 forward then also keeps bitsandbytes' eval-mode CPU path from repacking the codes). Each ZO
-iteration gets an optimiser over its codes (or scales) from :func:`make_quant_optimizer`.
+iteration gets an optimiser over its codes (or scales) from :func:`make_quant_optimizer`; for the scales, each guide
+below is pulled back onto them (``J^T guide``, :func:`zokernels.quant.scale_guide`).
 
 The guide of a base matrix is what the first-order iteration taught the policy adapter: LoRA's update of the
 matrix is exactly ``scaling * B @ A``, already factored, so the guide is the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from zokernels.guided import LowRank
+from zokernels.quant import scale_guide
 from zopro.optim import ZOOptimizer
 from zopro.quantised import CodeSpace, quantised_layers
 from zopro.samplers import Isotropic, RankGuided, Targeted
@@ -88,19 +90,22 @@ def base_guides(bundle, space: CodeSpace, guides) -> tuple[dict, dict]:
 
 def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, iteration: int, guides,
                          seeds: RunSeeds) -> ZOOptimizer:
-    """The ZO optimiser of ``iteration`` over the base's codes (``target="codes"``: any sampler, guided as above) or
-    scales (``"scales"``: isotropic). Seeds, schedules and lr decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
+    """The ZO optimiser of ``iteration`` over the base's codes (``target="codes"``) or scales (``"scales"``: the
+    guides carried onto the scales by :func:`zokernels.quant.scale_guide`), any sampler. Seeds, schedules and lr decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
     total = zo.updates
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
     kw = dict(lr=zo.lr, eps=zo.eps, seed=seeds.zo(iteration), lr_schedule=decay)
-    if target == "scales":
-        return ZOOptimizer(space.scale_parameters(), sampler=Isotropic(zo.noise), **kw)
     if iteration == 0 or zo.sampler == "isotropic" or guides is None:
         direction = Isotropic(zo.noise)
     else:
         prev, delta = base_guides(bundle, space, guides)
+        if target == "scales":  # the same guides, pulled back onto the scales (J^T guide, zokernels.quant)
+            prev = {n: scale_guide(space.weights[n], g) for n, g in prev.items()}
+            delta = {n: scale_guide(space.weights[n], g) for n, g in delta.items()}
         kind = RankGuided if zo.sampler == "rank_guided" else Targeted
         extra = {"rank": zo.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
         direction = kind(prev, delta, d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau, total_steps=total,
                          scale=zo.scale, dist=zo.noise, **extra)
+    if target == "scales":  # float tensors: the samplers move them directly
+        return ZOOptimizer(space.scale_parameters(), sampler=direction, **kw)
     return ZOOptimizer(space.parameters(), sampler=space.sampler(direction), **kw)

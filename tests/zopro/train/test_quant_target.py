@@ -15,7 +15,8 @@ from zopro.train.config import preset  # noqa: E402
 
 @pytest.mark.parametrize("argv, message", [
     (["--zo-target", "codes"], "--zo-target: codes moves the quantised base: it needs --quantize nf4 or int8"),
-    (["--zo-target", "scales", "--quantize", "nf4", "--model", "x"], "--sampler: --zo-target scales takes isotropic"),
+    (["--zo-target", "scales", "--quantize", "nf4", "--model", "x", "--guide", "adam"],
+     "--guide: --zo-target scales is guided by the policy adapter's B·A"),
     (["--zo-target", "codes", "--quantize", "int8", "--model", "x", "--weight-decay", "0.1"],
      "--weight-decay: must be 0 with --zo-target codes"),
     (["--zo-target", "codes", "--quantize", "int8", "--model", "x", "--algorithm", "rloo"],
@@ -42,9 +43,9 @@ def tiny_dir(tmp_path_factory):
     return folder
 
 
-def _cfg(tmp_path, tiny_dir, name, quantize):
+def _cfg(tmp_path, tiny_dir, name, quantize, target="codes"):
     return dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / name), threads=1, model=str(tiny_dir),
-                               quantize=quantize, zo_target="codes")
+                               quantize=quantize, zo_target=target)
 
 
 def _initial_codes(cfg):
@@ -84,3 +85,14 @@ def test_int8_codes_run_moves_the_base(tmp_path, tiny_dir):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in records][-1] == "zo-codes-targeted"
     assert all(r["saturated_probe"] >= 0 and r["saturated_update"] >= 0 for r in records)
+
+
+def test_nf4_scales_run_moves_the_nested_absmax_and_keeps_the_codes(tmp_path, tiny_dir):
+    cfg = _cfg(tmp_path, tiny_dir, "run", "nf4", target="scales")
+    run(cfg, progress=False)
+    final = torch.load(tmp_path / "run" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    assert all(torch.equal(final[k], start[k]) for k in final if k.startswith("codes."))
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("scales."))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records][-1] == "zo-targeted"
