@@ -87,7 +87,8 @@ def test_codes_move_and_the_log_replays_to_the_same_codes(kind, direction):
     assert any(not torch.equal(a, b) for a, b in zip(start, moved))
     fresh = CodeSpace.from_model(_model(kind), impl="torch")
     assert all(torch.equal(a, b) for a, b in zip(start, _codes(fresh)))
-    again = ZOOptimizer(fresh.parameters(), lr=_lr(direction), eps=0.02, sampler=fresh.sampler(_direction(direction)), seed=5)
+    again = ZOOptimizer(fresh.parameters(), lr=_lr(direction), eps=0.02, seed=5,
+                        sampler=fresh.sampler(_direction(direction)))
     again.replay(opt.state_dict()["log"])
     assert all(torch.equal(a, b) for a, b in zip(moved, _codes(fresh)))
 

@@ -27,8 +27,9 @@ def _nf4_requantize(old, a, step, words, code, inv_gap):
     """New codes (int64) and the saturation mask, for old codes ``old`` of blocks with absmax ``a`` (per element).
 
     ``t = code[old] + step / a`` (``step = coef*z`` plus any guide terms, in weight units) is the updated value in
-    units of absmax; ``k`` counts the code values above ``code[0]`` that are ``<= t``, so ``code[k] <= t < code[k+1]`` inside [-1, 1]; the code moves up to ``k+1`` with
-    probability ``p = (t - code[k]) / (code[k+1] - code[k])`` (``u < p``, u with 24 bits): ``E[code[new]] = t``,
+    units of absmax; ``k`` counts the code values above ``code[0]`` that are ``<= t``, so
+    ``code[k] <= t < code[k+1]`` inside [-1, 1]; the code moves up to ``k+1`` with probability
+    ``p = (t - code[k]) / (code[k+1] - code[k])`` (``u < p``, u with 24 bits): ``E[code[new]] = t``,
     i.e. ``E[dequantised] = value + coef*z``, up to 2**-24 of a gap. ``t`` outside [-1, 1] saturates to code 0 or
     15 (``p <= 0`` below, ``inv_gap[15] = 0`` above). Blocks with absmax 0 are left as they are.
     """

@@ -91,7 +91,8 @@ def base_guides(bundle, space: CodeSpace, guides) -> tuple[dict, dict]:
 def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, iteration: int, guides,
                          seeds: RunSeeds) -> ZOOptimizer:
     """The ZO optimiser of ``iteration`` over the base's codes (``target="codes"``) or scales (``"scales"``: the
-    guides carried onto the scales by :func:`zokernels.quant.scale_guide`), any sampler. Seeds, schedules and lr decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
+    guides carried onto the scales by :func:`zokernels.quant.scale_guide`), any sampler. Seeds, schedules and lr
+    decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
     total = zo.updates
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
     kw = dict(lr=zo.lr, eps=zo.eps, seed=seeds.zo(iteration), lr_schedule=decay)
