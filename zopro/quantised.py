@@ -13,10 +13,10 @@ How the optimiser's passes (``+eps z``, ``-2 eps z``, then restore and update fu
   at every code they did not saturate; the fused restore-and-update is split back into that exact undo and an
   update ``-lr g z`` rounded with a draw of its own.
 * **NF4** — a code update is a stochastic requantisation (:func:`nf4_code_update_`), which cannot be undone. So the
-  probes never touch the codes: while a direction is out, the layer's forward dequantises its weight (what
-  bitsandbytes' own forward does) and adds ``eps z`` there, in float32, with :func:`zokernels.guided_perturb_`;
-  only the update requantises the codes. The only dense temporary is the one layer's dequantised weight in its
-  forward.
+  probes never touch the codes: while a direction is out, the layer's forward adds ``x @ (eps z)^T`` to its
+  output, ``eps z`` built in float32 by :func:`zokernels.guided_perturb_` (added to a bf16 weight, a step of ~1e-5
+  would round away); only the update requantises the codes. The only dense temporary is one layer's ``eps z``
+  during a probe (and, on the CPU without grad, its dequantised weight, in place of bitsandbytes' forward).
 
 Which pass is a probe and which an update is read from the coefficients the optimiser passes, per seed: after
 ``prepare(seed)`` the first coefficient opens the direction with ``eps``; coefficients that are whole multiples of
@@ -150,15 +150,20 @@ class CodeSpace:
 
         def forward(x, *args, **kwargs):
             probes = space._probe_terms.get(stream, ())
-            if torch.is_grad_enabled() and not probes:
-                # backprop (a first-order iteration): bitsandbytes' own path, which dequantises again in backward
-                # instead of keeping the dense weight for it; with grad on it does not repack the codes
-                return bnb_forward(x, *args, **kwargs)
-            w = weight.dequantize(torch.float32)
-            for seed, scale in probes:
-                space._sampler._perturb_dense(w, stream, seed, scale)
-            bias = module.bias.to(x.dtype) if module.bias is not None else None
-            return F.linear(x, w.to(x.dtype), bias)
+            if torch.is_grad_enabled() or x.device.type == "cuda":
+                # bitsandbytes' own path: in backprop it dequantises again in backward instead of keeping the dense
+                # weight, on CUDA it has fast kernels; neither repacks the codes (the CPU does in no-grad eval mode)
+                y = bnb_forward(x, *args, **kwargs)
+            else:
+                bias = module.bias.to(x.dtype) if module.bias is not None else None
+                y = F.linear(x, weight.dequantize(torch.float32).to(x.dtype), bias)
+            if probes:
+                # the probe as a term of its own in float32: added to a bf16 weight, a step of ~1e-5 would round away
+                p = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+                for seed, scale in probes:
+                    space._sampler._perturb_dense(p, stream, seed, scale)
+                y = y + F.linear(x.float(), p).to(y.dtype)
+            return y
 
         module.forward = forward
 
