@@ -40,6 +40,9 @@ class TrainConfig:
         "help": "what ZO iterations move: lora (the policy adapter), scales (the quantised base's NF4 absmax / "
                 "nested absmax or int8 row scales) or codes (the base's NF4 / int8 codes); both guided by the policy "
                 "adapter's B·A as rank-r factors; scales and codes need --quantize"})
+    zo_merge_adapter: bool = field(default=False, metadata={
+        "help": "with --zo-target codes: before the first ZO iteration, merge the policy adapter's B·A into the base "
+                "codes (unbiased stochastic rounding) and zero B; the ZO iterations keep B·A as their guide"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: all cores)"})
     # data and judge
@@ -364,6 +367,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                        "an external --reward-model has none: use --sampler isotropic or drop --reward-model")
     if cfg.zo_target != "lora":
         _check_zo_target(cfg, bad)
+    if cfg.zo_merge_adapter and cfg.zo_target != "codes":
+        bad("zo_merge_adapter", "merges the adapter into the base codes: it needs --zo-target codes")
     if cfg.quantize != "none" and cfg.device == "cpu" and cfg.quantize == "nf4" and cfg.dtype == "float16":
         bad("dtype", "NF4 on CPU computes in bfloat16 or float32")
     return cfg

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from zopro.seeds import RunSeeds
+from zopro.seeds import RunSeeds, derive_seed
 from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
 from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
                                 resume_differences, reward_config, sampling_config, validate, zo_config)
@@ -43,6 +43,10 @@ from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, rewar
 from zopro.train.rollout import collect_rollout, repeat_each
 from zopro.train.state import LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
+
+
+# the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
+MERGE_STEP = 1 << 40
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -59,6 +63,7 @@ class Run:
         self.bundle, self.tokenizer = load_models(cfg, self.device)
         # --zo-target scales/codes: the base's quantised layers as ZO's parameter space, for the whole run
         self.code_space = quant_target.code_space(self.bundle) if cfg.zo_target != "lora" else None
+        self.merged_guide = None  # --zo-merge-adapter: the policy updates merged into the base codes (the guides)
         self.judge = load_judge(cfg, self.device)
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
@@ -89,6 +94,8 @@ class Run:
             live.objects[self.updater.checkpoint_key] = self.updater.state_dict()
         if self.code_space is not None:  # the base is loaded anew on a resume: its moved codes and scales go here
             live.objects["base_quantised"] = self.code_space.state()
+        if self.merged_guide is not None:
+            live.objects["merged_guide"] = quant_target.lowrank_tensors(self.merged_guide)
         name = f"{progress.global_step:06d}-{progress.phase}"
         self.checkpoint_name = checkpoint.save(self.out, name, **self.state.to_checkpoint(live),
                                                previous=self.checkpoint_name)
@@ -99,6 +106,8 @@ class Run:
         self.bundle.load_trainable_state_(live.trainable)
         if self.code_space is not None:
             self.code_space.load_state_(live.objects["base_quantised"])
+        if "merged_guide" in live.objects:
+            self.merged_guide = quant_target.lowrank_from_tensors(live.objects["merged_guide"])
         if self.value_model is not None:
             with torch.no_grad():
                 for n, p in self.value_model.trainable_parameters().items():
@@ -121,7 +130,7 @@ class Run:
             return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
         if self.code_space is not None:
             zo = quant_target.make_quant_optimizer(self.bundle, self.code_space, cfg.zo_target, zo_config(cfg), it,
-                                                   self.state.guides, self.seeds)
+                                                   self.state.guides, self.seeds, self.merged_guide)
         else:
             zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
         return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
@@ -151,6 +160,9 @@ class Run:
 
     def begin_iteration(self, it: int):
         self.progress.phase, self.progress.iteration, self.progress.step = "train", it, 0
+        if self.cfg.zo_merge_adapter and it >= 1 and self.merged_guide is None:  # before iter_start: B is zeroed
+            self.merged_guide = quant_target.merge_adapter_(self.bundle, self.code_space,
+                                                             derive_seed(self.seeds.zo(it), MERGE_STEP))
         policy = self.bundle.policy_parameters()
         self.state.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in policy.items()},
                                  **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}

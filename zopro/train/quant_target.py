@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from zokernels.guided import LowRank
-from zokernels.quant import scale_guide
+from zokernels.quant import NF4Weight, int8_code_perturb_, nf4_code_update_, scale_guide
 from zopro.optim import ZOOptimizer
 from zopro.quantised import CodeSpace, quantised_layers
 from zopro.samplers import Isotropic, RankGuided, Targeted
@@ -73,12 +73,45 @@ def reward_guide(bundle, layer: str, delta: dict[str, torch.Tensor]) -> LowRank 
     return LowRank(torch.cat([s * b, -s * b0], 1).contiguous(), torch.cat([a.T, a0.T], 1).contiguous())
 
 
-def base_guides(bundle, space: CodeSpace, guides) -> tuple[dict, dict]:
+def merge_adapter_(bundle, space: CodeSpace, seed: int) -> dict[str, LowRank]:
+    """``--zo-merge-adapter``: add each layer's policy update ``scaling * B @ A`` to its codes (NF4: the stochastic
+    requantisation of :func:`nf4_code_update_`; int8: a stochastically rounded code step; both unbiased, drawn from
+    ``seed``), then zero the policy adapter's B. Returns the merged updates (the guides the ZO iterations keep)."""
+    merged = {}
+    for t, name in enumerate(space.names):
+        g = adapter_guide(bundle, name)
+        if g is None:
+            continue
+        w, guides = space.weights[name], [([g], torch.ones(1))]
+        if isinstance(w, NF4Weight):
+            sat = nf4_code_update_(w, seed, 0.0, rounding_seed=seed, stream=t, guides=guides, impl=space.impl)
+        else:
+            sat = int8_code_perturb_(w, seed, 0.0, rounding_seed=seed, streams=[t], guides=guides, impl=space.impl)
+        space.saturated["update"] += sat
+        with torch.no_grad():
+            bundle.model.get_submodule(name[:-len(BASE_LAYER)]).lora_B[POLICY].weight.zero_()
+        merged[name] = g
+    return merged
+
+
+def lowrank_tensors(guides: dict[str, LowRank]) -> dict[str, torch.Tensor]:
+    """LowRank guides as flat tensors (``<name>.u``, ``<name>.v``) for a checkpoint; :func:`lowrank_from_tensors`
+    inverts it."""
+    return {f"{n}.{k}": getattr(g, k).detach().clone() for n, g in guides.items() for k in ("u", "v")}
+
+
+def lowrank_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, LowRank]:
+    names = sorted({k[:-2] for k in tensors})
+    return {n: LowRank(tensors[f"{n}.u"], tensors[f"{n}.v"]) for n in names}
+
+
+def base_guides(bundle, space: CodeSpace, guides, merged: dict[str, LowRank] | None = None) -> tuple[dict, dict]:
     """``(prev, delta)`` guides of the space's layers (see the module docstring); layers without a LoRA wrapper
-    get none (isotropic noise for them)."""
+    get none (isotropic noise for them). ``merged``: the updates :func:`merge_adapter_` moved into the base, which
+    replace the (zeroed) adapter's product as ``prev``."""
     prev, delta = {}, {}
     for name in space.names:
-        g = adapter_guide(bundle, name)
+        g = merged.get(name) if merged is not None else adapter_guide(bundle, name)
         if g is not None:
             prev[name] = g
         if guides is not None and bundle.shares_parameter_space:
@@ -89,7 +122,7 @@ def base_guides(bundle, space: CodeSpace, guides) -> tuple[dict, dict]:
 
 
 def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, iteration: int, guides,
-                         seeds: RunSeeds) -> ZOOptimizer:
+                         seeds: RunSeeds, merged: dict[str, LowRank] | None = None) -> ZOOptimizer:
     """The ZO optimiser of ``iteration`` over the base's codes (``target="codes"``) or scales (``"scales"``: the
     guides carried onto the scales by :func:`zokernels.quant.scale_guide`), any sampler. Seeds, schedules and lr
     decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
@@ -99,7 +132,7 @@ def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, it
     if iteration == 0 or zo.sampler == "isotropic" or guides is None:
         direction = Isotropic(zo.noise)
     else:
-        prev, delta = base_guides(bundle, space, guides)
+        prev, delta = base_guides(bundle, space, guides, merged)
         if target == "scales":  # the same guides, pulled back onto the scales (J^T guide, zokernels.quant)
             prev = {n: scale_guide(space.weights[n], g) for n, g in prev.items()}
             delta = {n: scale_guide(space.weights[n], g) for n, g in delta.items()}

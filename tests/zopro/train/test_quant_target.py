@@ -23,6 +23,7 @@ from zopro.train.config import preset  # noqa: E402
      "--zo-target: codes is for ZO iterations"),
     (["--zo-target", "codes", "--quantize", "nf4"], "--zo-target: codes needs a bitsandbytes-quantised base"),
     (["--zo-target", "weights"], "--zo-target: 'weights' is not one of lora, scales, codes"),
+    (["--zo-merge-adapter", "true", "--quantize", "nf4"], "--zo-merge-adapter: merges the adapter into the base codes"),
 ])
 def test_bad_zo_target_combinations_fail_in_one_line_before_loading(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
@@ -96,3 +97,20 @@ def test_nf4_scales_run_moves_the_nested_absmax_and_keeps_the_codes(tmp_path, ti
     assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("scales."))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["mode"] for r in records][-1] == "zo-targeted"
+
+
+def test_merged_adapter_leaves_b_zero_and_keeps_its_product_as_the_guide(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(_cfg(tmp_path, tiny_dir, "run", "int8"), zo_merge_adapter=True)
+    run(cfg, progress=False)
+    policy = load_file(str(tmp_path / "run" / "policy_adapter.safetensors"))
+    bs = [t for k, t in policy.items() if "lora_B" in k]
+    assert bs and all(not t.any() for t in bs)  # merged into the base, then zeroed
+    assert any(t.any() for k, t in policy.items() if "lora_A" in k)
+    final = torch.load(tmp_path / "run" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("codes."))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    zo = [r for r in records if r["mode"] == "zo-codes-targeted"]
+    assert zo and all(share > 0 for r in zo for share in r["zo_guide_share"])  # B·A still guides
