@@ -10,14 +10,16 @@ Arms (one fresh subprocess each, so that one arm's freed memory cannot hide anot
 
 The model is a randomly initialised Llama of a named shape (``smollm2-135m``; ``llama-3.2-1b`` for a GPU); the
 embeddings, norms and the (tied) head of the quantised arms stay float (``--quant-float``, float32 by default;
-bitsandbytes leaves them in the load dtype). One step: ``ZOOptimizer.step`` (isotropic, two-sided) on a batch of ``--batch`` sequences of ``--seq`` tokens.
+bitsandbytes leaves them in the load dtype). One step: ``ZOOptimizer.step`` (isotropic, two-sided) on a batch of
+``--batch`` sequences of ``--seq`` tokens.
 
 Reported per arm: ``weight_bytes`` (every parameter and buffer of the model, plus the quantised storage: codes,
 scales, nested state), ``rss_model`` (the process's resident set after building the model, minus the resident set
 before: on the CPU this includes what the allocator and bitsandbytes keep) and ``peak_step`` (CPU: the resident-set
 high-water mark during the step minus the resident set before it; CUDA: ``max_memory_allocated`` during the step,
 absolute); ``peak_total`` the high-water mark of the step above the resident set before the model was built (CPU)
-or ``max_memory_allocated`` (CUDA): weights and the step's temporaries together. Results go to ``benchmarks/results/quant_zo_memory-<device>.{json,md}``.
+or ``max_memory_allocated`` (CUDA): weights and the step's temporaries together. Results go to
+``benchmarks/results/quant_zo_memory-<device>.{json,md}``.
 
     python -m benchmarks.quant_zo_memory [--shape smollm2-135m] [--arms ...] [--device cpu]
 """
@@ -166,8 +168,8 @@ def run_arms(arms, shape: str, device: str, batch: int, seq: int, quant_float: s
     out = []
     root = Path(__file__).resolve().parents[1]
     for arm in arms:
-        code = (f"import json; from benchmarks.quant_zo_memory import measure_arm; "
-                f"print('RESULT ' + json.dumps(measure_arm({arm!r}, {shape!r}, {device!r}, {batch}, {seq}, {quant_float!r})))")
+        call = f"measure_arm({arm!r}, {shape!r}, {device!r}, {batch}, {seq}, {quant_float!r})"
+        code = f"import json; from benchmarks.quant_zo_memory import measure_arm; print('RESULT ' + json.dumps({call}))"
         env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
