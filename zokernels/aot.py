@@ -164,6 +164,12 @@ def variants() -> list[tuple[str, bool, dict, object]]:
         iw = quant.Int8Weight(torch.randint(-127, 128, (64, 96), dtype=torch.int8), torch.rand(64) + 0.1)
         out.append((f"int8_code_perturb_ {dist[:5]}", dist == "gaussian", {},
                     lambda iw=iw, dist=dist: quant.int8_code_perturb_(iw, 1, 1e-3, rounding_seed=2, dist=dist)))
+        for rank in (0, 64):  # rank 0: a dense guide
+            g = [guided.LowRank(torch.randn(64, rank), torch.randn(96, rank)) if rank else _w(64 * 96, f32, (64, 96))]
+            out.append((f"int8_code_perturb_ {dist[:5]} {'lowrank r64' if rank else 'dense'}",
+                        dist == "gaussian" and rank == 64, _loop_meta(rank) if rank else {},
+                        lambda iw=iw, dist=dist, g=g: quant.int8_code_perturb_(
+                            iw, 1, 1e-3, rounding_seed=2, dist=dist, guides=[(g, torch.ones(1))])))
     for nested in (False, True):
         m = 64 * 64
         kw, absmax = {}, torch.rand(m // 64) + 0.1
@@ -176,6 +182,11 @@ def variants() -> list[tuple[str, bool, dict, object]]:
                              code=torch.linspace(-1, 1, 16), blocksize=64, shape=(64, 64), **kw)
         out.append((f"nf4_code_update_ {'nested' if nested else 'plain'}", nested, {},
                     lambda nw=nw: quant.nf4_code_update_(nw, 1, 1e-3, rounding_seed=2)))
+        lr = guided.LowRank(torch.randn(64, 8), torch.randn(64, 8))
+        for g, tag in ((lr, "lowrank r8"), (_w(m, f32, (64, 64)), "dense")):
+            out.append((f"nf4_code_update_ {'nested' if nested else 'plain'} {tag}", not nested and tag != "dense",
+                        {}, lambda nw=nw, g=g: quant.nf4_code_update_(nw, 1, 1e-3, rounding_seed=2,
+                                                                      guides=[([g], torch.ones(1))])))
     return out
 
 

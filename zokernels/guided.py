@@ -487,7 +487,8 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
     """Per tensor ``(sum guide * xi, sum xi * xi)`` with ``xi = noise(dist, seed, stream, index)``.
 
     Args:
-        tensors: the weights (only their shapes, dtypes and device are used: they are not read or modified).
+        tensors: the weights (only their shapes, dtypes and device are used: they are not read or modified, so
+            they need not be contiguous or own their memory: zero-stride stand-ins of a packed weight's shape do).
         guides: one entry per tensor: None (first column is 0), a dense tensor of the weight's shape, or a
             :class:`LowRank` of the (2-D) weight's shape.
         offsets: one int >= 0 per tensor (default 0): the global flat index of the tensor's first element, as in
@@ -498,7 +499,7 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
     ``sum |guide*xi|``, below n * 2**-53); the Triton path adds float32 block partials (below BLOCK * 2**-24).
     """
     tensors = _common.as_tensor_list(tensors)
-    _common.check_float_tensors(tensors)
+    _check_shapes_only(tensors)
     guides = list(guides)
     _check_guides(guides, tensors, "guides")
     seed = rng.check_seed(seed)
@@ -512,6 +513,17 @@ def guide_dot(tensors, guides, seed: int, *, dist: str = "gaussian", streams=Non
         if _common.resolve_impl(impl, tensors[0].device) == "triton":
             return _guide_dot_triton(tensors, guides, seed, dist, streams, offsets, block)
         return _guide_dot_torch(tensors, guides, seed, dist, streams, offsets)
+
+
+def _check_shapes_only(tensors) -> None:
+    """guide_dot's check: float dtypes and one device (the tensors are never read)."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in _common.FLOAT_DTYPES:
+            raise TypeError(f"tensors[{i}] has dtype {t.dtype}; expected one of "
+                            f"{', '.join(map(str, _common.FLOAT_DTYPES))}")
+        if t.device != tensors[0].device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but tensors[0] is on {tensors[0].device}: one device "
+                             "per call")
 
 
 def guided_perturb_(tensors, *, noise=(), guides=(), decay=None, dist: str = "gaussian", streams=None,

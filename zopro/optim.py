@@ -113,6 +113,9 @@ class ZOOptimizer:
         self.decays = torch.tensor([p.dim() >= 2 and n not in no_decay for n, p in zip(self.names, self.params)])
         self.streams = list(range(len(self.params)))
         self.sampler = sampler if sampler is not None else Isotropic()
+        if weight_decay and not getattr(self.sampler, "supports_weight_decay", True):
+            raise ValueError(f"weight_decay must be 0 with sampler {self.sampler.name!r}: it has no meaning in "
+                             "its parameter space (quantised codes)")
         # DTensor parameters (zopro.sharded): each rank perturbs its local shards at their global offsets
         self.shards = sharded.layout(self.names, self.params, self.sampler)
         self.sampler.bind(self.names, self.params)

@@ -31,6 +31,8 @@ class Isotropic:
     """MeZO's isotropic direction ``z = xi``; ``dist`` is ``"gaussian"`` or ``"rademacher"``."""
 
     name = "isotropic"
+    # ZOOptimizer refuses weight_decay with a sampler that says False (zopro.quantised.CodeSampler: codes)
+    supports_weight_decay = True
 
     def __init__(self, dist: str = "gaussian", impl: str = "auto"):
         if dist not in ("gaussian", "rademacher"):
@@ -49,6 +51,11 @@ class Isotropic:
     def guide_share(self, t: int) -> float:
         """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
         return 0.0
+
+    def coefficients(self, seed: int):
+        """Per-tensor ``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` after ``prepare(seed)`` (float64 CPU
+        tensors), for samplers that apply directions themselves (zopro.quantised); None: ``z = xi``."""
+        return None
 
     def apply(self, params, streams, terms, decay: torch.Tensor, offsets=None) -> None:
         """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter;
@@ -91,7 +98,8 @@ class Targeted(Isotropic):
     """ZOPrO's targeted direction (see the module docstring), per tensor, from two guides mapped by name.
 
     Args:
-        prev: ``{name: previous-iteration update of that parameter}`` (new - old weights).
+        prev: ``{name: previous-iteration update of that parameter}`` (new - old weights): a tensor, or a
+            :class:`~zokernels.guided.LowRank` kept as factors (no dense copy).
         reward_delta: ``{name: reward model's update over the previous iteration}``, same names; normalised here.
         d0: starting mixing weight (paper: 1 - 1e-3).
         schedule: ``"constant"`` (default: ``d = d0``), ``"linear"`` (``d = d0 - t / total_steps``, floored at 0;
@@ -136,6 +144,10 @@ class Targeted(Isotropic):
 
     # ---- guides -------------------------------------------------------------------------------------------------
     def _make_guide(self, tensor: torch.Tensor, param: torch.Tensor):
+        if isinstance(tensor, LowRank):  # already factored (e.g. a LoRA adapter's B @ A): kept as factors
+            dtype = self.guide_dtype or param.dtype
+            return LowRank(tensor.u.detach().to(param.device, dtype).contiguous(),
+                           tensor.v.detach().to(param.device, dtype).contiguous())
         return tensor.detach().to(device=param.device, dtype=self.guide_dtype or param.dtype).contiguous()
 
     def _sq_norm(self, guide) -> float:
@@ -257,6 +269,10 @@ class Targeted(Isotropic):
         noise_sq = float(torch.where(guided, r ** 2 * (1 - d * d) * norms ** 2, r ** 2 * self.numel).sum())
         return guide_sq / (guide_sq + noise_sq) if guide_sq + noise_sq > 0 else 0.0
 
+    def coefficients(self, seed: int):
+        """``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` per tensor, after ``prepare(seed)``."""
+        return self._cache[seed]
+
     def apply(self, params, streams, terms, decay, offsets=None):
         prev_c = sum(coef * self._cache[s][0] for s, coef in terms)
         noise = [(s, coef * self._cache[s][1]) for s, coef in terms]
@@ -312,7 +328,7 @@ class RankGuided(Targeted):
         self.rank, self.svd_seed = rank, svd_seed
 
     def _make_guide(self, tensor, param):
-        if tensor.dim() != 2:
+        if isinstance(tensor, LowRank) or tensor.dim() != 2:
             return super()._make_guide(tensor, param)
         lr = LowRank.from_matrix(tensor.to(param.device), self.rank, seed=self.svd_seed,
                                  dtype=self.guide_dtype or param.dtype)

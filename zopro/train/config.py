@@ -16,6 +16,7 @@ SAMPLERS = ("targeted", "rank_guided", "isotropic")
 GUIDES = ("prev", "adam", "cumulative", "placebo")
 LOSSES = ("sequence", "token")
 QUANTIZE = ("none", "nf4", "int8")
+ZO_TARGETS = ("lora", "scales", "codes")
 DATASETS = ("default", "hh-rlhf", "tldr", "wmt20")
 
 
@@ -35,6 +36,13 @@ class TrainConfig:
     quantize: str = field(default="none", metadata={"help": "load the base through bitsandbytes: none, nf4, int8"})
     lora_r: int = 8
     lora_alpha: float = 16.0
+    zo_target: str = field(default="lora", metadata={
+        "help": "what ZO iterations move: lora (the policy adapter), scales (the quantised base's NF4 absmax / "
+                "nested absmax or int8 row scales) or codes (the base's NF4 / int8 codes); both guided by the policy "
+                "adapter's B·A as rank-r factors; scales and codes need --quantize"})
+    zo_merge_adapter: bool = field(default=False, metadata={
+        "help": "with --zo-target codes: before the first ZO iteration, merge the policy adapter's B·A into the base "
+                "codes (unbiased stochastic rounding) and zero B; the ZO iterations keep B·A as their guide"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: all cores)"})
     # data and judge
@@ -253,7 +261,8 @@ RANGES = {
     "logprob_temperature": "[0, inf)",  # 0: the sampling --temperature
     "clip": "(0, 1)", "d0": "[0, 1]", "reward_merge_alpha": "(0, 1]",
 }
-CHOICES = {"algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES, "quantize": QUANTIZE,
+CHOICES = {"zo_target": ZO_TARGETS, "algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES,
+           "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"), "guide": GUIDES,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
@@ -356,9 +365,32 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.reward_model and cfg.sampler != "isotropic":
         bad("sampler", f"{cfg.sampler} sampling needs the reward model's update in the policy's parameter space; "
                        "an external --reward-model has none: use --sampler isotropic or drop --reward-model")
+    if cfg.zo_target != "lora":
+        _check_zo_target(cfg, bad)
+    if cfg.zo_merge_adapter and cfg.zo_target != "codes":
+        bad("zo_merge_adapter", "merges the adapter into the base codes: it needs --zo-target codes")
     if cfg.quantize != "none" and cfg.device == "cpu" and cfg.quantize == "nf4" and cfg.dtype == "float16":
         bad("dtype", "NF4 on CPU computes in bfloat16 or float32")
     return cfg
+
+
+def _check_zo_target(cfg: TrainConfig, bad) -> None:
+    """The combinations --zo-target scales / codes cannot run, refused before anything is loaded."""
+    target = cfg.zo_target
+    if cfg.quantize == "none":
+        bad("zo_target", f"{target} moves the quantised base: it needs --quantize nf4 or int8")
+    if cfg.model == "tiny":
+        bad("zo_target", f"{target} needs a bitsandbytes-quantised base, and --model tiny is built unquantised: save "
+                         "it (zopro.train.loading.build_tiny_model(...).save_pretrained) and pass its folder")
+    if cfg.algorithm != "zopro":
+        bad("zo_target", f"{target} is for ZO iterations; --algorithm {cfg.algorithm} has none")
+    if cfg.weight_decay:
+        bad("weight_decay", f"must be 0 with --zo-target {target}: decay means nothing on codes and scales")
+    if cfg.guide != "prev":
+        bad("guide", f"--zo-target {target} is guided by the policy adapter's B·A (the first-order update of each "
+                     "base matrix): use --guide prev")
+    if cfg.reward_model and cfg.sampler != "isotropic":
+        bad("sampler", "an external --reward-model has no update in the base's space: use --sampler isotropic")
 
 
 def resume_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:

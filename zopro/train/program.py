@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, distributed, memory, snapshots
+from zopro.seeds import RunSeeds, derive_seed
+from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
 from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
                                 resume_differences, reward_config, sampling_config, validate, zo_config)
 from zopro.train.evaluation import evaluate, paired_change
@@ -44,6 +44,10 @@ from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, rewar
 from zopro.train.rollout import collect_rollout, repeat_each
 from zopro.train.state import LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
+
+
+# the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
+MERGE_STEP = 1 << 40
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -58,6 +62,9 @@ class Run:
         self.device = resolve_device(cfg)
         self.train_records, self.eval_records = load_prompts(cfg)
         self.bundle, self.tokenizer = load_models(cfg, self.device)
+        # --zo-target scales/codes: the base's quantised layers as ZO's parameter space, for the whole run
+        self.code_space = quant_target.code_space(self.bundle) if cfg.zo_target != "lora" else None
+        self.merged_guide = None  # --zo-merge-adapter: the policy updates merged into the base codes (the guides)
         self.judge = load_judge(cfg, self.device)
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
@@ -86,6 +93,10 @@ class Run:
             live.value = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
         if self.updater is not None:
             live.objects[self.updater.checkpoint_key] = self.updater.state_dict()
+        if self.code_space is not None:  # the base is loaded anew on a resume: its moved codes and scales go here
+            live.objects["base_quantised"] = self.code_space.state()
+        if self.merged_guide is not None:
+            live.objects["merged_guide"] = quant_target.lowrank_tensors(self.merged_guide)
         name = f"{progress.global_step:06d}-{progress.phase}"
         self.checkpoint_name = checkpoint.save(self.out, name, **self.state.to_checkpoint(live),
                                                previous=self.checkpoint_name)
@@ -94,6 +105,10 @@ class Run:
         """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
         self.state, live = RunState.from_checkpoint(loaded)
         self.bundle.load_trainable_state_(live.trainable)
+        if self.code_space is not None:
+            self.code_space.load_state_(live.objects["base_quantised"])
+        if "merged_guide" in live.objects:
+            self.merged_guide = quant_target.lowrank_from_tensors(live.objects["merged_guide"])
         if self.value_model is not None:
             with torch.no_grad():
                 for n, p in self.value_model.trainable_parameters().items():
@@ -114,7 +129,11 @@ class Run:
             return PPOUpdater(self.bundle, self.value_model, self.ppo_cfg)
         if cfg.algorithm == "rloo" or (it == 0 and cfg.first_order_iteration0):
             return FirstOrderRLOO(self.bundle, lr=cfg.fo_lr, loss=cfg.loss, clip=cfg.clip, microbatch=cfg.fo_microbatch)
-        zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
+        if self.code_space is not None:
+            zo = quant_target.make_quant_optimizer(self.bundle, self.code_space, cfg.zo_target, zo_config(cfg), it,
+                                                   self.state.guides, self.seeds, self.merged_guide)
+        else:
+            zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
         return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
 
     # -- phases ---------------------------------------------------------------------------------------------------
@@ -143,6 +162,9 @@ class Run:
 
     def begin_iteration(self, it: int):
         self.progress.phase, self.progress.iteration, self.progress.step = "train", it, 0
+        if self.cfg.zo_merge_adapter and it >= 1 and self.merged_guide is None:  # before iter_start: B is zeroed
+            self.merged_guide = quant_target.merge_adapter_(self.bundle, self.code_space,
+                                                             derive_seed(self.seeds.zo(it), MERGE_STEP))
         policy = self.bundle.policy_parameters()
         self.state.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in policy.items()},
                                  **({f"reward.{n}": p for n, p in reward_state(self.bundle).items()}
@@ -170,6 +192,7 @@ class Run:
         memory.reset_peak(self.device)
         zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
         probe = snapshots.StepProbe(self.bundle.policy_parameters(), zo)
+        saturated = dict(self.code_space.saturated) if self.code_space is not None else None
         if self.ranks.sharded:
             update = distributed.step(self.updater, rollout, self.ranks)
         else:
@@ -188,6 +211,8 @@ class Run:
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
                   "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
                   **probe.stats()}
+        if saturated is not None:  # codes pushed past the code book's ends in this step (int8 probes: undo inexact)
+            record |= {f"saturated_{k}": v - saturated[k] for k, v in self.code_space.saturated.items()}
         self.metrics.write(record)
         self.progress.skipped += update.skipped
         self.progress.step += 1
@@ -264,6 +289,8 @@ class Run:
         if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
             base_name = str(save_tiny_base(self.tokenizer, self.seeds.tiny_base, self.out / "base").resolve())
         save_adapters(self.bundle, self.out, base_name)
+        if self.code_space is not None:  # --zo-target scales/codes trained the base itself: its quantised storage
+            checkpoint.atomic_torch_save(self.out / "base_quantised.pt", self.code_space.state())
 
 
 def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):

@@ -16,7 +16,9 @@ README = Path(__file__).resolve().parents[3] / "README.md"
 
 DEFAULTS = {
     "preset": "default", "output_dir": "runs/zopro", "model": "smollm2", "gguf_file": "", "reward_model": "",
-    "dtype": "float32", "quantize": "none", "lora_r": 8, "lora_alpha": 16.0, "device": "auto", "threads": 0,
+    "dtype": "float32", "quantize": "none", "lora_r": 8, "lora_alpha": 16.0, "zo_target": "lora",
+    "zo_merge_adapter": False, "device": "auto",
+    "threads": 0,
     "dataset": "default", "dataset_path": "", "judge": "heuristic", "n_eval_prompts": 32, "eval_samples": 8,
     "eval_batch": 64, "log_judge_score": True, "max_prompts": 0,
     # rollout

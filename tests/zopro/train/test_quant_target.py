@@ -1,0 +1,116 @@
+"""--zo-target scales / codes: bad combinations refused before anything loads; smoke runs on a bitsandbytes base move
+its codes, record saturation, and resume to the same codes bit for bit."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes", reason="--zo-target codes needs bitsandbytes")
+
+from zopro.train import main, run  # noqa: E402
+from zopro.train.config import preset  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--zo-target", "codes"], "--zo-target: codes moves the quantised base: it needs --quantize nf4 or int8"),
+    (["--zo-target", "scales", "--quantize", "nf4", "--model", "x", "--guide", "adam"],
+     "--guide: --zo-target scales is guided by the policy adapter's B·A"),
+    (["--zo-target", "codes", "--quantize", "int8", "--model", "x", "--weight-decay", "0.1"],
+     "--weight-decay: must be 0 with --zo-target codes"),
+    (["--zo-target", "codes", "--quantize", "int8", "--model", "x", "--algorithm", "rloo"],
+     "--zo-target: codes is for ZO iterations"),
+    (["--zo-target", "codes", "--quantize", "nf4"], "--zo-target: codes needs a bitsandbytes-quantised base"),
+    (["--zo-target", "weights"], "--zo-target: 'weights' is not one of lora, scales, codes"),
+    (["--zo-merge-adapter", "true", "--quantize", "nf4"], "--zo-merge-adapter: merges the adapter into the base codes"),
+])
+def test_bad_zo_target_combinations_fail_in_one_line_before_loading(tmp_path, capsys, argv, message):
+    out = tmp_path / "never"
+    assert main(["--preset", "smoke"] + argv + ["--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from zopro.train.loading import build_tiny_model, build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = build_tiny_tokenizer()
+    build_tiny_model(len(tok), seed=0, hidden=64, layers=2, heads=4).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _cfg(tmp_path, tiny_dir, name, quantize, target="codes"):
+    return dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / name), threads=1, model=str(tiny_dir),
+                               quantize=quantize, zo_target=target)
+
+
+def _initial_codes(cfg):
+    from zopro.train.loading import load_models
+    from zopro.train.quant_target import code_space
+
+    bundle, _ = load_models(cfg, torch.device("cpu"))
+    return code_space(bundle).state()
+
+
+def test_nf4_codes_run_moves_the_base_and_resumes_to_the_same_codes(tmp_path, tiny_dir):
+    cfg = _cfg(tmp_path, tiny_dir, "full", "nf4")
+    run(cfg, progress=False)
+    full = torch.load(tmp_path / "full" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    codes = [k for k in full if k.startswith("codes.")]
+    assert codes and any(not torch.equal(full[k], start[k]) for k in codes)  # the ZO iteration moved the codes
+    assert all(torch.equal(full[k], start[k]) for k in full if k.startswith("scales."))  # absmax kept
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records] == ["first-order"] * 2 + ["zo-codes-targeted"] * 2
+    assert all(isinstance(r["saturated_update"], int) and r["saturated_probe"] == 0 for r in records)
+
+    killed = _cfg(tmp_path, tiny_dir, "killed", "nf4")
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, progress=False, stop_after_steps=3)  # after the first ZO step
+    run(killed, resume=True, progress=False)
+    resumed = torch.load(tmp_path / "killed" / "base_quantised.pt")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_int8_codes_run_moves_the_base(tmp_path, tiny_dir):
+    cfg = _cfg(tmp_path, tiny_dir, "run", "int8")
+    run(cfg, progress=False)
+    final = torch.load(tmp_path / "run" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("codes."))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records][-1] == "zo-codes-targeted"
+    assert all(r["saturated_probe"] >= 0 and r["saturated_update"] >= 0 for r in records)
+
+
+def test_nf4_scales_run_moves_the_nested_absmax_and_keeps_the_codes(tmp_path, tiny_dir):
+    cfg = _cfg(tmp_path, tiny_dir, "run", "nf4", target="scales")
+    run(cfg, progress=False)
+    final = torch.load(tmp_path / "run" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    assert all(torch.equal(final[k], start[k]) for k in final if k.startswith("codes."))
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("scales."))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in records][-1] == "zo-targeted"
+
+
+def test_merged_adapter_leaves_b_zero_and_keeps_its_product_as_the_guide(tmp_path, tiny_dir):
+    from safetensors.torch import load_file
+
+    cfg = dataclasses.replace(_cfg(tmp_path, tiny_dir, "run", "int8"), zo_merge_adapter=True)
+    run(cfg, progress=False)
+    policy = load_file(str(tmp_path / "run" / "policy_adapter.safetensors"))
+    bs = [t for k, t in policy.items() if "lora_B" in k]
+    assert bs and all(not t.any() for t in bs)  # merged into the base, then zeroed
+    assert any(t.any() for k, t in policy.items() if "lora_A" in k)
+    final = torch.load(tmp_path / "run" / "base_quantised.pt")
+    start = _initial_codes(cfg)
+    assert any(not torch.equal(final[k], start[k]) for k in final if k.startswith("codes."))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    zo = [r for r in records if r["mode"] == "zo-codes-targeted"]
+    assert zo and all(share > 0 for r in zo for share in r["zo_guide_share"])  # B·A still guides
