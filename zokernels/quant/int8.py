@@ -160,7 +160,7 @@ def _int8_triton(weights, streams, seed, eps, times, rounding_seed, dist, block,
     # One launch serves the whole list; each weight's row scales are found by their offset from weights[0]'s, its
     # guides by their offsets from gbase (guided.py's columns, the weight's index first).
     base_scb = weights[0].scb.data_ptr()
-    gcols = _guide_columns(codes, guide_lists, gbase if gbase is not None else codes[0])
+    gcols = _guide_columns(codes, guide_lists, gbase if gbase is not None else codes[0], [0] * len(codes))
     extra = [gc + ((weights[i].scb.data_ptr() - base_scb) // 4,) for gc, i in zip(gcols, keep)]
     table, aligned = _common.launch_table(codes, [streams[i] for i in keep], block, extra=extra, matrix=True)
     coef = torch.stack([eps[keep]] + [c[keep] for _, c in guides], dim=1).contiguous().to(codes[0].device)
