@@ -3,7 +3,8 @@
 tensor perturbed, bit for bit (stochastic-rounding bits included); guide dots of the pieces sum to the whole's.
 
 Uneven pieces on purpose: 5 (not a whole Philox call, not a 16-byte vector), 1000, 37; and 8, 8, 1026, whose
-offsets are whole vectors (the aligned Triton path) and whose middle piece starts and ends inside one block. Triton runs in the interpreter on CPU (tests/conftest.py)."""
+offsets are whole vectors (the aligned Triton path) and whose middle piece starts and ends inside one block. Triton
+runs in the interpreter on CPU (tests/conftest.py)."""
 
 import pytest
 import torch
