@@ -19,8 +19,9 @@ How the optimiser's passes (``+eps z``, ``-2 eps z``, then restore and update fu
   during a probe (and, on the CPU without grad, its dequantised weight, in place of bitsandbytes' forward).
 
 Which pass is a probe and which an update is read from the coefficients the optimiser passes, per seed: after
-``prepare(seed)`` the first coefficient opens the direction with ``eps``; coefficients that are whole multiples of
-``eps`` move the probe; any other one closes it with an update (``coef + outstanding * eps``). A replay runs the
+``prepare(seed)`` the first coefficient opens the direction with ``eps``; ``-2 eps`` right after it moves the probe
+to ``-eps`` (a two-sided step's second loss); any other one closes it: the exact undo, then an update of
+``coef + outstanding * eps`` (even one that happens to be a whole multiple of ``eps``). A replay runs the
 same passes, so the codes it reaches equal the recorded run's bit for bit. Weight decay means nothing on codes and
 is refused (``supports_weight_decay = False``).
 """
@@ -250,9 +251,10 @@ class CodeSampler:
     def _term(self, seed: int, c: float) -> None:
         if seed in self._open:
             eps, n = self._open[seed]
-            k = c / eps
-            if k == round(k) and round(k) * eps == c and round(k) != 0:
-                self._probe(seed, eps, round(k), n + round(k))
+            # the optimiser's one probe move is +eps -> -eps (a two-sided step's second loss); any other term closes
+            # the probe: an update that happens to be a whole multiple of eps is still an update, not a probe
+            if n == 1 and c == -2 * eps:
+                self._probe(seed, eps, -2, -1)
                 return
             self._probe(seed, eps, -n, 0)  # the exact undo
             update = c + n * eps

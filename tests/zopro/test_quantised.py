@@ -179,3 +179,18 @@ def test_weight_decay_and_foreign_parameters_are_refused():
         ZOOptimizer({"x": other.parameters()["0"]}, lr=0.1, sampler=other.sampler(Isotropic()))
     with pytest.raises(ValueError, match="no bitsandbytes"):
         CodeSpace.from_model(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_an_update_that_is_a_whole_multiple_of_eps_is_still_applied(kind):
+    """eps 0.25, lr 0.5, g 1.5: the closing coefficient eps - lr g = -2 eps looks like a probe move; it must close the
+    probe (nothing left outstanding, no probe term left in the forward) and update the codes as any update does."""
+    model = _model(kind)
+    space = CodeSpace.from_model(model, impl="torch")
+    start = _codes(space)
+    sampler = space.sampler(Isotropic())
+    opt = ZOOptimizer(space.parameters(), lr=0.5, eps=0.25, sampler=sampler, seed=3)
+    losses = iter([1.75, 1.0])  # g = (1.75 - 1.0) / (2 * 0.25) = 1.5
+    assert opt.step(lambda: next(losses)).grad == 1.5
+    assert not sampler._open and not any(space._probe_terms.values())
+    assert any(not torch.equal(a, b) for a, b in zip(start, _codes(space)))  # a step of 0.75 z moves codes

@@ -441,12 +441,12 @@ def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Rank
             error = str(err)
         except Exception as err:  # noqa: BLE001 (an OSError, say: the other ranks must not wait for rank 0 forever)
             error, failure = f"rank 0 could not open {cfg.output_dir}: {type(err).__name__}: {err}", err
-    error = ranks.broadcast_text(error, "the run directory's checks")
-    if failure is not None:
-        raise failure
-    if error is not None:
-        raise ValueError(error)
-    try:
+    try:  # from here on any failure (a lost rank included) releases rank 0's lock
+        error = ranks.broadcast_text(error, "the run directory's checks")
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise ValueError(error)
         shared = json.dumps({"cfg": dataclasses.asdict(opened[0]), "checkpoint": opened[2] and opened[2].name}) \
             if ranks.writes else None
         shared = json.loads(ranks.broadcast_text(shared, "the run's config"))
