@@ -34,7 +34,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from zokernels.guided import guided_perturb_
+from zokernels.guided import LowRank, guided_perturb_
 from zokernels.quant import Int8Weight, NF4Weight, int8_code_perturb_, nf4_code_update_
 from zokernels.quant.guides import shadow
 from zopro.seeds import derive_seed
@@ -189,6 +189,11 @@ class CodeSampler:
         shadows = [shadow(self.space.weights[n].shape, params[0].device) for n in names]
         self.direction.bind(list(names), shadows)
         self.dist = self.direction.dist
+        for t, name in enumerate(names):  # the code ops take one kind of guide per call: refuse here, not mid-pass
+            kinds = {isinstance(g, LowRank) for g in self._guides(t) if g is not None}
+            if len(kinds) > 1:
+                raise ValueError(f"CodeSampler: layer {name!r} has a dense and a LowRank guide; give both guides "
+                                 "of a layer as one kind")
 
     def prepare(self, seed: int) -> None:
         self.direction.prepare(seed)
@@ -288,6 +293,9 @@ class CodeSampler:
     def _update(self, seed: int, scale: float) -> None:
         """``w += scale * z(seed)`` as a rounded code update, with a rounding draw of its own."""
         assert math.isfinite(scale)
+        for w in self.space.weights.values():  # every check before the first layer moves (a scale-space step may
+            if isinstance(w, NF4Weight):       # have left a block's absmax NaN or negative)
+                w.check_absmax()
         rounding = derive_seed(seed, _UPDATE)
         for t, name in enumerate(self.space.names):
             w = self.space.weights[name]

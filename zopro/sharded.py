@@ -100,12 +100,7 @@ class ShardLayout:
             return LowRank(guide.u, guide.v[c0:c0 + cols].contiguous())
         types = _dtensor_types()
         if types is not None and isinstance(guide, types[0]):
-            part = guide.to_local()
-            if tuple(part.shape) != tuple(local_.shape):
-                raise ValueError(f"a guide of parameter {self.names[i]!r} is a DTensor whose local shard has shape "
-                                 f"{tuple(part.shape)}, the parameter's {tuple(local_.shape)}: place it as the "
-                                 "parameter")
-            return part.contiguous()
+            return guide.to_local().contiguous()  # placed as the parameter: checked by layout()
         o = self.offsets[i]
         return guide.reshape(-1)[o:o + local_.numel()].reshape(local_.shape).contiguous()
 
@@ -183,4 +178,11 @@ def layout(names: list[str], params: list[torch.Tensor], sampler) -> ShardLayout
             raise ValueError(f"parameter {name!r} has placement {placement}; ZOOptimizer takes Shard(dim) or "
                              "Replicate()")
         locals_.append(local)
+    if sampler.name == "targeted":  # before sampler.bind consumes the guides: a refusal leaves the sampler as it was
+        for name, local in zip(names, locals_):
+            for g in (sampler.prev_src.get(name), sampler.delta_src.get(name)):
+                if isinstance(g, dtensor) and tuple(g.to_local().shape) != tuple(local.shape):
+                    raise ValueError(f"a guide of parameter {name!r} is a DTensor whose local shard has shape "
+                                     f"{tuple(g.to_local().shape)}, the parameter's {tuple(local.shape)}: place it "
+                                     "as the parameter")
     return ShardLayout(list(names), locals_, offsets, sharded, mesh)

@@ -194,3 +194,28 @@ def test_an_update_that_is_a_whole_multiple_of_eps_is_still_applied(kind):
     assert opt.step(lambda: next(losses)).grad == 1.5
     assert not sampler._open and not any(space._probe_terms.values())
     assert any(not torch.equal(a, b) for a, b in zip(start, _codes(space)))  # a step of 0.75 z moves codes
+
+
+def test_mixed_guide_kinds_are_refused_when_the_optimiser_is_built():
+    """The code ops take one kind of guide per layer: a LowRank prev with a dense reward delta on the second layer is
+    refused by name at construction, not halfway through a pass that has already moved the first layer's codes."""
+    space = CodeSpace.from_model(_model("int8"), impl="torch")
+    start = _codes(space)
+    guides = _lowrank_guides()
+    direction = Targeted(guides, {"2": guides["2"].dense()}, d0=0.9)
+    with pytest.raises(ValueError, match="layer '2' has a dense and a LowRank guide"):
+        opt = ZOOptimizer(space.parameters(), lr=20.0, eps=0.02, sampler=space.sampler(direction), seed=5)
+        opt.step(lambda: 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(start, _codes(space)))
+
+
+def test_an_nf4_update_checks_every_layer_before_the_first_moves():
+    """A scale-space step may leave a block's absmax NaN; the update refuses before any layer's codes change."""
+    space = CodeSpace.from_model(_model("nf4"), impl="torch")
+    start = _codes(space)
+    opt = ZOOptimizer(space.parameters(), lr=0.5, eps=0.25, sampler=space.sampler(Isotropic()), seed=3)
+    space.weights["2"].absmax[0] = float("nan")  # the second layer
+    losses = iter([1.5, 1.0])  # g = 1: an update of -0.5 z would move the first layer's codes
+    with pytest.raises(ValueError, match="absmax of block 0 is nan"):
+        opt.step(lambda: next(losses))
+    assert all(torch.equal(a, b) for a, b in zip(start, _codes(space)))

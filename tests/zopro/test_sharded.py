@@ -186,6 +186,11 @@ def _rank_main(out: str) -> None:
         except ValueError as err:
             refusals[what] = str(err)
         assert all(torch.equal(p.to_local(), before[n]) for n, p in params.items()), what
+    # the refused sampler was not consumed: it still binds to a parameter placed as its guide
+    sampler = cases["guide_placement"][1]
+    placed = {"m": distribute_tensor(zeros, mesh, [Replicate()])}
+    ZOOptimizer(placed, lr=1e-3, sampler=sampler).step(lambda: (placed["m"].full_tensor() ** 2).sum())
+    refusals["guide_placement/after"] = [float(x) for x in sampler.prev_norm]
     results["refusals"] = refusals
     torch.save(results, f"{out}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
@@ -305,6 +310,7 @@ def test_unsupported_layouts_and_samplers_are_refused_by_name(two_ranks):
         assert "parameter 'm' lives on a 2-D device mesh" in refusals["mesh2d"]
         assert ("a guide of parameter 'm' is a DTensor whose local shard has shape (4, 3), the parameter's (2, 3)"
                 in refusals["guide_placement"])
+        assert refusals["guide_placement/after"] == [pytest.approx(12 ** 0.5)]  # |ones(4, 3)|
 
 
 if __name__ == "__main__":
