@@ -89,14 +89,12 @@ def train_reward(bundle, pairs, rc: RewardConfig, steps: int, seed: int, ranks=N
     if isinstance(pairs, ShardedPairs):
         return _train_reward_sharded(bundle, pairs, rc, steps, seed, ranks)
     opt = torch.optim.AdamW(list(reward_tensors(bundle).values()), lr=rc.lr, weight_decay=0.0)
-    c_ids, c_mask, r_ids, r_mask, q = pairs
+    n = len(pairs[0])
     order = random.Random(seed)
     loss = float("nan")
     for _ in range(steps):
-        idx = torch.tensor(order.sample(range(len(c_ids)), min(rc.batch, len(c_ids))))
-        chosen = bundle.reward_scores(c_ids[idx], c_mask[idx], grad=True)
-        rejected = bundle.reward_scores(r_ids[idx], r_mask[idx], grad=True)
-        loss_t = bradley_terry_loss(chosen, rejected, q[idx].to(chosen.device) if rc.soft_labels else None)
+        idx = torch.tensor(order.sample(range(n), min(rc.batch, n)))
+        loss_t = _rows_loss(bundle, pairs, idx, rc)
         opt.zero_grad(set_to_none=True)
         loss_t.backward()
         opt.step()
@@ -114,20 +112,25 @@ def _train_reward_sharded(bundle, pairs: ShardedPairs, rc: RewardConfig, steps: 
     for _ in range(steps):
         idx = order.sample(range(n), min(rc.batch, n))
         sums = ShardGradients(params)
-        for j, (c_ids, c_mask, r_ids, r_mask, q) in pairs.local.items():
+        for j, part in pairs.local.items():
             lo, hi = pairs.bounds[j], pairs.bounds[j + 1]
             rows = torch.tensor([i - lo for i in idx if lo <= i < hi], dtype=torch.long)
             if not len(rows):
                 continue
             opt.zero_grad(set_to_none=True)
-            chosen = bundle.reward_scores(c_ids[rows], c_mask[rows], grad=True)
-            rejected = bundle.reward_scores(r_ids[rows], r_mask[rows], grad=True)
-            value = bradley_terry_loss(chosen, rejected, q[rows].to(chosen.device) if rc.soft_labels else None)
-            sums.backward(value * (len(rows) / len(idx)))  # the batch's mean, in shares
+            sums.backward(_rows_loss(bundle, part, rows, rc) * (len(rows) / len(idx)))  # the batch's mean, in shares
             sums.take()
         loss = sums.reduce_(ranks, "the reward model's gradient")  # a log line needs it
         opt.step()
     return loss
+
+
+def _rows_loss(bundle, pairs: tuple, rows: torch.Tensor, rc: RewardConfig) -> torch.Tensor:
+    """The Bradley–Terry loss (mean) of ``rows`` of ``(chosen ids, mask, rejected ids, mask, q)``, with grad."""
+    c_ids, c_mask, r_ids, r_mask, q = pairs
+    chosen = bundle.reward_scores(c_ids[rows], c_mask[rows], grad=True)
+    rejected = bundle.reward_scores(r_ids[rows], r_mask[rows], grad=True)
+    return bradley_terry_loss(chosen, rejected, q[rows].to(chosen.device) if rc.soft_labels else None)
 
 
 def reward_tensors(bundle) -> dict[str, torch.nn.Parameter]:
