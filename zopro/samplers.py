@@ -16,15 +16,34 @@ needs one reduction pass then); ``advance()`` moves schedules on after each upda
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
 
 from zokernels import perturb2_, perturb_
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
+from zopro.seeds import derive_seed
 
 SCHEDULES = ("exp", "linear", "constant")
 SCALES = ("paper", "unit", "numel")
+BLOCKS = ("whole", "layer", "tensor")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+BLOCK_WEIGHTS = 0xB10C  # derive_seed(seed, BLOCK_WEIGHTS): the per-block weights of direction ``seed``
+
+
+def block_keys(names: list[str], blocks: str) -> list[str]:
+    """The block of each named tensor: ``whole`` one block; ``layer`` one per transformer layer (the ``layers.N.`` /
+    ``h.N.`` / ``blocks.N.`` in the name; a tensor outside every layer is a block of its own); ``tensor`` one each."""
+    if blocks == "whole":
+        return [""] * len(names)
+    if blocks == "tensor":
+        return list(names)
+    keys = []
+    for name in names:
+        m = _LAYER.search(name)
+        keys.append(f"layer {m.group(1)}" if m else name)
+    return keys
 
 
 class Isotropic:
@@ -115,6 +134,13 @@ class Targeted(Isotropic):
             :class:`Isotropic`). ``"paper"``: each tensor's z has the norm of its ``prev`` (the paper's; a step
             then moves ``lr * g * |prev|^2``, so lr means something else for every guide).
         guide_dtype: storage of the guides (bf16 halves what every weight pass reads).
+        blocks: ``"whole"`` (default): the guide part of z is ``d * prev`` (scaled), one line through the weights.
+            ``"layer"`` / ``"tensor"``: each block of tensors (a transformer layer, or a tensor; :func:`block_keys`)
+            gets its own Gaussian weight ``s_b`` per direction (from the direction's seed), so the guide part is
+            ``d * sum_b s_b prev_b``: directions span the subspace of the blocks' parts of the guide (one dimension
+            per block) instead of its line, and SPSA can rescale each block's part of the previous update on its own
+            (grow one layer's, shrink another's). ``E[s_b^2] = 1``, so the direction's expected squared norm and
+            :meth:`guide_share` (an expectation then) are those of ``"whole"``.
     Tensors without a ``prev`` guide, or whose ``prev`` is all zeros, use isotropic noise; a tensor with ``prev``
     but no ``reward_delta`` skips the projection.
     """
@@ -123,8 +149,8 @@ class Targeted(Isotropic):
 
     def __init__(self, prev: Mapping[str, torch.Tensor], reward_delta: Mapping[str, torch.Tensor] | None = None, *,
                  d0: float = 1 - 1e-3, schedule: str = "constant", tau: float = 1.0, total_steps: int | None = None,
-                 scale: str = "unit", guide_dtype: torch.dtype | None = None, dist: str = "gaussian",
-                 impl: str = "auto"):
+                 scale: str = "unit", guide_dtype: torch.dtype | None = None, blocks: str = "whole",
+                 dist: str = "gaussian", impl: str = "auto"):
         super().__init__(dist, impl)
         if not 0.0 <= d0 <= 1.0:
             raise ValueError(f"d0 must be in [0, 1], got {d0}")
@@ -136,6 +162,9 @@ class Targeted(Isotropic):
             raise ValueError(f"tau must be positive, got {tau}")
         if scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        if blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+        self.blocks = blocks
         self.prev_src, self.delta_src = dict(prev), dict(reward_delta or {})
         self.d0, self.schedule, self.tau, self.total_steps = d0, schedule, tau, total_steps
         self.scale, self.guide_dtype = scale, guide_dtype
@@ -182,6 +211,10 @@ class Targeted(Isotropic):
             self.delta_sq.append(dsq)
         self.numel = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
         self.guided = [g is not None for g in self.prev]
+        keys = block_keys(self.names, self.blocks)
+        order = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        self.block_index = torch.tensor([order[k] for k in keys], dtype=torch.long)
+        self.n_blocks = len(order)
         self._params = params
         self._offsets, self._sum_shards = [0] * len(params), _whole_sums  # unsharded: see use_shards
         self._group_cache = None
@@ -232,6 +265,8 @@ class Targeted(Isotropic):
         guided = torch.tensor(self.guided)
         c = torch.where(guided, math.sqrt(max(0.0, 1 - d * d)) * prev_norm / perp_sq.sqrt(), torch.ones_like(dot))
         a = torch.where(guided, torch.full_like(dot, d), torch.zeros_like(dot))
+        if self.blocks != "whole":
+            a = a * self.block_weights(seed)[self.block_index]
         if self.scale != "paper":
             r = self._scale_ratio()
             c, a = c * r, a * r
@@ -240,6 +275,14 @@ class Targeted(Isotropic):
         if len(self._cache) >= 2:
             self._cache.pop(next(iter(self._cache)))
         self._cache[seed] = (a, c, -c * beta)
+
+    def block_weights(self, seed: int) -> torch.Tensor:
+        """The Gaussian weight of each block in direction ``seed`` (float64, ``[n_blocks]``; all ones with
+        ``blocks="whole"``): a function of the seed alone, so every rank and every replay draws the same."""
+        if self.blocks == "whole":
+            return torch.ones(self.n_blocks, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(derive_seed(seed, BLOCK_WEIGHTS) % 2**63)
+        return torch.randn(self.n_blocks, generator=gen, dtype=torch.float64)
 
     def _scale_ratio(self) -> torch.Tensor:
         """Per tensor, the factor ``scale`` puts on its direction (float64): ``numel``: ``sqrt(numel) / |prev|`` on
@@ -260,7 +303,8 @@ class Targeted(Isotropic):
         """Share of the squared norm of update ``t``'s direction that comes from the guide ``prev``, the rest from the
         noise. A guided tensor's direction is ``r (d prev + sqrt(1 - d^2) |prev| xi_perp / |xi_perp|)``: guide part
         ``(r d |prev|)^2``, noise part ``r^2 (1 - d^2) |prev|^2``, exactly; an unguided tensor is all noise, ``r xi``,
-        counted at ``|xi|^2 = numel``, its expected value (``r``: :meth:`_scale_ratio`)."""
+        counted at ``|xi|^2 = numel``, its expected value (``r``: :meth:`_scale_ratio`). With ``blocks`` other than
+        ``"whole"`` the guide part is its expectation over the block weights (``E[s_b^2] = 1``)."""
         d = self.mixing(t)
         norms = torch.tensor(self.prev_norm, dtype=torch.float64)
         guided = torch.tensor(self.guided)
@@ -304,7 +348,7 @@ class Targeted(Isotropic):
 
     def state_dict(self) -> dict:
         return {"name": self.name, "dist": self.dist, "t": self.t, "d0": self.d0, "schedule": self.schedule,
-                "scale": self.scale}
+                "scale": self.scale, "blocks": self.blocks}
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)

@@ -14,6 +14,7 @@ from pathlib import Path
 ALGORITHMS = ("zopro", "rloo", "ppo")
 SAMPLERS = ("targeted", "rank_guided", "isotropic")
 GUIDES = ("prev", "adam", "cumulative", "placebo")
+GUIDE_BLOCKS = ("whole", "layer", "tensor")  # zopro.samplers.BLOCKS (kept light: no torch import here)
 LOSSES = ("sequence", "token")
 QUANTIZE = ("none", "nf4", "int8")
 ZO_TARGETS = ("lora", "scales", "codes")
@@ -124,6 +125,10 @@ class TrainConfig:
                 "paper), adam (the first-order optimiser's last step direction -m/sqrt(v), kept through ZO "
                 "iterations), cumulative (all policy movement since the start) or placebo (random, with prev's "
                 "per-tensor norms: the control)"})
+    guide_blocks: str = field(default="whole", metadata={
+        "help": "whole (the guide's line, the paper's), layer or tensor: each transformer layer's (or tensor's) part "
+                "of the guide gets its own random weight per direction, so the ZO steps search the subspace of the "
+                "blocks' parts of the guide (one dimension per block) and can rescale each block's part on its own"})
     zo_epochs: int = field(default=1, metadata={
         "help": "ZO steps per rollout on the same tokens (fresh directions; the PPO clip bounds how far they go)"})
     logprob_temperature: float = field(default=0.0, metadata={
@@ -196,6 +201,7 @@ class ZOConfig:
     scale: str
     lr_decay: str
     updates: int
+    blocks: str
 
 
 def sampling_config(cfg: TrainConfig) -> SamplingConfig:
@@ -215,7 +221,8 @@ def reward_config(cfg: TrainConfig) -> RewardConfig:
 def zo_config(cfg: TrainConfig) -> ZOConfig:
     return ZOConfig(lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=cfg.sampler, noise=cfg.noise,
                     rank=cfg.rank, d0=cfg.d0, d_schedule=cfg.d_schedule, d_tau=cfg.d_tau, scale=cfg.zo_scale,
-                    lr_decay=cfg.zo_lr_decay, updates=cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs)
+                    lr_decay=cfg.zo_lr_decay, updates=cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs,
+                    blocks=cfg.guide_blocks)
 
 
 def _preset_values() -> dict[str, dict]:
@@ -265,6 +272,7 @@ CHOICES = {"zo_target": ZO_TARGETS, "algorithm": ALGORITHMS, "sampler": SAMPLERS
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"), "guide": GUIDES,
+           "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
 # Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the
 # resumed run a different run from the one its checkpoints and metrics belong to.
@@ -365,6 +373,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.reward_model and cfg.sampler != "isotropic":
         bad("sampler", f"{cfg.sampler} sampling needs the reward model's update in the policy's parameter space; "
                        "an external --reward-model has none: use --sampler isotropic or drop --reward-model")
+    if cfg.guide_blocks != "whole" and cfg.sampler == "isotropic":
+        bad("guide_blocks", "weighs the blocks of a guide: --sampler isotropic has none (use targeted or rank_guided)")
     if cfg.zo_target != "lora":
         _check_zo_target(cfg, bad)
     if cfg.zo_merge_adapter and cfg.zo_target != "codes":

@@ -139,7 +139,7 @@ def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, it
         kind = RankGuided if zo.sampler == "rank_guided" else Targeted
         extra = {"rank": zo.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
         direction = kind(prev, delta, d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau, total_steps=total,
-                         scale=zo.scale, dist=zo.noise, **extra)
+                         scale=zo.scale, blocks=zo.blocks, dist=zo.noise, **extra)
     if target == "scales":  # float tensors: the samplers move them directly
         return ZOOptimizer(space.scale_parameters(), sampler=direction, **kw)
     return ZOOptimizer(space.parameters(), sampler=space.sampler(direction), **kw)

@@ -100,7 +100,7 @@ def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSe
         kind = RankGuided if zo.sampler == "rank_guided" else Targeted
         extra = {"rank": zo.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
         sampler = kind(guides["prev"], guides["delta"], d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau,
-                       total_steps=total, scale=zo.scale, dist=zo.noise, **extra)
+                       total_steps=total, scale=zo.scale, blocks=zo.blocks, dist=zo.noise, **extra)
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
     return ZOOptimizer(params, lr=zo.lr, eps=zo.eps, weight_decay=zo.weight_decay, sampler=sampler,
                        seed=seeds.zo(iteration), lr_schedule=decay)

@@ -167,3 +167,77 @@ def test_probe_guide_scores_the_policy_moved_along_the_runs_guide(tmp_path, caps
     assert rows[0]["change"] == 0.0 and rows[0]["change_se"] == 0.0  # same weights, same sampling seeds
     assert all(r["guide_norm"] == pytest.approx(norm, rel=1e-9) for r in rows)
     assert f"| run | {norm:.4f} | 30 |" in capsys.readouterr().out
+
+
+BLOCK_NAMES = ["model.layers.0.q.lora_A", "model.layers.0.q.lora_B", "model.layers.1.q.lora_A", "score.bias"]
+
+
+def _block_prev():
+    gen = torch.Generator().manual_seed(4)
+    return {n: torch.randn(6, 3, generator=gen) for n in BLOCK_NAMES}
+
+
+@pytest.mark.parametrize("blocks, expected", [("whole", [0, 0, 0, 0]), ("layer", [0, 0, 1, 2]),
+                                               ("tensor", [0, 1, 2, 3])])
+def test_guide_blocks_weigh_each_blocks_part_of_the_guide(blocks, expected):
+    # d = 1 and --zo-scale paper: z = sum_b s_b prev_b exactly, so one step on a linear loss c . w from w = 0 moves
+    # every tensor by -lr (c . z) s_b prev_b: its ratio to prev is the block's weight times one shared factor
+    prev = _block_prev()
+    gen = torch.Generator().manual_seed(5)
+    c = {n: torch.randn(6, 3, generator=gen) for n in BLOCK_NAMES}
+    w = {n: torch.zeros(6, 3) for n in BLOCK_NAMES}
+    sampler = Targeted(prev, None, d0=1.0, scale="paper", blocks=blocks, impl="torch")
+    opt = ZOOptimizer(w, lr=0.1, eps=1e-3, sampler=sampler, seed=7)
+    opt.step(lambda: sum((c[n].double() * w[n].double()).sum() for n in BLOCK_NAMES))
+    assert sampler.block_index.tolist() == expected
+    ratios = torch.tensor([float((w[n].double() * prev[n].double()).sum() / prev[n].double().pow(2).sum())
+                           for n in BLOCK_NAMES])
+    for n in BLOCK_NAMES:  # each tensor moved along its own guide: the step stays in the blocks' subspace
+        torch.testing.assert_close(w[n].double(), ratios[BLOCK_NAMES.index(n)] * prev[n].double(), rtol=1e-4,
+                                   atol=1e-7)
+    weights = [ratios[i] / ratios[0] for i in range(len(BLOCK_NAMES))]
+    if blocks == "whole":  # the guide's line: every tensor moved by the same multiple of its guide
+        assert weights == pytest.approx([1.0] * 4, rel=1e-4)
+        return
+    drawn = sampler.block_weights(_direction_seed(opt))
+    assert weights == pytest.approx([float(drawn[i] / drawn[0]) for i in expected], rel=1e-3)
+    assert len({round(float(x), 6) for x in weights}) == max(expected) + 1  # the blocks really differ
+
+
+def _direction_seed(opt) -> int:
+    """The seed of the (single) direction of ``opt``'s first step."""
+    from zopro.seeds import derive_seed
+    return derive_seed(opt.seed, 0, 0)
+
+
+def test_block_weights_are_standard_normal_and_independent():
+    # E[s_b] = 0, E[s_b^2] = 1 (the direction's expected length is that of the whole guide's), no correlation
+    # between blocks; bounds of 5 standard errors over 4000 directions x 3 blocks
+    sampler = Targeted(_block_prev(), None, blocks="layer")
+    sampler.bind(BLOCK_NAMES, [torch.zeros(6, 3) for _ in BLOCK_NAMES])
+    s = torch.stack([sampler.block_weights(seed) for seed in range(4000)])
+    n = s.numel()
+    assert abs(float(s.mean())) < 5 / math.sqrt(n)
+    assert abs(float(s.pow(2).mean()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float((s[:, 0] * s[:, 1]).mean())) < 5 / math.sqrt(4000)
+    assert torch.equal(sampler.block_weights(11), sampler.block_weights(11))
+
+
+def test_guide_blocks_reach_the_programs_sampler_and_need_a_guided_sampler():
+    from zopro.train.config import from_args, zo_config
+    from zopro.train.updaters import make_zo_optimizer
+    from zopro.seeds import RunSeeds
+
+    cfg, _ = from_args(["--preset", "smoke", "--guide-blocks", "layer", "--output-dir", "unused"])
+    params = {"model.layers.0.a": torch.nn.Parameter(torch.zeros(3)),
+              "model.layers.1.a": torch.nn.Parameter(torch.zeros(3))}
+
+    class Bundle:
+        def policy_parameters(self):
+            return params
+
+    guides = {"prev": {n: torch.ones(3) for n in params}, "delta": {}}
+    opt = make_zo_optimizer(Bundle(), zo_config(cfg), 1, guides, RunSeeds(0))
+    assert opt.sampler.blocks == "layer" and opt.sampler.n_blocks == 2
+    with pytest.raises(ValueError, match="--guide-blocks: .*isotropic"):
+        from_args(["--preset", "smoke", "--guide-blocks", "tensor", "--sampler", "isotropic", "--output-dir", "x"])
