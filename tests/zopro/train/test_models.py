@@ -3,6 +3,7 @@ zopro.train.reward_model) on a tiny random Llama (CPU, seconds) and, when instal
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 
@@ -459,3 +460,29 @@ def test_smollm2_gguf_loads_and_answers_a_chat_prompt(smollm2):
     assert torch.equal(sums, ref) and torch.all(sums < 0) and torch.all(sums > -12 * 3)  # confident answer
     scores = bundle.reward_scores(gen.sequences, gen.attention_mask)
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_quantize_loads_the_smollm2_gguf_through_a_dequantised_folder(tmp_path, monkeypatch):
+    # bitsandbytes quantises a float checkpoint; transformers refuses a GGUF with a quantization config, so
+    # --quantize on a GGUF goes through a save_pretrained folder of the dequantised weights, written once
+    pytest.importorskip("bitsandbytes")
+    try:
+        loading.find_smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(f"SmolLM2 GGUF not installed: {err}")
+    from huggingface_hub import constants
+    from zopro.train.config import preset
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = dataclasses.replace(preset("default"), quantize="nf4", output_dir=str(tmp_path / "run"))
+    bundle, tokenizer = loading.load_models(cfg, torch.device("cpu"))
+    (folder,) = (tmp_path / "hf_home" / "zopro" / "dequantised").iterdir()
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and folder.name.endswith("-float32")
+    import bitsandbytes as bnb
+    layers = [m for m in bundle.base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 30 * 7  # every decoder linear layer in NF4
+    assert tokenizer.chat_template and tokenizer.padding_side == "left"
+    written = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    loading.load_models(cfg, torch.device("cpu"))  # a second run reuses the folder
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == written
