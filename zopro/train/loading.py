@@ -77,10 +77,26 @@ def load_models(cfg: TrainConfig, device: torch.device):
             model, gguf_file = str(dequantised_gguf(model, gguf_file, dtype)), None
         base, tokenizer = load_base(model, gguf_file=gguf_file, dtype=dtype, quantization_config=quant,
                                     device=device)
+        if quant is not None:
+            keep_bnb_layout(base)
     reward = AnyRewardModel.from_pretrained(cfg.reward_model, device=device) if cfg.reward_model else None
     bundle = PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
                                seed=seeds.adapters)
     return bundle, tokenizer
+
+
+def keep_bnb_layout(model: torch.nn.Module) -> None:
+    """Keep every bitsandbytes NF4 layer of ``model`` in its canonical layout for good.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks an NF4 layer's weight for a faster inference kernel the first time
+    the layer sees an input without grad in eval mode (a rollout's generation), and from then on computes it with
+    that kernel, which has no backward: the first-order steps' and the reward model's gradients then silently stop at
+    every quantised matmul (torch warns "an autograd kernel was not registered"), and the codes are no longer in
+    the layout :mod:`zopro.quantised` reads. The adapters train in eval mode (no dropout), so the repacking would
+    always happen; this turns it off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_judge(cfg: TrainConfig, device: torch.device):

@@ -114,3 +114,32 @@ def test_merged_adapter_leaves_b_zero_and_keeps_its_product_as_the_guide(tmp_pat
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     zo = [r for r in records if r["mode"] == "zo-codes-targeted"]
     assert zo and all(share > 0 for r in zo for share in r["zo_guide_share"])  # B·A still guides
+
+
+def test_nf4_base_passes_gradients_after_an_inference_forward(tmp_path, tiny_dir):
+    # bitsandbytes repacks an NF4 weight for an inference-only CPU kernel (no backward) at the first no-grad forward
+    # in eval mode; after a rollout's generation the first-order gradient must still flow through every quantised
+    # matmul into its input (the adapters of earlier layers learn through them)
+    import bitsandbytes as bnb
+    from zopro.train.loading import load_models
+
+    bundle, _ = load_models(_cfg(tmp_path, tiny_dir, "x", "nf4", target="lora"), torch.device("cpu"))
+    ids = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask, response = torch.ones_like(ids), torch.zeros_like(ids)
+    response[:, 6:] = 1
+    bundle.policy_logprobs(ids, mask, response)  # an inference forward, as a rollout's
+    inputs = []
+
+    def keep(module, args):
+        if args[0].requires_grad:
+            args[0].retain_grad()
+            inputs.append(args[0])
+
+    layers = [m for m in bundle.base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    hooks = [m.register_forward_pre_hook(keep) for m in layers]
+    sums, _ = bundle.policy_logprobs(ids, mask, response, grad=True)
+    sums.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert len(layers) == 14 and len(inputs) >= 7  # layer 1's inputs depend on layer 0's adapters
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
