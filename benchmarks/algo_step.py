@@ -59,6 +59,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, qu
 
         from transformers import BitsAndBytesConfig
 
+        from zopro.train.loading import keep_bnb_layout
+
         quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.bfloat16)
                  if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
@@ -67,6 +69,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, qu
             del base
             base = LlamaForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map={"": device},
                                                     dtype=dtype)
+        keep_bnb_layout(base)  # as the program: QLoRA's backward through the NF4 matmuls (zopro.train.loading)
     return PolicyRewardModel(base, lora_r=r, lora_alpha=2.0 * r, seed=seed), vocab
 
 
