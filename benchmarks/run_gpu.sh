@@ -4,7 +4,8 @@
 # machine with a CUDA GPU and torch + triton preinstalled (no internet, so no `pip install -e .`: the repository is
 # put on PYTHONPATH instead). Everything lands in $OUT (default ./gpu_out): the two pytest logs, pytest-benchmark's
 # raw JSON, the environment, and a copy of the benchmark history (benchmarks/results/history/). Exits non-zero if
-# either pytest run failed; the benchmarks run even when a test fails, so a run is never wasted.
+# either pytest run or the quantised-base memory benchmark failed; the benchmarks run even when a test fails, so a
+# run is never wasted.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -40,7 +41,12 @@ if [ -d .gpu_vendor ]; then
     export PYTHONPATH="$PWD/.gpu_vendor:$PYTHONPATH"
     cuda="$("$PY" -c 'import torch; print((torch.version.cuda or "").replace(".", ""))')"
     if [ -n "$cuda" ] && [ ! -f ".gpu_vendor/bitsandbytes/libbitsandbytes_cuda$cuda.so" ]; then
-        case "$cuda" in 13*) export BNB_CUDA_VERSION=130 ;; *) export BNB_CUDA_VERSION=128 ;; esac
+        case "$cuda" in
+            13*) export BNB_CUDA_VERSION=130 ;;
+            12[0-6]*) export BNB_CUDA_VERSION=126 ;;
+            12*) export BNB_CUDA_VERSION=128 ;;
+            *) echo "torch's CUDA $cuda: no bitsandbytes library of its major version was copied" ;;
+        esac
     fi
 fi
 if "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
@@ -50,6 +56,7 @@ if "$PY" -c "import bitsandbytes" >/dev/null 2>&1; then
 else
     echo "bitsandbytes does not import: quant_zo_memory skipped (benchmarks/vendor_bitsandbytes.sh)" \
         | tee "$OUT/quant_zo_memory.log"
+    [ -d .gpu_vendor ] && quant_rc=1  # carried but unusable: a failure, not a skip
 fi
 
 # The estimates the measurements are compared with in RESULTS.md (compiled for sm_90 from the same launch sites).

@@ -21,29 +21,30 @@ from collections.abc import Mapping
 
 import torch
 
-from zokernels import perturb2_, perturb_
+from zokernels import perturb2_, perturb_, rng
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 from zopro.seeds import derive_seed
 
 SCHEDULES = ("exp", "linear", "constant")
 SCALES = ("paper", "unit", "numel")
 BLOCKS = ("whole", "layer", "tensor")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 BLOCK_WEIGHTS = 0xB10C  # derive_seed(seed, BLOCK_WEIGHTS): the per-block weights of direction ``seed``
 
 
 def block_keys(names: list[str], blocks: str) -> list[str]:
-    """The block of each named tensor: ``whole`` one block; ``layer`` one per transformer layer (the ``layers.N.`` /
-    ``h.N.`` / ``blocks.N.`` in the name; a tensor outside every layer is a block of its own); ``tensor`` one each."""
+    """The block of each named tensor: ``whole`` one block; ``layer`` one per transformer layer (the name up to its
+    ``layers.N.`` / ``layer.N.`` / ``h.N.`` / ``blocks.N.``, so two stacks' layer 3 are two blocks; a tensor outside
+    every layer is a block of its own; no layer in any name is refused); ``tensor`` one each."""
     if blocks == "whole":
         return [""] * len(names)
     if blocks == "tensor":
         return list(names)
-    keys = []
-    for name in names:
-        m = _LAYER.search(name)
-        keys.append(f"layer {m.group(1)}" if m else name)
-    return keys
+    matches = [_LAYER.search(name) for name in names]
+    if names and not any(matches):
+        raise ValueError(f"blocks='layer': no tensor name has a layer index (layers.N., layer.N., h.N. or blocks.N.), "
+                         f"e.g. {names[0]!r}: use blocks='tensor'")
+    return [name[:m.end()] if m else name for name, m in zip(names, matches)]
 
 
 class Isotropic:
@@ -278,11 +279,11 @@ class Targeted(Isotropic):
 
     def block_weights(self, seed: int) -> torch.Tensor:
         """The Gaussian weight of each block in direction ``seed`` (float64, ``[n_blocks]``; all ones with
-        ``blocks="whole"``): a function of the seed alone, so every rank and every replay draws the same."""
+        ``blocks="whole"``): the spec's Gaussians (:mod:`zokernels.rng`) of a seed derived from ``seed``, so every rank,
+        replay and torch version draws the same."""
         if self.blocks == "whole":
             return torch.ones(self.n_blocks, dtype=torch.float64)
-        gen = torch.Generator().manual_seed(derive_seed(seed, BLOCK_WEIGHTS) % 2**63)
-        return torch.randn(self.n_blocks, generator=gen, dtype=torch.float64)
+        return rng.gaussian(derive_seed(seed, BLOCK_WEIGHTS), 0, 0, self.n_blocks).double()  # the Philox spec
 
     def _scale_ratio(self) -> torch.Tensor:
         """Per tensor, the factor ``scale`` puts on its direction (float64): ``numel``: ``sqrt(numel) / |prev|`` on
@@ -352,6 +353,11 @@ class Targeted(Isotropic):
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
+        saved = {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
+                 "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0)}
+        differ = [f"{k} {saved[k]!r} (this sampler: {getattr(self, k)!r})" for k in saved if saved[k] != getattr(self, k)]
+        if differ:
+            raise ValueError(f"the saved {self.name} sampler state is of another sampler: {', '.join(differ)}")
         self.t = int(state["t"])
 
 

@@ -84,13 +84,18 @@ def atomic_publish_dir(tmp: Path, final: Path) -> None:
     tmp, final = Path(tmp), Path(final)
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
+    fsync_tree(tmp)
     if final.exists():
         os.replace(final, aside)
     _publish(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder`` (before a rename publishes it)."""
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
 
 
 def safe_torch_load(path: Path):

@@ -161,16 +161,25 @@ def find_smollm2_gguf() -> Path:
 def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Path:
     """A ``save_pretrained`` folder (safetensors, config, tokenizer) of the GGUF's weights dequantised to ``dtype``:
     what ``--quantize`` loads through bitsandbytes, which takes a float checkpoint (transformers refuses a GGUF with a
-    quantization config). Written once under ``$HF_HOME/zopro/`` (named by the file, its size and ``dtype``),
-    published atomically, reused by later runs; a concurrent writer only wastes its own work."""
+    quantization config). Written once under ``$HF_HOME/zopro/dequantised/`` (named by the file's name, the first 16
+    hex digits of its SHA-256 and ``dtype``) and reused by later runs. Published by one rename that never replaces:
+    of two concurrent writers the second finds the first's folder and drops its own."""
+    import hashlib
+    import os
     import tempfile
 
     from huggingface_hub import constants, hf_hub_download
 
     local = Path(model_id_or_path) / gguf_file
-    if not local.is_file():  # a hub id: the file in the hub cache (nothing is fetched offline)
-        local = Path(hf_hub_download(str(model_id_or_path), gguf_file))
-    name = f"{local.stem}-{local.stat().st_size}-{str(dtype).removeprefix('torch.')}"
+    if not local.is_file():
+        if Path(model_id_or_path).is_dir():
+            raise FileNotFoundError(f"--gguf-file: {local} not found")
+        local = Path(hf_hub_download(str(model_id_or_path), gguf_file))  # a hub id: from the hub cache offline
+    digest = hashlib.sha256()
+    with open(local, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    name = f"{local.stem}-{digest.hexdigest()[:16]}-{str(dtype).removeprefix('torch.')}"
     folder = Path(constants.HF_HOME) / "zopro" / "dequantised" / name
     if (folder / "config.json").is_file():
         return folder
@@ -185,9 +194,12 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del base
-        if (folder / "config.json").is_file():  # another run published it meanwhile
-            return folder
-        checkpoint.atomic_publish_dir(tmp, folder)
+        checkpoint.fsync_tree(tmp)
+        try:
+            os.rename(tmp, folder)  # fails on an existing folder: never replaces one a reader may be loading
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

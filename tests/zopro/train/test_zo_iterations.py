@@ -241,3 +241,23 @@ def test_guide_blocks_reach_the_programs_sampler_and_need_a_guided_sampler():
     assert opt.sampler.blocks == "layer" and opt.sampler.n_blocks == 2
     with pytest.raises(ValueError, match="--guide-blocks: .*isotropic"):
         from_args(["--preset", "smoke", "--guide-blocks", "tensor", "--sampler", "isotropic", "--output-dir", "x"])
+
+
+def test_layer_blocks_follow_each_stack_and_need_a_layer_index():
+    names = ["encoder.layers.3.q", "encoder.layers.3.k", "decoder.layers.3.q", "bert.encoder.layer.0.q", "head"]
+    sampler = Targeted({n: torch.ones(2) for n in names}, None, blocks="layer")
+    sampler.bind(names, [torch.zeros(2) for _ in names])
+    assert sampler.block_index.tolist() == [0, 0, 1, 2, 3]
+    with pytest.raises(ValueError, match="no tensor name has a layer index"):
+        Targeted({"a": torch.ones(2)}, None, blocks="layer").bind(["a", "b"], [torch.zeros(2), torch.zeros(2)])
+
+
+def test_a_sampler_state_of_other_blocks_or_scale_is_refused():
+    prev = _block_prev()
+    w = {n: torch.zeros(6, 3) for n in BLOCK_NAMES}
+    saved = ZOOptimizer(w, lr=0.1, eps=1e-3, sampler=Targeted(prev, None, blocks="layer"), seed=1).state_dict()
+    for other in (dict(blocks="whole"), dict(blocks="layer", scale="paper")):
+        opt = ZOOptimizer(w, lr=0.1, eps=1e-3, sampler=Targeted(prev, None, **other), seed=1)
+        with pytest.raises(ValueError, match="of another sampler"):
+            opt.load_state_dict(saved)
+    ZOOptimizer(w, lr=0.1, eps=1e-3, sampler=Targeted(prev, None, blocks="layer"), seed=1).load_state_dict(saved)
