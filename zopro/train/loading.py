@@ -65,8 +65,11 @@ def load_models(cfg: TrainConfig, device: torch.device):
         if cfg.quantize != "none":
             from transformers import BitsAndBytesConfig
 
+            # NF4 computes in --dtype: a ZO step's finite difference at --zo-eps 1e-2 is ~1e-3 of the loss, far under
+            # bf16's rounding of it (RESULTS.md 11: with bf16 compute the projected gradients came out 20-100x too
+            # large and the ZO iterations diverged); float32 compute costs the CPU nothing here
             quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                        bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype)
+                                        bnb_4bit_compute_dtype=dtype)
                      if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
         if cfg.model == "smollm2":
             gguf = find_smollm2_gguf()

@@ -106,7 +106,13 @@ class Run:
         self.state, live = RunState.from_checkpoint(loaded)
         self.bundle.load_trainable_state_(live.trainable)
         if self.code_space is not None:
-            self.code_space.load_state_(live.objects["base_quantised"])
+            if "base_quantised" in live.objects:
+                self.code_space.load_state_(live.objects["base_quantised"])
+            elif self.progress.iteration > 0:  # codes move (and --zo-merge-adapter merges) from iteration 1 on only
+                raise ValueError(f"checkpoint {loaded.name}: no quantised base to restore for --zo-target "
+                                 f"{self.cfg.zo_target} past iteration 0")
+            # else a checkpoint of iteration 0 from a run that kept no code space (benchmarks.zo_ablation's arms
+            # share one iteration 0): the base as loaded is the base the codes start from
         if "merged_guide" in live.objects:
             self.merged_guide = quant_target.lowrank_from_tensors(live.objects["merged_guide"])
         if self.value_model is not None:

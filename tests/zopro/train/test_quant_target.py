@@ -143,3 +143,26 @@ def test_nf4_base_passes_gradients_after_an_inference_forward(tmp_path, tiny_dir
         h.remove()
     assert len(layers) == 14 and len(inputs) >= 7  # layer 1's inputs depend on layer 0's adapters
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
+
+
+def test_codes_arm_resumes_from_an_iteration0_checkpoint_of_a_lora_run(tmp_path, tiny_dir):
+    # benchmarks.zo_ablation shares iteration 0 between arms: a --zo-target codes arm continues a --zo-target lora
+    # run's iteration-0 checkpoint (no quantised base in it: the codes have not moved yet); past iteration 0 a
+    # checkpoint without one is refused
+    cfg = _cfg(tmp_path, tiny_dir, "shared", "nf4", target="lora")
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False, stop_after_steps=cfg.steps_per_iteration - 1)  # inside iteration 0
+    config = json.loads((tmp_path / "shared" / "config.json").read_text())
+    (tmp_path / "shared" / "config.json").write_text(json.dumps({**config, "zo_target": "codes"}))
+    run(dataclasses.replace(cfg, zo_target="codes"), resume=True, progress=False)
+    moved = torch.load(tmp_path / "shared" / "base_quantised.pt")
+    start = _initial_codes(_cfg(tmp_path, tiny_dir, "shared", "nf4"))
+    assert any(not torch.equal(moved[k], start[k]) for k in moved if k.startswith("codes."))
+
+    late = _cfg(tmp_path, tiny_dir, "late", "nf4", target="lora")
+    with pytest.raises(KeyboardInterrupt):
+        run(late, progress=False, stop_after_steps=late.steps_per_iteration + 1)  # inside iteration 1
+    config = json.loads((tmp_path / "late" / "config.json").read_text())
+    (tmp_path / "late" / "config.json").write_text(json.dumps({**config, "zo_target": "codes"}))
+    with pytest.raises(ValueError, match="no quantised base to restore"):
+        run(dataclasses.replace(late, zo_target="codes"), resume=True, progress=False)
