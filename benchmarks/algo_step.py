@@ -41,7 +41,7 @@ ALGOS = ("forward2", "zopro-isotropic", "zopro-targeted", "zopro-rank_guided", "
 
 def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, quantize: str = "none"):
     """The bundle on a random base; ``quantize`` loads that base through bitsandbytes (NF4 with double
-    quantisation and bf16 compute, or int8), as ``python -m zopro.train --quantize`` does."""
+    quantisation computing in ``dtype``, or int8), as ``python -m zopro.train --quantize`` does."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from zopro.train.models import PolicyRewardModel
@@ -57,13 +57,9 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, qu
     if quantize != "none":
         import tempfile
 
-        from transformers import BitsAndBytesConfig
+        from zopro.train.loading import keep_bnb_layout, quantization_config
 
-        from zopro.train.loading import keep_bnb_layout
-
-        quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
-                 if quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+        quant = quantization_config(quantize, dtype)
         with tempfile.TemporaryDirectory() as tmp:
             base.save_pretrained(tmp)
             del base

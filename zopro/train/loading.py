@@ -61,16 +61,7 @@ def load_models(cfg: TrainConfig, device: torch.device):
         tokenizer = build_tiny_tokenizer()
         base = build_tiny_model(len(tokenizer), seed=seeds.tiny_base).to(device)
     else:
-        quant = None
-        if cfg.quantize != "none":
-            from transformers import BitsAndBytesConfig
-
-            # NF4 computes in --dtype: a ZO step's finite difference at --zo-eps 1e-2 is ~1e-3 of the loss, far under
-            # bf16's rounding of it (RESULTS.md 11: with bf16 compute the projected gradients came out 20-100x too
-            # large and the ZO iterations diverged); float32 compute costs the CPU nothing here
-            quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                        bnb_4bit_compute_dtype=dtype)
-                     if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
+        quant = quantization_config(cfg.quantize, dtype)
         if cfg.model == "smollm2":
             gguf = find_smollm2_gguf()
             model, gguf_file = str(gguf.parent), gguf.name
@@ -86,6 +77,21 @@ def load_models(cfg: TrainConfig, device: torch.device):
     bundle = PolicyRewardModel(base, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, reward_model=reward,
                                seed=seeds.adapters)
     return bundle, tokenizer
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """The ``BitsAndBytesConfig`` of ``--quantize`` (None for ``none``): NF4 with double quantisation computing in
+    ``dtype``, or LLM.int8. NF4 computes in ``--dtype`` because a ZO step's finite difference at ``--zo-eps`` 1e-2 is
+    ~1e-3 of the loss, far under bf16's rounding of it (RESULTS.md 11b: with bf16 compute the projected gradients came
+    out 20-100x too large and the ZO iterations diverged)."""
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def keep_bnb_layout(model: torch.nn.Module) -> None:
