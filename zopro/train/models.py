@@ -42,16 +42,25 @@ LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class _DropBnbCpuKernelMessage(logging.Filter):
     """peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, at ``import peft``), and bitsandbytes
-    0.50 then logs "Failed to load CPU gemm_4bit_forward from kernels-community" on CPUs with AVX512-BF16 when the
-    optional ``kernels`` package cannot fetch its 4-bit kernel; it falls back to its own, so a run that quantises
-    nothing printed what looked like an error. Only that message is dropped."""
+    0.50 then asks the optional ``kernels`` package for a 4-bit CPU kernel on CPUs with AVX512-BF16; it falls back to
+    its own when that fails, so a run that quantises nothing printed what looked like errors: bitsandbytes' "Failed to
+    load CPU gemm_4bit_forward from kernels-community" and, offline, ``kernels``' (>= 0.19, a dependency of
+    transformers >= 5.25) "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'". Only
+    the message starting with ``prefix`` is dropped."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+        return not str(record.msg).startswith(self.prefix)
 
 
 # added before anything here imports peft (imports of peft are lazy, inside functions)
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBnbCpuKernelMessage())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    _DropBnbCpuKernelMessage("Failed to load CPU gemm_4bit_forward"))
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    _DropBnbCpuKernelMessage("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
 
 
 @contextlib.contextmanager

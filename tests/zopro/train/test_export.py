@@ -57,7 +57,7 @@ def test_a_plain_run_prints_no_warnings(finished):
     assert lines == [], lines
 
 
-def test_only_bitsandbytes_cpu_kernel_message_is_dropped(caplog):
+def test_only_the_bitsandbytes_cpu_kernel_messages_are_dropped(caplog):
     import zopro.train.models  # noqa: F401 (installs the filter)
 
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -65,6 +65,14 @@ def test_only_bitsandbytes_cpu_kernel_message_is_dropped(caplog):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no network")
         logger.warning("another message")
     assert [r.getMessage() for r in caplog.records] == ["another message"]
+    caplog.clear()
+    logger = logging.getLogger("kernels._internals.hf_hub")  # kernels >= 0.19 offline, asked by bitsandbytes
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+                       "Hugging Face Hub is in offline mode.")
+        logger.warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode."]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
