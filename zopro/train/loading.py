@@ -171,8 +171,10 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
     """A ``save_pretrained`` folder (safetensors, config, tokenizer) of the GGUF's weights dequantised to ``dtype``:
     what ``--quantize`` loads through bitsandbytes, which takes a float checkpoint (transformers refuses a GGUF with a
     quantization config). Written once under ``$HF_HOME/zopro/dequantised/`` (named by the file's name, the first 16
-    hex digits of its SHA-256 and ``dtype``) and reused by later runs. Published by one rename that never replaces:
-    of two concurrent writers the second finds the first's folder and drops its own."""
+    hex digits of its SHA-256 and ``dtype``) and reused by later runs. One process converts at a time (a lock file beside
+    the folder; the ranks of a torchrun job wait for the first instead of each converting), removes what a killed
+    converter left, and publishes by one rename that never replaces a folder a reader may be loading."""
+    import fcntl
     import hashlib
     import os
     import tempfile
@@ -193,24 +195,31 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
-    try:
-        base, tokenizer = load_base(local.parent, gguf_file=local.name, dtype=dtype)
-        # the weights are plain float tensors after loading; transformers' GGUF marker only refuses to save them
-        base.hf_quantizer = None
-        if hasattr(base.config, "quantization_config"):
-            del base.config.quantization_config
-        base.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del base
-        checkpoint.fsync_tree(tmp)
+    # one converter at a time (the ranks of a torchrun job all start here): the others wait, then reuse its folder
+    with open(folder.parent / f".lock-{name}", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / "config.json").is_file():
+            return folder
+        for stale in folder.parent.glob(f".{name}.*"):  # a killed converter's; a live one would hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
         try:
-            os.rename(tmp, folder)  # fails on an existing folder: never replaces one a reader may be loading
-        except OSError:
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            base, tokenizer = load_base(local.parent, gguf_file=local.name, dtype=dtype)
+            # the weights are plain float tensors after loading; transformers' GGUF marker only refuses to save them
+            base.hf_quantizer = None
+            if hasattr(base.config, "quantization_config"):
+                del base.config.quantization_config
+            base.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            del base
+            checkpoint.fsync_tree(tmp)
+            try:
+                os.rename(tmp, folder)  # fails on an existing folder: never replaces one a reader may be loading
+            except OSError:
+                if not (folder / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -477,7 +478,7 @@ def test_quantize_loads_the_smollm2_gguf_through_a_dequantised_folder(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = dataclasses.replace(preset("default"), quantize="nf4", output_dir=str(tmp_path / "run"))
     bundle, tokenizer = loading.load_models(cfg, torch.device("cpu"))
-    (folder,) = (tmp_path / "hf_home" / "zopro" / "dequantised").iterdir()
+    (folder,) = [f for f in (tmp_path / "hf_home" / "zopro" / "dequantised").iterdir() if f.is_dir()]
     assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and folder.name.endswith("-float32")
     import bitsandbytes as bnb
     layers = [m for m in bundle.base.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -488,3 +489,73 @@ def test_quantize_loads_the_smollm2_gguf_through_a_dequantised_folder(tmp_path, 
     written = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
     loading.load_models(cfg, torch.device("cpu"))  # a second run reuses the folder
     assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == written
+
+
+class _FakeConverted:
+    """What dequantised_gguf needs of load_base's model and tokenizer: save_pretrained."""
+
+    def __init__(self):
+        self.config = type("Config", (), {})()
+
+    def save_pretrained(self, folder):
+        (Path(folder) / "config.json").write_text("{}")
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A GGUF file (any bytes: the converter is faked), HF_HOME in tmp_path, and the list of conversions run."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "m.gguf").write_bytes(b"GGUF fake")
+    calls = []
+
+    def load_base(path, gguf_file=None, dtype=None):
+        calls.append(gguf_file)
+        return _FakeConverted(), _FakeConverted()
+
+    monkeypatch.setattr(loading, "load_base", load_base)
+    return tmp_path / "model", calls
+
+
+def test_dequantised_gguf_removes_what_a_killed_converter_left(fake_gguf, tmp_path):
+    model_dir, calls = fake_gguf
+    folder = loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)
+    assert calls == ["m.gguf"] and (folder / "config.json").is_file()
+    # a converter killed mid-write leaves its temporary folder (".<name>.<random>"); the next conversion removes it
+    import shutil
+
+    shutil.rmtree(folder)
+    stale = folder.parent / f".{folder.name}.k1ll3d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    assert loading.dequantised_gguf(model_dir, "m.gguf", torch.float32) == folder
+    assert not stale.exists() and calls == ["m.gguf"] * 2
+    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]
+
+
+def test_dequantised_gguf_waits_for_a_running_converter_and_reuses_its_folder(fake_gguf, tmp_path):
+    # the ranks of a torchrun job all reach the conversion at once: one converts, the others wait and reuse
+    import fcntl
+    import threading
+
+    model_dir, calls = fake_gguf
+    first = loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)
+    import shutil
+
+    shutil.rmtree(first)  # as if no run had converted yet; the lock file stays
+    (lock_path,) = [p for p in first.parent.iterdir() if p.name.startswith(".lock-")]
+    calls.clear()
+    result = {}
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting
+        waiter = threading.Thread(target=lambda: result.update(
+            folder=loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and calls == []  # blocked, not converting a second copy
+        first.mkdir()
+        (first / "config.json").write_text("{}")  # the other process publishes its folder
+    waiter.join(10)
+    assert not waiter.is_alive() and result["folder"] == first and calls == []
