@@ -166,3 +166,32 @@ def test_codes_arm_resumes_from_an_iteration0_checkpoint_of_a_lora_run(tmp_path,
     (tmp_path / "late" / "config.json").write_text(json.dumps({**config, "zo_target": "codes"}))
     with pytest.raises(ValueError, match="no quantised base to restore"):
         run(dataclasses.replace(late, zo_target="codes"), resume=True, progress=False)
+
+
+def test_two_ranks_move_the_codes_as_one_process_with_the_same_shards(tmp_path, tiny_dir):
+    # data-parallel ZO on the codes: every rank holds the whole base and applies the same update (the same seeds, the
+    # same all-reduced projected gradient, the same stochastic rounding), so a rank whose codes drifted would change
+    # the later steps' losses and the held-out answers it generates (the evaluation is split across the ranks)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    split = {"eval_batch": 2, "n_eval_prompts": 3}
+    one = dataclasses.replace(_cfg(tmp_path, tiny_dir, "one", "nf4"), data_shards=2, **split)
+    run(one, progress=False)
+    root = Path(__file__).resolve().parents[3]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "zopro.train", "--preset", "smoke", "--threads", "1", "--model", str(tiny_dir), "--quantize", "nf4",
+           "--zo-target", "codes", "--eval-batch", "2", "--n-eval-prompts", "3", "--output-dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = [torch.load(tmp_path / name / "base_quantised.pt") for name in ("one", "two")]
+    assert codes[0].keys() == codes[1].keys() and all(torch.equal(codes[0][k], codes[1][k]) for k in codes[0])
+    timing = ("step_time", "peak_rollout", "peak_update")
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("one", "two")]
+    assert metrics[0] == metrics[1] and metrics[0][-1]["mode"] == "zo-codes-targeted"
+    assert (tmp_path / "one" / "eval_samples.jsonl").read_text() == (tmp_path / "two" / "eval_samples.jsonl").read_text()
