@@ -50,7 +50,7 @@ def drift(run_dir: Path) -> dict:
     bundle, _ = load_models(cfg, torch.device("cpu"))
     space = code_space(bundle)
     before = {n: w.dequantize().float() for n, w in space.weights.items()}
-    codes_before = {n: c.clone() for n, c in space.parameters().items()}
+    codes_before = {n: w.codes.clone() for n, w in space.weights.items()}
     space.load_state_(torch.load(run_dir / "base_quantised.pt", weights_only=True))
     adapter = load_file(str(run_dir / "policy_adapter.safetensors"))
     scaling = cfg.lora_alpha / cfg.lora_r
@@ -64,7 +64,7 @@ def drift(run_dir: Path) -> dict:
         dot += float((dw * g).sum())
         dw2 += float((dw * dw).sum())
         g2 += float((g * g).sum())
-        new, old = space.parameters()[name], codes_before[name]
+        new, old = w.codes, codes_before.pop(name)
         if isinstance(w, NF4Weight):  # two 4-bit codes per byte
             changed += int(((new >> 4) != (old >> 4)).sum() + ((new & 15) != (old & 15)).sum())
         else:

@@ -171,8 +171,8 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
     """A ``save_pretrained`` folder (safetensors, config, tokenizer) of the GGUF's weights dequantised to ``dtype``:
     what ``--quantize`` loads through bitsandbytes, which takes a float checkpoint (transformers refuses a GGUF with a
     quantization config). Written once under ``$HF_HOME/zopro/dequantised/`` (named by the file's name, the first 16
-    hex digits of its SHA-256 and ``dtype``) and reused by later runs. One process converts at a time (a lock file beside
-    the folder; the ranks of a torchrun job wait for the first instead of each converting), removes what a killed
+    hex digits of its SHA-256 and ``dtype``) and reused by later runs. One process converts at a time (a lock on the folder's
+    parent; the ranks of a torchrun job wait for the first instead of each converting), removes what a killed
     converter left, and publishes by one rename that never replaces a folder a reader may be loading."""
     import fcntl
     import hashlib
@@ -195,8 +195,10 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # one converter at a time (the ranks of a torchrun job all start here): the others wait, then reuse its folder
-    with open(folder.parent / f".lock-{name}", "a") as lock:
+    # one converter at a time (the ranks of a torchrun job all start here): the others wait, then reuse its folder.
+    # The lock is on the folder's parent itself (as checkpoint.RunLock locks a run directory): taking it writes nothing
+    lock = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (folder / "config.json").is_file():
             return folder
@@ -220,6 +222,8 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(lock)  # releases the flock
     return folder
 
 

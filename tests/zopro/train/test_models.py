@@ -478,7 +478,7 @@ def test_quantize_loads_the_smollm2_gguf_through_a_dequantised_folder(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = dataclasses.replace(preset("default"), quantize="nf4", output_dir=str(tmp_path / "run"))
     bundle, tokenizer = loading.load_models(cfg, torch.device("cpu"))
-    (folder,) = [f for f in (tmp_path / "hf_home" / "zopro" / "dequantised").iterdir() if f.is_dir()]
+    (folder,) = (tmp_path / "hf_home" / "zopro" / "dequantised").iterdir()
     assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-") and folder.name.endswith("-float32")
     import bitsandbytes as bnb
     layers = [m for m in bundle.base.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -532,23 +532,24 @@ def test_dequantised_gguf_removes_what_a_killed_converter_left(fake_gguf, tmp_pa
     (stale / "model.safetensors").write_bytes(b"half written")
     assert loading.dequantised_gguf(model_dir, "m.gguf", torch.float32) == folder
     assert not stale.exists() and calls == ["m.gguf"] * 2
-    assert sorted(p.name for p in folder.parent.iterdir() if p.is_dir()) == [folder.name]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
 def test_dequantised_gguf_waits_for_a_running_converter_and_reuses_its_folder(fake_gguf, tmp_path):
     # the ranks of a torchrun job all reach the conversion at once: one converts, the others wait and reuse
     import fcntl
+    import os
     import threading
 
     model_dir, calls = fake_gguf
     first = loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)
     import shutil
 
-    shutil.rmtree(first)  # as if no run had converted yet; the lock file stays
-    (lock_path,) = [p for p in first.parent.iterdir() if p.name.startswith(".lock-")]
+    shutil.rmtree(first)  # as if no run had converted yet
     calls.clear()
     result = {}
-    with open(lock_path, "a") as lock:
+    lock = os.open(first.parent, os.O_RDONLY | os.O_DIRECTORY)  # the converters' lock: the folders' parent
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting
         waiter = threading.Thread(target=lambda: result.update(
             folder=loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)))
@@ -557,5 +558,7 @@ def test_dequantised_gguf_waits_for_a_running_converter_and_reuses_its_folder(fa
         assert waiter.is_alive() and calls == []  # blocked, not converting a second copy
         first.mkdir()
         (first / "config.json").write_text("{}")  # the other process publishes its folder
+    finally:
+        os.close(lock)
     waiter.join(10)
     assert not waiter.is_alive() and result["folder"] == first and calls == []
