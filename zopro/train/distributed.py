@@ -221,6 +221,12 @@ def set_up(cfg, device: torch.device) -> Ranks:
         comm = torch.device("cuda", local)
     owns = not dist.is_initialized()
     if owns:
+        # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated when the module
+        # is first imported. transformers' from_pretrained imports it; after the group exists its ten defaults would
+        # hold the group, tear_down's destroy_process_group could not free it, and its gloo threads would live on
+        # until the interpreter's exit destroyed them (an occasional "terminate called without an active exception"
+        # and SIGABRT of a finished rank). Imported before the group exists, its defaults are None.
+        import torch.distributed.nn as _  # noqa: F401 (a plain import would make torch a local name here)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=comm if device.type == "cuda" else None)
     return Ranks(rank=rank, world=world, shards=shards, comm_device=comm, owns_group=owns)

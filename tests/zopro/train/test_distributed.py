@@ -224,3 +224,35 @@ def test_a_rank_that_dies_stops_every_rank_and_resume_continues(one_process, tmp
     # the run's config holds its 2 shards: one process resumes it and ends where the uninterrupted run ends
     run(_cfg(out, data_shards=2, **EVAL_SPLIT), resume=True, progress=False)
     _assert_same_run(one_process, out)
+
+
+def test_tear_down_stops_the_gloo_threads_after_transformers_loaded_a_model(tmp_path):
+    # from_pretrained imports torch.distributed.nn, whose functions' default arguments would otherwise hold the
+    # group: destroy_process_group then freed nothing, and the gloo threads were destroyed only at the interpreter's
+    # exit, where a finished rank now and then aborted (SIGABRT, "terminate called without an active exception")
+    from zopro.train.loading import build_tiny_model, build_tiny_tokenizer
+
+    build_tiny_model(len(build_tiny_tokenizer()), seed=0, hidden=32, layers=1, heads=2).save_pretrained(tmp_path / "m")
+    code = ("import os, dataclasses, torch\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "from zopro.train import distributed\n"
+            "from zopro.train.config import preset\n"
+            "def gloo_threads():\n"
+            "    names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+            "    return sorted(n for n in names if 'gloo' in n)\n"
+            "ranks = distributed.set_up(preset('smoke'), torch.device('cpu'))\n"
+            f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'm')!r})\n"
+            "ranks.barrier('the test')\n"
+            "before = gloo_threads()\n"
+            "distributed.tear_down(ranks)\n"
+            "print(before, gloo_threads())\n")
+    port = _free_port()
+    env = [_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+           for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for e in env]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        before, after = out.strip().splitlines()[-1].split("] [")
+        assert "gloo" in before and after == "]", out  # the threads were there (named so), and are gone
