@@ -45,6 +45,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated when the module is first
+# imported. transformers' from_pretrained imports it; imported after the process group exists, its ten defaults would
+# hold the group, destroy_process_group (tear_down, or a library user's) could not free it, and its threads (gloo's,
+# NCCL's watchdog) would live on until the interpreter's exit destroyed them: a finished rank now and then aborted
+# there ("terminate called without an active exception", SIGABRT). Imported here, before any group, they are None.
+import torch.distributed.nn  # noqa: F401
+
 from zopro.seeds import derive_seed
 from zopro.train.losses import clipped_terms
 from zopro.train.rollout import Rollout, collect_rollout, repeat_each
@@ -221,12 +228,6 @@ def set_up(cfg, device: torch.device) -> Ranks:
         comm = torch.device("cuda", local)
     owns = not dist.is_initialized()
     if owns:
-        # torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, evaluated when the module
-        # is first imported. transformers' from_pretrained imports it; after the group exists its ten defaults would
-        # hold the group, tear_down's destroy_process_group could not free it, and its gloo threads would live on
-        # until the interpreter's exit destroyed them (an occasional "terminate called without an active exception"
-        # and SIGABRT of a finished rank). Imported before the group exists, its defaults are None.
-        import torch.distributed.nn as _  # noqa: F401 (a plain import would make torch a local name here)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=comm if device.type == "cuda" else None)
     return Ranks(rank=rank, world=world, shards=shards, comm_device=comm, owns_group=owns)
