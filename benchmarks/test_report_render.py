@@ -11,9 +11,8 @@ import subprocess
 
 import pytest
 
-from zopro.train import visualize
+from zopro.train import run, visualize
 from zopro.train.config import preset
-from zopro.train import run
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks import zo_ablation
-from zopro.train.config import from_args
 from zopro.train import run
+from zopro.train.config import from_args
 
 
 def test_an_arm_is_the_fresh_run_of_its_config(tmp_path):

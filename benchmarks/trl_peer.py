@@ -33,9 +33,9 @@ def main(argv=None) -> dict:
     from trl import RLOOConfig, RLOOTrainer
 
     from zopro.train import memory
-    from zopro.train.loading import find_smollm2_gguf, load_base
     from zopro.train.data import load_default_prompts
     from zopro.train.judges import HeuristicJudge
+    from zopro.train.loading import find_smollm2_gguf, load_base
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -172,15 +172,16 @@ def markdown(env: dict, tag: str, extra: list[str], results: dict, table: dict) 
     moved = [(name, s, r["movement"]) for name, per_seed in results.items() for s, r in per_seed.items()
              if r.get("movement")]
     if moved:
-        lines += ["", "| arm | seed | iteration 0's update (L2) | later iterations' movement (L2) | cosine with iteration "
-                      "0's update | share of iteration 0's update undone | ZO steps with g > 0 |",
+        lines += ["", "| arm | seed | iteration 0's update (L2) | later iterations' movement (L2) | cosine with "
+                      "iteration 0's update | share of iteration 0's update undone | ZO steps with g > 0 |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for name, s, m in moved:
             grads = results[name][s]["later_grads"]
             pos = f"{sum(g > 0 for g in grads)}/{len(grads)}" if grads else "-"
             cos = f"{m['cosine']:+.4f}" if m["cosine"] is not None else "-"
             back = f"{m['back']:+.3f}" if m["back"] is not None else "-"
-            lines.append(f"| {name} | {s} | {m['iteration0_norm']:.3f} | {m['later_norm']:.3f} | {cos} | {back} | {pos} |")
+            lines.append(f"| {name} | {s} | {m['iteration0_norm']:.3f} | {m['later_norm']:.3f} | {cos} | {back} "
+                         f"| {pos} |")
     if table.get("full", {}).get("recovered_share_of_fo") is not None:
         lines += ["", f"Share of first-order's gain over iter1 that the ZO iterations recover: "
                       f"{table['full']['recovered_share_of_fo']:.2f}."]

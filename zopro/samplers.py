@@ -355,7 +355,8 @@ class Targeted(Isotropic):
         _check_name(self, state)
         saved = {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
                  "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0)}
-        differ = [f"{k} {saved[k]!r} (this sampler: {getattr(self, k)!r})" for k in saved if saved[k] != getattr(self, k)]
+        differ = [f"{k} {saved[k]!r} (this sampler: {getattr(self, k)!r})"
+                  for k in saved if saved[k] != getattr(self, k)]
         if differ:
             raise ValueError(f"the saved {self.name} sampler state is of another sampler: {', '.join(differ)}")
         self.t = int(state["t"])

@@ -9,8 +9,8 @@ import torch
 from zokernels import rng
 from zokernels.guided import LowRank
 from zopro.optim import ZOOptimizer
-from zopro.seeds import derive_seed
 from zopro.samplers import Isotropic, RankGuided, Targeted
+from zopro.seeds import derive_seed
 
 
 def _rand(shape, seed, scale=1.0):

@@ -13,8 +13,8 @@ import torch
 
 from zokernels import rng
 from zopro.optim import ZOOptimizer
-from zopro.seeds import derive_seed
 from zopro.samplers import Targeted
+from zopro.seeds import derive_seed
 
 # |z| of the spec's Gaussian never exceeds 4.71 (zokernels.rng docstring)
 Z_MAX = 4.72

@@ -4,8 +4,8 @@
 Modules, in the order a run uses them: ``config`` (the flags), ``loading`` (data, base models, judge), ``models``
 (the shared-base bundle), ``reward_model`` (an external reward model), ``rollout``, ``losses``, ``reward`` (the
 reward adapter), ``updaters`` (first-order and ZO steps), ``ppo`` (the PPO baseline), ``guides``, ``evaluation``,
-``state`` (the run's checkpointed state), ``checkpoint``, ``report``, ``memory``, and ``program`` (the run itself). Commands:
-``python -m zopro.train``, ``python -m zopro.train.evaluate``, ``python -m zopro.train.export``.
+``state`` (the run's checkpointed state), ``checkpoint``, ``report``, ``memory``, and ``program`` (the run itself).
+Commands: ``python -m zopro.train``, ``python -m zopro.train.evaluate``, ``python -m zopro.train.export``.
 """
 
 from zopro.train.program import main, run

@@ -6,10 +6,10 @@
 For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
 identity) and the run's final policy adapter, both evaluated as the training program does
 (``zopro.train.evaluation.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after,
-change with its paired standard error) and writes nothing into the run. Use it on runs made before a change of the evaluation, or
-to tell a run's effect from sampling noise with more samples than the job itself spent. ``--probe-guide`` scores
-the final policy moved along the run's guide instead (:func:`probe_guide`): whether the guide carries reward before
-ZO steps are spent on it.
+change with its paired standard error) and writes nothing into the run. Use it on runs made before a change of the
+evaluation, or to tell a run's effect from sampling noise with more samples than the job itself spent.
+``--probe-guide`` scores the final policy moved along the run's guide instead (:func:`probe_guide`): whether the
+guide carries reward before ZO steps are spent on it.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from zopro.train import checkpoint, models
-from zopro.train.loading import find_smollm2_gguf, load_base
 from zopro.train.config import TrainConfig
+from zopro.train.loading import find_smollm2_gguf, load_base
 
 
 def _finished_config(run_dir: Path) -> TrainConfig:

@@ -171,8 +171,8 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
     """A ``save_pretrained`` folder (safetensors, config, tokenizer) of the GGUF's weights dequantised to ``dtype``:
     what ``--quantize`` loads through bitsandbytes, which takes a float checkpoint (transformers refuses a GGUF with a
     quantization config). Written once under ``$HF_HOME/zopro/dequantised/`` (named by the file's name, the first 16
-    hex digits of its SHA-256 and ``dtype``) and reused by later runs. One process converts at a time (a lock on the folder's
-    parent; the ranks of a torchrun job wait for the first instead of each converting), removes what a killed
+    hex digits of its SHA-256 and ``dtype``) and reused by later runs. One process converts at a time (a lock on the
+    folder's parent; the ranks of a torchrun job wait for the first instead of each converting), removes what a killed
     converter left, and publishes by one rename that never replaces a folder a reader may be loading."""
     import fcntl
     import hashlib

@@ -33,8 +33,19 @@ import torch
 
 from zopro.seeds import RunSeeds, derive_seed
 from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
-from zopro.train.config import (RESUME_OVERRIDES, TrainConfig, eval_config, flag, from_args, load_saved,
-                                resume_differences, reward_config, sampling_config, validate, zo_config)
+from zopro.train.config import (
+    RESUME_OVERRIDES,
+    TrainConfig,
+    eval_config,
+    flag,
+    from_args,
+    load_saved,
+    resume_differences,
+    reward_config,
+    sampling_config,
+    validate,
+    zo_config,
+)
 from zopro.train.evaluation import evaluate, paired_change
 from zopro.train.guides import next_guide
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device, save_tiny_base
@@ -44,7 +55,6 @@ from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, rewar
 from zopro.train.rollout import collect_rollout, repeat_each
 from zopro.train.state import LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
-
 
 # the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
 MERGE_STEP = 1 << 40

@@ -1,9 +1,9 @@
 """``python -m zopro.train.visualize RUN_DIR [RUN_DIR ...] [--out DIR]``: how the policy and the reward model moved.
 
 Reads what a run directory holds (finished or still running; first-order, ZO, mixed, PPO, quantised): its
-``config.json``, ``metrics.jsonl`` and the adapter snapshots of :mod:`zopro.train.snapshots`, and writes PNGs, the numbers
-behind them (``report.json``) and one self-contained ``report.html`` (images embedded as base64, no script, nothing
-fetched). Sections:
+``config.json``, ``metrics.jsonl`` and the adapter snapshots of :mod:`zopro.train.snapshots`, and writes PNGs, the
+numbers behind them (``report.json``) and one self-contained ``report.html`` (images embedded as base64, no script,
+nothing fetched). Sections:
 
 * curves from ``metrics.jsonl`` (reward-model score, judge score, KL, loss, step time), one line per run directory;
 * per run, the policy and reward trajectories projected to 2D: PCA in torch on all of the run's snapshots (t-SNE

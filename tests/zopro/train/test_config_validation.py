@@ -7,8 +7,8 @@ from dataclasses import fields
 
 import pytest
 
-from zopro.train.config import RANGES, TrainConfig, coerce, from_args, preset, resume_differences, validate
 from zopro.train import main, run
+from zopro.train.config import RANGES, TrainConfig, coerce, from_args, preset, resume_differences, validate
 
 
 def _fails(argv, out, capsys, message):

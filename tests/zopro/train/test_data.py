@@ -1,4 +1,5 @@
-"""zopro.train.data: local files, the three hub loaders on local files of the real schema, splitting, default prompts."""
+"""zopro.train.data: local files, the three hub loaders on local files of the real schema, splitting, default
+prompts."""
 
 import json
 import random

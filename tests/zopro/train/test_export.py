@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.train import checkpoint
+from zopro.train import checkpoint, run
 from zopro.train.config import TrainConfig, load_saved
 from zopro.train.export import main as export_main
-from zopro.train import run
 from zopro.train.loading import load_models
 
 ROOT = Path(__file__).resolve().parents[3]

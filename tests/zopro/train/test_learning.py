@@ -34,11 +34,11 @@ import re
 import pytest
 import torch
 
+from zopro.optim import ZOOptimizer
+from zopro.samplers import Isotropic, Targeted
 from zopro.train.loading import build_tiny_model, build_tiny_tokenizer
 from zopro.train.models import PolicyRewardModel
-from zopro.optim import ZOOptimizer
 from zopro.train.rollout import collect_rollout
-from zopro.samplers import Isotropic, Targeted
 from zopro.train.updaters import first_order_step, surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py

@@ -472,6 +472,7 @@ def test_quantize_loads_the_smollm2_gguf_through_a_dequantised_folder(tmp_path, 
     except FileNotFoundError as err:
         pytest.skip(f"SmolLM2 GGUF not installed: {err}")
     from huggingface_hub import constants
+
     from zopro.train.config import preset
 
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from zopro.train import checkpoint, program
+from zopro.train import checkpoint, main, program, run
 from zopro.train.config import preset
 from zopro.train.evaluate import main as evaluate_main
-from zopro.train import main, run
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update", "wall_seconds", "resumed", "output_dir"}
 
@@ -137,7 +136,7 @@ def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(
     # the plot (written straight, not published; rewritten by every resume) cost ~0.3 s a call: 12 calls here
     monkeypatch.setattr(program, "plot_rewards", lambda records, path: None)
     out = tmp_path / "killed"
-    for i, target in enumerate(kills):
+    for i, target in enumerate(kills):  # noqa: B007 (killing_publish reads it)
         with pytest.raises(KeyboardInterrupt, match="killed before writing"):
             run(_cfg(out), resume=i > 0, progress=False)
     target = None

@@ -9,12 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from zopro.seeds import RunSeeds
+from zopro.train import main, run
 from zopro.train.config import TrainConfig, eval_config, from_args, preset
 from zopro.train.evaluate import main as evaluate_main
-from zopro.train.evaluation import reevaluate
+from zopro.train.evaluation import paired_change, reevaluate
 from zopro.train.judges import HeuristicJudge
-from zopro.train import main, run
-from zopro.train.evaluation import paired_change
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
 
@@ -242,8 +241,8 @@ def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
 
 
 def test_pairwise_judge_scores_after_against_before(tmp_path):
-    from zopro.train.judges import CallableJudge
     from zopro.train.evaluation import evaluate
+    from zopro.train.judges import CallableJudge
     from zopro.train.loading import load_models
 
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=3)  # one prompt per generate call

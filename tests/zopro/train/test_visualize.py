@@ -20,9 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from zopro.train import checkpoint, visualize
+from zopro.train import checkpoint, run, visualize
 from zopro.train.config import preset
-from zopro.train import run
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
 

@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from zopro import Targeted, ZOOptimizer
+from zopro.train import run
 from zopro.train.checkpoint import load as load_checkpoint
 from zopro.train.config import preset
 from zopro.train.evaluate import main as evaluate_main
+from zopro.train.guides import adam_direction, next_guide
 from zopro.train.models import PolicyRewardModel
 from zopro.train.rollout import collect_rollout, tokenize_prompts
-from zopro.train import run
-from zopro.train.guides import adam_direction, next_guide
 from zopro.train.updaters import logprob_temperature, surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
@@ -224,9 +224,9 @@ def test_block_weights_are_standard_normal_and_independent():
 
 
 def test_guide_blocks_reach_the_programs_sampler_and_need_a_guided_sampler():
+    from zopro.seeds import RunSeeds
     from zopro.train.config import from_args, zo_config
     from zopro.train.updaters import make_zo_optimizer
-    from zopro.seeds import RunSeeds
 
     cfg, _ = from_args(["--preset", "smoke", "--guide-blocks", "layer", "--output-dir", "unused"])
     params = {"model.layers.0.a": torch.nn.Parameter(torch.zeros(3)),
