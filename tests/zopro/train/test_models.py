@@ -4,8 +4,12 @@ zopro.train.reward_model) on a tiny random Llama (CPU, seconds) and, when instal
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import importlib.metadata
 import importlib.util
+import os
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -525,8 +529,6 @@ def test_dequantised_gguf_removes_what_a_killed_converter_left(fake_gguf, tmp_pa
     folder = loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)
     assert calls == ["m.gguf"] and (folder / "config.json").is_file()
     # a converter killed mid-write leaves its temporary folder (".<name>.<random>"); the next conversion removes it
-    import shutil
-
     shutil.rmtree(folder)
     stale = folder.parent / f".{folder.name}.k1ll3d"
     stale.mkdir()
@@ -538,14 +540,8 @@ def test_dequantised_gguf_removes_what_a_killed_converter_left(fake_gguf, tmp_pa
 
 def test_dequantised_gguf_waits_for_a_running_converter_and_reuses_its_folder(fake_gguf, tmp_path):
     # the ranks of a torchrun job all reach the conversion at once: one converts, the others wait and reuse
-    import fcntl
-    import os
-    import threading
-
     model_dir, calls = fake_gguf
     first = loading.dequantised_gguf(model_dir, "m.gguf", torch.float32)
-    import shutil
-
     shutil.rmtree(first)  # as if no run had converted yet
     calls.clear()
     result = {}
