@@ -382,8 +382,10 @@ class PolicyRewardModel:
                 policy_config.base_model_name_or_path = base_model_name_or_path
             # peft keeps "all-linear" resolved as a set, written in hash order: sorted, a rewrite is byte-identical
             policy_config.target_modules = _sorted_targets(policy_config.target_modules)
-            # non-default adapter names go to a subfolder of that name: directory / "policy"
-            self.model.save_pretrained(str(directory), selected_adapters=[POLICY])
+            # non-default adapter names go to a subfolder of that name: directory / "policy". The base's embeddings
+            # are never saved: zopro neither resizes the vocabulary nor changes them (peft's "auto" probes the base's
+            # config.json for a resize, and warns when the base is a folder without one: a GGUF's, SmolLM2's)
+            self.model.save_pretrained(str(directory), selected_adapters=[POLICY], save_embedding_layers=False)
             base_name = policy_config.base_model_name_or_path  # peft fills it in when it was None
         finally:
             policy_config.base_model_name_or_path, policy_config.target_modules = kept
@@ -393,7 +395,7 @@ class PolicyRewardModel:
         config.task_type, config.modules_to_save, config.inference_mode = "SEQ_CLS", ["score"], True
         config.base_model_name_or_path = base_name
         config.target_modules = _sorted_targets(config.target_modules)
-        tensors = get_peft_model_state_dict(self.model, adapter_name=REWARD)
+        tensors = get_peft_model_state_dict(self.model, adapter_name=REWARD, save_embedding_layers=False)
         tensors["base_model.model.score.weight"] = self.score_head.weight  # the key PEFT writes for a saved module
         folder = directory / REWARD
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ import importlib.util
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from zopro.train import loading
@@ -559,3 +561,17 @@ def test_dequantised_gguf_waits_for_a_running_converter_and_reuses_its_folder(fa
         os.close(lock)
     waiter.join(10)
     assert not waiter.is_alive() and result["folder"] == first and calls == []
+
+
+def test_adapters_save_without_warnings_for_a_base_folder_without_config(models_bundle, tmp_path):
+    # the embedded job's base is a GGUF file in a package folder without config.json: peft's default probe of the
+    # base's vocabulary warned "Could not find a config file" at the end of every default run
+    gguf_folder = tmp_path / "gguf"
+    gguf_folder.mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = models_bundle.save_pretrained(tmp_path / "out", base_model_name_or_path=str(gguf_folder))
+    assert [str(w.message) for w in caught] == []
+    assert names == ["policy", "reward"]
+    assert all(not k.startswith("base_model.model.model.embed_tokens") for k in
+               load_file(tmp_path / "out" / "policy" / "adapter_model.safetensors"))
