@@ -8,8 +8,11 @@ tensors, whatever the device the judge runs on.
 * :class:`CallableJudge` wraps a Python function.
 * :class:`RewardModelJudge` uses a sequence-classification model with one label (a "gold" reward model).
 * :class:`LLMJudge` asks a causal LM "A or B?" and reads the next-token log-probabilities, in both orders.
-* :class:`HeuristicJudge` is a deterministic rule-based stand-in for a real judge, used by the default CPU preset
-  because no large judge model can be downloaded offline. It is not a model of human preference.
+* :class:`VaderJudge` scores a completion's sentiment with VADER (Hutto & Gilbert 2014; the ``vaderSentiment``
+  package, MIT, its lexicon shipped inside it): an external gold scorer that needs no download, the default job's.
+* :class:`FunctionJudge` wraps a user's ``score(prompt, completion) -> float`` (``--judge python:MODULE:FUNCTION``).
+* :class:`HeuristicJudge` is a deterministic rule-based stand-in for a real judge, used by the ``assistant`` preset.
+  It is our own code and not a model of human preference.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_JUDGE_TEMPLATE",
     "CallableJudge",
+    "FunctionJudge",
     "HeuristicJudge",
     "Judge",
     "LLMJudge",
     "RewardModelJudge",
+    "VaderJudge",
 ]
 
 
@@ -120,6 +125,56 @@ class CallableJudge:
                 raise ValueError(f"fn returned {value} for item {i}; expected a probability in [0, 1]")
             out.append(value)
         return torch.tensor(out, dtype=torch.float32)
+
+
+class FunctionJudge(_ScoreJudge):
+    """Wraps ``fn(prompt, completion) -> float``, a per-completion score (higher is better), for ``score``; ``prefer``
+    is ``sigmoid((score_a - score_b) / temperature)``.
+
+    A call that raises, or returns anything but a finite real number, raises ``ValueError`` naming ``name``, the item
+    and what went wrong (the training program turns it into one line on stderr)."""
+
+    def __init__(self, fn: Callable[[str, str], float], name: str = "the judge", temperature: float = 1.0):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn, self.name = fn, name
+        self.temperature = _check_positive_float("temperature", temperature)
+
+    def score(self, prompts: list[str], completions: list[str]) -> Tensor:
+        """``[N]`` float32: ``fn(prompts[i], completions[i])`` for each i."""
+        prompts, completions = _check_text_batch(prompts=prompts, completions=completions)
+        out = []
+        for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            try:
+                value = self.fn(p, c)
+            except Exception as err:  # noqa: BLE001 (a user's scorer: whatever it raises is reported in one line)
+                raise ValueError(f"{self.name} raised {type(err).__name__} on completion {i} ({c[:40]!r}): "
+                                 f"{err}") from None
+            if isinstance(value, Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{self.name} returned {value!r} for completion {i} ({c[:40]!r}); expected a "
+                                 "finite number")
+            out.append(float(value))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+class VaderJudge(FunctionJudge):
+    """VADER's compound sentiment score of the completion alone, in [-1, 1] (the prompt is not read): the gold judge
+    of the default job, as the sentiment classifiers of DPO's and Ziegler et al.'s controlled sentiment tasks are.
+
+    ``temperature`` 0.25 makes a pair 0.5 apart (about one standard deviation of SmolLM2-135M-Instruct's answers on
+    the default task) a 0.88 preference, so judged pairs carry graded soft labels rather than near-certain ones."""
+
+    def __init__(self, temperature: float = 0.25):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise ValueError("--judge vader: the vaderSentiment package is not installed (pip install "
+                             "vaderSentiment)") from None
+        analyzer = SentimentIntensityAnalyzer()
+        super().__init__(lambda prompt, completion: analyzer.polarity_scores(completion)["compound"],
+                         name="--judge vader", temperature=temperature)
 
 
 # --------------------------------------------------------------------------------------------------------------------

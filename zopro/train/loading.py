@@ -34,8 +34,13 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def load_prompts(cfg: TrainConfig):
-    """(train records, eval records) for the configured dataset."""
-    if cfg.dataset == "default":
+    """(train records, eval records) for the configured dataset. The describe task's split is fixed: its first
+    ``--n-eval-prompts`` held-out prompts, evenly spaced over the 256, are the evaluation's."""
+    if cfg.dataset == "describe":
+        train, held_out = data.load_describe()
+        held_out = evenly_spaced(held_out, cfg.n_eval_prompts)
+        return (train[:cfg.max_prompts] if cfg.max_prompts else train), held_out
+    if cfg.dataset in ("assistant", "default"):
         records = data.load_default_prompts()
     elif cfg.dataset == "hh-rlhf":
         records = data.load_hh_rlhf("train", cfg.dataset_path or None)
@@ -51,6 +56,13 @@ def load_prompts(cfg: TrainConfig):
     if cfg.max_prompts:
         train = train[:cfg.max_prompts]
     return train, held_out
+
+
+def evenly_spaced(items: list, n: int) -> list:
+    """``n`` of ``items``, evenly spaced and in order (all of them for ``n >= len(items)``)."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def load_models(cfg: TrainConfig, device: torch.device):
@@ -108,10 +120,31 @@ def keep_bnb_layout(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def python_scorer(spec: str):
+    """The function ``FUNCTION`` of module ``MODULE`` named by ``--judge python:MODULE:FUNCTION`` (the module is
+    imported as Python imports it: from the current directory or an installed package); one-line ``ValueError``s."""
+    _, _, target = spec.partition(":")
+    module_name, _, function_name = target.rpartition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--judge {spec}: use python:MODULE:FUNCTION")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 (ImportError, or whatever the module raised on import)
+        raise ValueError(f"--judge {spec}: cannot import {module_name!r} ({type(err).__name__}: {err})") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise ValueError(f"--judge {spec}: module {module_name!r} has no function {function_name!r}")
+    return fn
+
+
 def load_judge(cfg: TrainConfig, device: torch.device):
     if cfg.judge == "heuristic":
         return judges.HeuristicJudge()
+    if cfg.judge == "vader":
+        return judges.VaderJudge()
     kind, _, name = cfg.judge.partition(":")
+    if kind == "python":
+        return judges.FunctionJudge(python_scorer(cfg.judge), name=f"--judge {cfg.judge}")
     if kind == "llm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
