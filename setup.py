@@ -26,6 +26,7 @@ setup(
         "pyyaml",  # --config file.yaml
         "tqdm",
         "matplotlib",  # reward-curve and benchmark PNGs
+        "vaderSentiment",  # the default job's gold judge (--judge vader): MIT, its lexicon shipped in the wheel
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

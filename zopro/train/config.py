@@ -18,14 +18,17 @@ GUIDE_BLOCKS = ("whole", "layer", "tensor")  # zopro.samplers.BLOCKS (kept light
 LOSSES = ("sequence", "token")
 QUANTIZE = ("none", "nf4", "int8")
 ZO_TARGETS = ("lora", "scales", "codes")
-DATASETS = ("default", "hh-rlhf", "tldr", "wmt20")
+# "default" is the assistant prompts' name before the describe task became the default job (kept for saved runs)
+DATASETS = ("describe", "assistant", "default", "hh-rlhf", "tldr", "wmt20")
+REWARDS = ("model", "judge")
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a ZOPrO run. ``python -m zopro.train --help`` lists them as flags."""
 
-    preset: str = field(default="default", metadata={"help": "embedded default, smoke, hh-rlhf, tldr or wmt20"})
+    preset: str = field(default="default", metadata={
+        "help": "default (the describe task), smoke, assistant, hh-rlhf, tldr or wmt20"})
     output_dir: str = field(default="runs/zopro", metadata={"help": "run directory (config, metrics, adapters)"})
     # models
     model: str = field(default="smollm2", metadata={
@@ -47,27 +50,38 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: all cores)"})
     # data and judge
-    dataset: str = field(default="default", metadata={
-        "help": "default (shipped prompts), hh-rlhf, tldr, wmt20, or a .json/.jsonl/.parquet file"})
+    dataset: str = field(default="describe", metadata={
+        "help": "describe (shipped: 608 training and 256 held-out prompts, a fixed split), assistant (shipped "
+                "instructions), hh-rlhf, tldr, wmt20, or a .json/.jsonl/.parquet file"})
     dataset_path: str = field(default="", metadata={"help": "local files with the hub dataset's schema"})
-    judge: str = field(default="heuristic", metadata={
-        "help": "'heuristic', 'llm:<causal LM id/path>' or 'reward:<sequence classifier id/path>'"})
-    n_eval_prompts: int = 32
+    judge: str = field(default="vader", metadata={
+        "help": "the gold judge: 'vader' (VADER sentiment of the answer), 'python:MODULE:FUNCTION' (your "
+                "score(prompt, completion) -> float), 'heuristic' (ours), 'llm:<causal LM id/path>' or "
+                "'reward:<sequence classifier id/path>'"})
+    reward: str = field(default="model", metadata={
+        "help": "what the policy optimises: model (a reward model learned from judge-labelled pairs, the paper's "
+                "loop; the judge only labels pairs and evaluates) or judge (the judge's score itself)"})
+    n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
     # 8 samples: with one, the paired standard error of the default job's change was ~0.08, as large as the effect;
     # with 8 it was 0.029-0.042 (seeds 0-2, benchmarks/RESULTS.md section 4). 64 rows a call: 8 samples x 32 prompts
     # took 46 s, against 56 s at 32 rows or all 256 at once (SmolLM2-135M, 2 CPU cores).
-    eval_samples: int = field(default=8, metadata={
+    eval_samples: int = field(default=2, metadata={
         "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
                 "tell a run's effect from sampling)"})
     eval_batch: int = field(default=64, metadata={
         "help": "rows per generate call in the held-out evaluation (at least one prompt's samples); the samples "
                 "depend on it, as on the seed"})
+    eval_every: int = field(default=4, metadata={
+        "help": "steps between in-run evaluations on --eval-curve-prompts held-out prompts (a learning curve in "
+                "eval_curve.jsonl; 0: none)"})
+    eval_curve_prompts: int = field(default=32, metadata={
+        "help": "held-out prompts of the in-run evaluation (evenly spaced over the held-out set, one answer each)"})
     log_judge_score: bool = field(default=True, metadata={
         "help": "score each rollout with the judge too (metrics 'judge_score'; judges with a per-completion score)"})
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
     k: int = field(default=4, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     max_new_tokens: int = 32
     max_prompt_len: int = 96
     temperature: float = 0.7
@@ -171,6 +185,7 @@ class EvalConfig:
     sampling: SamplingConfig
     samples: int
     batch: int
+    logprob_temperature: float  # of the answers' KL: the sampling temperature unless --logprob-temperature
 
 
 @dataclass(frozen=True)
@@ -210,7 +225,8 @@ def sampling_config(cfg: TrainConfig) -> SamplingConfig:
 
 
 def eval_config(cfg: TrainConfig) -> EvalConfig:
-    return EvalConfig(sampling=sampling_config(cfg), samples=cfg.eval_samples, batch=cfg.eval_batch)
+    return EvalConfig(sampling=sampling_config(cfg), samples=cfg.eval_samples, batch=cfg.eval_batch,
+                      logprob_temperature=cfg.logprob_temperature or cfg.temperature)
 
 
 def reward_config(cfg: TrainConfig) -> RewardConfig:
@@ -234,11 +250,15 @@ def _preset_values() -> dict[str, dict]:
                  iterations=4, steps_per_iteration=50, reward_pairs=256, reward_init_steps=200, reward_batch=16,
                  reward_steps=50, n_eval_prompts=128, eval_samples=4, eval_batch=128, fo_microbatch=16,
                  max_prompts=20000)
+    # the default job before the describe task: the shipped instructions and the heuristic judge
+    assistant = dict(dataset="assistant", judge="heuristic", n_eval_prompts=32, eval_samples=8, eval_every=0,
+                     prompts_per_step=4)
     return {
         "default": {},
-        "smoke": dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
-                      max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2,
-                      reward_steps=2, reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0),
+        "assistant": assistant,
+        "smoke": dict(assistant, model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2,
+                      max_new_tokens=6, max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16,
+                      reward_init_steps=2, reward_steps=2, reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0),
         "hh-rlhf": dict(llama, dataset="hh-rlhf"),
         "tldr": dict(llama, dataset="tldr"),
         "wmt20": dict(llama, dataset="wmt20"),
@@ -260,7 +280,8 @@ def preset(name: str) -> TrainConfig:
 # an int field not listed must be non-negative. A new numeric field is checked by adding it here.
 RANGES = {
     "k": "[2, inf)", "seed": "[0, 18446744073709551616)",  # seeds are 64-bit (derive_seed, torch generators)
-    **dict.fromkeys(("prompts_per_step", "max_new_tokens", "max_prompt_len", "iterations", "steps_per_iteration",
+    **dict.fromkeys(("prompts_per_step", "max_new_tokens", "eval_curve_prompts", "max_prompt_len", "iterations",
+                     "steps_per_iteration",
                      "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
                      "eval_batch", "zo_epochs"), "[1, inf)"),
     **dict.fromkeys(("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature", "lora_alpha", "d_tau"), "(0, inf)"),
@@ -268,7 +289,7 @@ RANGES = {
     "logprob_temperature": "[0, inf)",  # 0: the sampling --temperature
     "clip": "(0, 1)", "d0": "[0, 1]", "reward_merge_alpha": "(0, 1]",
 }
-CHOICES = {"zo_target": ZO_TARGETS, "algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES,
+CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES,
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"), "guide": GUIDES,
@@ -366,8 +387,19 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.dataset_path and not os.path.exists(cfg.dataset_path):
         bad("dataset_path", f"not found: {cfg.dataset_path}")
     kind, colon, name = cfg.judge.partition(":")
-    if not (cfg.judge == "heuristic" or (colon and kind in ("llm", "reward") and name.strip())):
-        bad("judge", f"{cfg.judge!r}: use 'heuristic', 'llm:<model>' or 'reward:<model>'")
+    if not (cfg.judge in ("heuristic", "vader") or (colon and kind in ("llm", "reward") and name.strip())
+            or (kind == "python" and re.fullmatch(r"[\w.]+:\w+", name))):
+        bad("judge", f"{cfg.judge!r}: use 'vader', 'python:MODULE:FUNCTION', 'heuristic', 'llm:<model>' or "
+                     "'reward:<model>'")
+    if cfg.reward == "judge" and kind == "llm":
+        bad("reward", "judge needs a judge with a score per answer; an llm: judge only compares pairs")
+    if cfg.reward == "judge" and cfg.reward_model:
+        bad("reward", "judge optimises the judge's score: drop --reward-model, or use --reward model")
+    if cfg.dataset == "describe" and cfg.n_eval_prompts > 256:
+        bad("n_eval_prompts", f"the describe task holds out 256 prompts, got {cfg.n_eval_prompts}")
+    if cfg.eval_every and cfg.eval_curve_prompts > cfg.n_eval_prompts:
+        bad("eval_curve_prompts", f"must be at most --n-eval-prompts ({cfg.n_eval_prompts}), got "
+                                  f"{cfg.eval_curve_prompts}")
     if not cfg.output_dir.strip():
         bad("output_dir", "must not be empty")
     if cfg.reward_model and cfg.sampler != "isotropic":
@@ -465,9 +497,15 @@ def _settings(path: Path, what: str, where: str) -> dict:
         raise ValueError(f"{where}: {err}") from None
 
 
+# Settings added after runs were saved without them, with the value that reproduces what those runs did; a saved
+# config without one of these keys is read with this value, not the field's default.
+LEGACY = {"reward": "model", "eval_every": 0, "eval_curve_prompts": 32}
+
+
 def load_saved(path: Path) -> dict:
-    """The settings in a run's ``config.json`` (raw mapping; the caller fills missing fields)."""
-    return _settings(Path(path), "--resume", str(path))
+    """The settings in a run's ``config.json`` (raw mapping; a setting added since it was saved gets its ``LEGACY``
+    value, any other missing field is left to the caller)."""
+    return {**LEGACY, **_settings(Path(path), "--resume", str(path))}
 
 
 def load_file(path: str) -> dict:

@@ -10,7 +10,9 @@ Sources:
 * the paper's three hub datasets, read through ``datasets.load_dataset`` with their real ids, configs and
   schemas (:func:`load_hh_rlhf`, :func:`load_tldr`, :func:`load_wmt20`). Each takes ``path=`` to read a local
   ``.json``/``.jsonl``/``.parquet`` file of the same schema instead of the hub (how the tests run, offline);
-* the project's own prompt set (:func:`load_default_prompts`, ``zopro/train/assets/prompts.jsonl``).
+* the project's own prompt sets: the ``describe`` task (:func:`load_describe`: short descriptions, reviews and story
+  openings of 216 everyday subjects, 608 training and 256 held-out prompts whose subjects never meet, a fixed split)
+  and the ``assistant`` prompts (:func:`load_default_prompts`, ``zopro/train/assets/prompts.jsonl``).
 
 Nothing here touches the global random generator: :func:`split_prompts` uses its own ``random.Random(seed)``.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "WMT20_PROMPT",
     "PromptRecord",
     "load_default_prompts",
+    "load_describe",
     "load_hh_rlhf",
     "load_local",
     "load_tldr",
@@ -46,7 +49,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROMPTS_PATH = Path(__file__).resolve().parent / "assets" / "prompts.jsonl"
+ASSETS = Path(__file__).resolve().parent / "assets"
+PROMPTS_PATH = ASSETS / "prompts.jsonl"
+DESCRIBE_PATHS = (ASSETS / "describe_train.jsonl", ASSETS / "describe_heldout.jsonl")
 
 HH_RLHF_ID = "Anthropic/hh-rlhf"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -179,6 +184,14 @@ def load_local(path: str | Path) -> list[PromptRecord]:
 def load_default_prompts() -> list[PromptRecord]:
     """The project's own instruction prompts (``zopro/train/assets/prompts.jsonl``), prompt-only records."""
     return load_local(PROMPTS_PATH)
+
+
+def load_describe() -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """The ``describe`` task's ``(train, held-out)`` prompts, a fixed split: 152 subjects x 4 instructions ("Write two
+    sentences about", "Describe ... in a few words", "Write a short review of", "Write the opening line of a story
+    about") for training and 64 other subjects x the same 4 held out, 608 and 256 prompt-only records."""
+    train, held_out = (load_local(path) for path in DESCRIBE_PATHS)
+    return train, held_out
 
 
 def split_prompts(

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from zopro.seeds import RunSeeds
 from zopro.train import checkpoint
@@ -19,39 +23,66 @@ from zopro.train.loading import load_judge, load_models, load_prompts, resolve_d
 from zopro.train.rollout import repeat_each, sample_completions
 
 
-def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None, ranks=None):
+class HeldOut(NamedTuple):
+    """One held-out evaluation: per-prompt values (``values``: the judge's mean score of the prompt's answers, or
+    their win rate), the answers (``texts[prompt][sample]``), and per prompt the mean KL(policy || reference) of its
+    answers, in nats summed over the answer's tokens (``kl``), and their mean length in tokens (``tokens``); both
+    ``None`` where no generation was returned (tests' stand-ins, ranks other than 0)."""
+
+    metric: str | None
+    values: list[float] | None
+    texts: list[list[str]]
+    kl: list[float] | None = None
+    tokens: list[float] | None = None
+
+
+def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None,
+             ranks=None, progress: bool = False) -> HeldOut:
     """Held-out evaluation: ``ev.samples`` sampled completions per prompt.
 
     Prompts go ``max(1, ev.batch // ev.samples)`` to a generate call; call ``c`` samples from seed
-    ``seeds.evaluation(c)``, so "before" and "after" draw the same random numbers and their difference is not
-    blurred by fresh sampling noise. transformers samples a call's rows from one generator, so the answers depend on
-    ``ev.batch`` (``--eval-batch``) as they do on the seed. Each prompt's value is the mean judge score of its
-    completions, or, for pairwise-only judges, the rate at which completion j wins against ``reference_texts[i][j]``
-    (0.5 with no reference). Returns (metric name, per-prompt values, texts ``[prompt][sample]``).
+    ``seeds.evaluation(c)``, so "before" and "after" (and every arm of a comparison run with the same ``--seed``) draw
+    the same random numbers and their difference is not blurred by fresh sampling noise. transformers samples a
+    call's rows from one generator, so the answers depend on ``ev.batch`` (``--eval-batch``) as they do on the seed.
+    Each prompt's value is the mean judge score of its completions, or, for pairwise-only judges, the rate at which
+    completion j wins against ``reference_texts[i][j]`` (0.5 with no reference).
+
+    The KL of an answer is ``log pi(y|x) - log pi_ref(y|x)`` summed over its tokens at ``ev.logprob_temperature``
+    (the temperature the answers were sampled at, as the rollouts' KL): its mean over answers sampled from the
+    policy estimates KL(pi || pi_ref) without bias.
 
     ``ranks`` (a data-parallel job's :class:`~zopro.train.distributed.Ranks`): rank ``r`` of ``W`` makes the generate
-    calls ``c`` with ``c % W == r``, the texts are gathered on every rank, and rank 0 alone scores them, with the same
-    judge calls as one process (the values are bit for bit a single process's); the other ranks return None values.
+    calls ``c`` with ``c % W == r``, the answers are gathered on every rank, and rank 0 alone scores them, with the
+    same judge calls as one process (the values are bit for bit a single process's); the other ranks return None
+    values. ``progress``: a progress bar over the generate calls on stderr.
     """
     if not prompts:
-        return "none", [], []
+        return HeldOut("none", [], [])
     n, sampling = ev.samples, ev.sampling
     per_call = max(1, ev.batch // n)
     rank, world = (ranks.rank, ranks.world) if ranks is not None else (0, 1)
-    texts = []
-    for c, start in enumerate(range(0, len(prompts), per_call)):
+    texts, kl, tokens = [], [], []
+    starts = list(enumerate(range(0, len(prompts), per_call)))
+    for c, start in tqdm(starts, desc="generate", unit="call", disable=not progress, leave=False, file=sys.stderr):
         if c % world != rank:
             continue
         chunk = prompts[start:start + per_call]
-        _, answers = sample_completions(bundle, tokenizer, chunk, n, sampling.max_new_tokens, sampling.temperature,
-                                        seeds.evaluation(c), sampling.max_prompt_len)
+        gen, answers = sample_completions(bundle, tokenizer, chunk, n, sampling.max_new_tokens, sampling.temperature,
+                                          seeds.evaluation(c), sampling.max_prompt_len)
         texts += [answers[i * n:(i + 1) * n] for i in range(len(chunk))]
+        if gen is not None:
+            row_kl, row_tokens = _answer_kl(bundle, gen, ev.logprob_temperature)
+            kl += row_kl.view(len(chunk), n).mean(1).tolist()
+            tokens += row_tokens.view(len(chunk), n).mean(1).tolist()
     if world > 1:  # rank r holds calls r, r + W, ...: interleave them back into call order
-        parts = ranks.gather_json(texts, "the held-out evaluation's answers")
-        calls = [[part[i:i + per_call] for i in range(0, len(part), per_call)] for part in parts]
-        texts = [t for c in range(-(-len(prompts) // per_call)) for t in calls[c % world][c // world]]
+        parts = ranks.gather_json([texts, kl, tokens], "the held-out evaluation's answers")
+        columns = []
+        for j in range(3):
+            calls = [[part[j][i:i + per_call] for i in range(0, len(part[j]), per_call)] for part in parts]
+            columns.append([t for c in range(-(-len(prompts) // per_call)) for t in calls[c % world][c // world]])
+        texts, kl, tokens = columns
         if rank != 0:
-            return None, None, texts
+            return HeldOut(None, None, texts)
     rows = repeat_each(prompts, n)
     flat = [t for ts in texts for t in ts]
     if hasattr(judge, "score"):
@@ -61,7 +92,59 @@ def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds,
     else:
         reference = [t for ts in reference_texts for t in ts]
         metric, values = "win rate vs before", judge.prefer(rows, flat, reference).float()
-    return metric, values.view(len(prompts), n).mean(1).tolist(), texts
+    return HeldOut(metric, values.view(len(prompts), n).mean(1).tolist(), texts, kl or None, tokens or None)
+
+
+def _answer_kl(bundle, gen, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sampled row's ``log pi - log pi_ref`` summed over its answer's tokens, and its answer's token count."""
+    with torch.inference_mode():
+        args = (gen.sequences, gen.attention_mask, gen.response_mask)
+        policy, _ = bundle.policy_logprobs(*args, temperature=temperature)
+        reference, _ = bundle.reference_logprobs(*args, temperature=temperature)
+    return (policy - reference).float().cpu(), gen.response_mask.sum(1).float().cpu()
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def text_stats(texts: list[list[str]]) -> dict:
+    """What shows reward hacking in a set of answers (``texts[prompt][sample]``): ``distinct_2``, the distinct word
+    bigrams over all bigrams of all answers (lower when the policy says the same things to every prompt), and per
+    prompt ``repeat_3``, the mean share of an answer's word trigrams that repeat an earlier trigram of the same answer
+    (0 below 3 words), and ``words``, the mean answer length in words."""
+    bigrams, repeat, words = [], [], []
+    for answers in texts:
+        rep, n_words = [], []
+        for text in answers:
+            w = _WORD.findall(text.lower())
+            bigrams += zip(w, w[1:], strict=False)
+            trigrams = list(zip(w, w[1:], w[2:], strict=False))
+            rep.append(1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0)
+            n_words.append(len(w))
+        repeat.append(statistics.fmean(rep) if rep else 0.0)
+        words.append(statistics.fmean(n_words) if n_words else 0.0)
+    return {"distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0, "repeat_3": repeat, "words": words}
+
+
+def summarise(held_out: HeldOut, base: HeldOut | None = None) -> dict:
+    """A held-out evaluation's headline numbers: the mean score, KL (nats per answer) and answer length (tokens,
+    words), ``repeat_3`` and ``distinct_2`` (:func:`text_stats`); against ``base`` (the same prompts and sampling
+    seeds before training) each per-prompt quantity's change with its paired standard error over prompts
+    (``<name>_change``, ``<name>_change_se``)."""
+    stats = text_stats(held_out.texts)
+    per_prompt = {"score": held_out.values, "kl": held_out.kl, "tokens": held_out.tokens,
+                  "repeat_3": stats["repeat_3"], "words": stats["words"]}
+    out = {"prompts": len(held_out.texts), "distinct_2": stats["distinct_2"]}
+    out |= {name: statistics.fmean(v) for name, v in per_prompt.items() if v}
+    if base is not None:
+        base_stats = text_stats(base.texts)
+        before = {"score": base.values, "kl": base.kl, "tokens": base.tokens, "repeat_3": base_stats["repeat_3"],
+                  "words": base_stats["words"]}
+        for name, v in per_prompt.items():
+            if v and before[name]:
+                out[f"{name}_change"], out[f"{name}_change_se"] = paired_change(before[name], v)
+        out["distinct_2_before"] = base_stats["distinct_2"]
+    return out
 
 
 def paired_change(before: list[float], after: list[float]) -> tuple[float | None, float | None]:
@@ -93,12 +176,13 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
     ``device`` (default: the run's own)."""
     cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
     ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
-    metric, before, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
+    before = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     bundle.load_trainable_state_(tensors["trainable"])
-    _, after, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
-    change, se = paired_change(before, after)
-    return {"run": str(run_dir), "metric": metric, "prompts": len(prompts), "samples": eval_samples,
-            "before": statistics.fmean(before), "after": statistics.fmean(after), "change": change, "change_se": se}
+    after = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=before.texts)
+    change, se = paired_change(before.values, after.values)
+    return {"run": str(run_dir), "metric": before.metric, "prompts": len(prompts), "samples": eval_samples,
+            "before": statistics.fmean(before.values), "after": statistics.fmean(after.values), "change": change,
+            "change_se": se, "kl": statistics.fmean(after.kl) if after.kl else None}
 
 
 def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device: str | None = None) -> list[dict]:
@@ -119,14 +203,14 @@ def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device
         raise ValueError(f"{run_dir}: the run's guide is zero")
     start = {n: p.detach().clone() for n, p in params.items()}
     ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
-    metric, base, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
+    base = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
     rows = []
     for a in distances:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n] + (a / norm) * guide[n])
-        _, values, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
-        change, se = paired_change(base, values)
-        rows.append({"run": str(run_dir), "metric": metric, "distance": a, "guide_norm": norm,
-                     "score": statistics.fmean(values), "change": change, "change_se": se})
+        moved = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=base.texts)
+        change, se = paired_change(base.values, moved.values)
+        rows.append({"run": str(run_dir), "metric": base.metric, "distance": a, "guide_norm": norm,
+                     "score": statistics.fmean(moved.values), "change": change, "change_se": se})
     return rows

@@ -175,6 +175,8 @@ class PolicyRewardModel:
             raise TypeError(f"reward_model must be an AnyRewardModel, got {type(reward_model).__name__}")
         self.trainable_dtype = trainable_dtype
         self.external_reward = reward_model
+        # token positions passed forward through the base so far, padding included (the frontier's compute axis)
+        self.token_passes = 0
         self.eos_token_ids, self.pad_token_id = self._special_ids(base, eos_token_id, pad_token_id)
         config = LoraConfig(
             r=lora_r,
@@ -409,6 +411,7 @@ class PolicyRewardModel:
     def _hidden(self, input_ids, attention_mask) -> torch.Tensor:
         lm = self.base
         body = getattr(lm, lm.base_model_prefix)  # the decoder without lm_head: no [B, T, V] logits are built
+        self.token_passes += input_ids.numel()
         out = body(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
@@ -546,6 +549,7 @@ class PolicyRewardModel:
                 sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:
             lm.generation_config = saved
+        self.token_passes += sequences.numel()  # with the KV cache, each position passes the model once
         return self._generation(sequences, mask.repeat_interleave(k, dim=0))
 
     def _generation(self, sequences, prompt_mask) -> Generation:

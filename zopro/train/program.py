@@ -46,11 +46,11 @@ from zopro.train.config import (
     validate,
     zo_config,
 )
-from zopro.train.evaluation import evaluate, paired_change
+from zopro.train.evaluation import HeldOut, evaluate, paired_change, summarise
 from zopro.train.guides import next_guide
-from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device, save_tiny_base
+from zopro.train.loading import evenly_spaced, load_judge, load_models, load_prompts, resolve_device, save_tiny_base
 from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
-from zopro.train.report import MetricsLog, plot_rewards, summary_table
+from zopro.train.report import MetricsLog, Phases, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
 from zopro.train.rollout import collect_rollout, repeat_each
 from zopro.train.state import LiveState, Progress, RunState
@@ -65,9 +65,10 @@ MERGE_STEP = 1 << 40
 class Run:
     """State of one run: what the checkpoint holds, plus the live models and optimisers."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, ranks: distributed.Ranks | None = None):
+    def __init__(self, cfg: TrainConfig, out: Path, ranks: distributed.Ranks | None = None, show: bool = False):
         self.cfg, self.out = cfg, out
         self.ranks = ranks or distributed.Ranks()  # data-parallel: only rank 0 writes (zopro.train.distributed)
+        self.phases = Phases(show and self.ranks.writes)  # a line per phase on stderr, progress bars inside
         self.seeds = RunSeeds.of(cfg)
         self.device = resolve_device(cfg)
         self.train_records, self.eval_records = load_prompts(cfg)
@@ -76,6 +77,9 @@ class Run:
         self.code_space = quant_target.code_space(self.bundle) if cfg.zo_target != "lora" else None
         self.merged_guide = None  # --zo-merge-adapter: the policy updates merged into the base codes (the guides)
         self.judge = load_judge(cfg, self.device)
+        # --reward judge: the rollouts are scored by the judge itself instead of the learned reward model
+        self.score_fn = self.judge.score if cfg.reward == "judge" else None
+        self.curve_prompts = evenly_spaced([r.prompt for r in self.eval_records], cfg.eval_curve_prompts)
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
         self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
@@ -95,6 +99,7 @@ class Run:
         if not self.ranks.writes:
             return
         progress = self.progress
+        progress.token_passes = self.bundle.token_passes
         progress.metrics_bytes = self.metrics.size()
         # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
         progress.metrics_sha256 = checkpoint.sha256_prefix(self.metrics.path, progress.metrics_bytes)
@@ -115,6 +120,7 @@ class Run:
         """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
         self.state, live = RunState.from_checkpoint(loaded)
         self.bundle.load_trainable_state_(live.trainable)
+        self.bundle.token_passes = self.progress.token_passes
         if self.code_space is not None:
             if "base_quantised" in live.objects:
                 self.code_space.load_state_(live.objects["base_quantised"])
@@ -154,27 +160,64 @@ class Run:
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):
+        """Before iteration 0: the reward model (unless ``--reward judge``), then the base policy's held-out
+        evaluation and the learning curve's first point."""
         cfg = self.cfg
-        has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
-        if has_pairs:
-            pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg), self.ranks)
-        else:
-            prompts = random.Random(self.seeds.pairs(0)).sample([r.prompt for r in self.train_records],
-                                                                 min(cfg.reward_pairs, len(self.train_records)))
-            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
-                                 self.seeds.pairs(1), self.ranks)
-        loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps, self.seeds.reward(0),
-                            self.ranks)
-        distributed.sync_trainable_(self.bundle, self.ranks)
-        self.progress.reward_losses.append(loss)
-        metric, before, texts = evaluate(self.bundle, self.tokenizer, self.judge,
-                                         [r.prompt for r in self.eval_records], eval_config(cfg), self.seeds,
-                                         ranks=self.ranks)
+        if cfg.reward == "model":
+            has_pairs = any(r.chosen is not None and r.rejected is not None for r in self.train_records)
+            if has_pairs:
+                with self.phases("reward model: the dataset's preference pairs"):
+                    pairs = dataset_pairs(self.bundle, self.tokenizer, self.train_records, reward_config(cfg),
+                                          self.ranks)
+            else:
+                prompts = random.Random(self.seeds.pairs(0)).sample([r.prompt for r in self.train_records],
+                                                                     min(cfg.reward_pairs, len(self.train_records)))
+                with self.phases(f"reward model: {len(prompts)} pairs of the base policy's answers, judged by "
+                                 f"--judge {cfg.judge}"):
+                    pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                         self.seeds.pairs(1), self.ranks)
+            with self.phases(f"reward model: {cfg.reward_init_steps} Bradley-Terry steps"):
+                loss = train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_init_steps,
+                                    self.seeds.reward(0), self.ranks)
+            distributed.sync_trainable_(self.bundle, self.ranks)
+            self.progress.reward_losses.append(loss)
+        before = self.held_out([r.prompt for r in self.eval_records], "held-out evaluation of the base policy")
         # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
-        self.progress.evaluation = {"metric": metric, "before": statistics.fmean(before) if before else None,
+        self.progress.evaluation = {"metric": before.metric,
+                                    "before": statistics.fmean(before.values) if before.values else None,
                                     "n": len(self.eval_records), "samples": cfg.eval_samples,
-                                    "before_per_prompt": before, "before_texts": texts}
+                                    "before_per_prompt": before.values, "before_texts": before.texts,
+                                    "before_kl": before.kl, "before_tokens": before.tokens}
+        self.curve_point()
         self.begin_iteration(0)
+
+    def held_out(self, prompts: list[str], what: str, reference_texts=None, samples: int | None = None) -> HeldOut:
+        """:func:`evaluate` on ``prompts``, shown as the phase ``what``; its forward passes are not the training's, so
+        they are not counted in ``token_passes``."""
+        ev = eval_config(self.cfg)
+        if samples is not None:
+            ev = dataclasses.replace(ev, samples=samples)
+        passes = self.bundle.token_passes
+        with self.phases(what):
+            result = evaluate(self.bundle, self.tokenizer, self.judge, prompts, ev, self.seeds,
+                              reference_texts=reference_texts, ranks=self.ranks, progress=self.phases.show)
+        self.bundle.token_passes = passes
+        return result
+
+    def curve_point(self) -> None:
+        """The in-run evaluation (``--eval-every``): one answer to each of ``--eval-curve-prompts`` held-out prompts,
+        sampled with the evaluation's seeds, so every point and every run with the same ``--seed`` draws alike."""
+        if not self.cfg.eval_every:
+            return
+        result = self.held_out(self.curve_prompts, f"in-run evaluation at step {self.progress.global_step}",
+                               samples=1)
+        if not self.ranks.writes:
+            return
+        point = {"global_step": self.progress.global_step, "iteration": self.progress.iteration,
+                 "token_passes": self.bundle.token_passes,
+                 "train_seconds": sum(r["step_time"] for r in self.metrics.read()), **summarise(result)}
+        self.progress.curve.append(point)
+        write_curve(self.out, self.progress.curve)
 
     def begin_iteration(self, it: int):
         self.progress.phase, self.progress.iteration, self.progress.step = "train", it, 0
@@ -203,7 +246,8 @@ class Run:
         rollout = collect(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
-                          max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
+                          max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
+                          score_fn=self.score_fn)
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
@@ -215,7 +259,9 @@ class Run:
             update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
-        if cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
+        if cfg.reward == "judge":  # the rollout's scores are the judge's
+            judge_score = float(rollout.scores.mean())
+        elif cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
             if self.ranks.sharded:
                 judge_score = float(rollout.judge_scores(self.judge, self.ranks).mean())
             else:
@@ -226,6 +272,7 @@ class Run:
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
                   "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
+                  "token_passes": self.bundle.token_passes,
                   **probe.stats()}
         if saturated is not None:  # codes pushed past the code book's ends in this step (int8 probes: undo inexact)
             record |= {f"saturated_{k}": v - saturated[k] for k, v in self.code_space.saturated.items()}
@@ -243,14 +290,18 @@ class Run:
         policy_now = {n: p.detach().clone() for n, p in self.bundle.policy_parameters().items()}
         prev = {n: policy_now[n] - self.state.iter_start[f"policy.{n}"] for n in policy_now}
         delta = {n: torch.zeros_like(p) for n, p in prev.items()}
-        if self.bundle.shares_parameter_space and it + 1 < cfg.iterations:  # the last refinement would go unused
+        # the last refinement would go unused; --reward judge has no reward model to refine
+        if self.bundle.shares_parameter_space and cfg.reward == "model" and it + 1 < cfg.iterations:
             seen = sorted({p for s in range(cfg.steps_per_iteration) for p in self.step_prompts(it, s)})
             prompts = random.Random(self.seeds.pairs(it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
             previous = reward_state(self.bundle)
-            pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
-                                 self.seeds.pairs(it, 3), self.ranks)
-            self.progress.reward_losses.append(train_reward(self.bundle, pairs, reward_config(cfg), cfg.reward_steps,
-                                                            self.seeds.reward(it + 1), self.ranks))
+            with self.phases(f"reward model: {len(prompts)} judged pairs of iteration {it}'s prompts, "
+                             f"{cfg.reward_steps} steps"):
+                pairs = judged_pairs(self.bundle, self.tokenizer, self.judge, prompts, sampling_config(cfg),
+                                     self.seeds.pairs(it, 3), self.ranks)
+                self.progress.reward_losses.append(train_reward(self.bundle, pairs, reward_config(cfg),
+                                                                cfg.reward_steps, self.seeds.reward(it + 1),
+                                                                self.ranks))
             if cfg.reward_merge_alpha < 1:
                 merge_reward_(self.bundle, previous, cfg.reward_merge_alpha)
             distributed.sync_trainable_(self.bundle, self.ranks)
@@ -287,13 +338,17 @@ class Run:
         ev = self.progress.evaluation
         prompts = [r.prompt for r in self.eval_records]
         if self.progress.phase == "evaluate":
-            _, after, texts = evaluate(self.bundle, self.tokenizer, self.judge, prompts, eval_config(self.cfg),
-                                       self.seeds, reference_texts=ev["before_texts"], ranks=self.ranks)
+            after = self.held_out(prompts, "held-out evaluation of the trained policy",
+                                  reference_texts=ev["before_texts"])
             if not self.ranks.writes:  # rank 0 scores the answers and writes every output
                 return
-            ev["after"] = statistics.fmean(after) if after else None
-            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after)
-            ev["after_per_prompt"], ev["after_texts"] = after, texts
+            ev["after"] = statistics.fmean(after.values) if after.values else None
+            ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after.values)
+            ev["after_per_prompt"], ev["after_texts"] = after.values, after.texts
+            ev["after_kl"], ev["after_tokens"] = after.kl, after.tokens
+            before = HeldOut(ev["metric"], ev["before_per_prompt"], ev["before_texts"], ev.get("before_kl"),
+                             ev.get("before_tokens"))
+            ev["held_out"] = summarise(after, before) if after.values else {}
             self.progress.phase = "done"
             self.save()
         assert self.progress.phase == "done", self.progress.phase
@@ -301,12 +356,19 @@ class Run:
                    for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
                                                ev["after_per_prompt"])]
         checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        write_curve(self.out, self.progress.curve)
         base_name = None
         if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
             base_name = str(save_tiny_base(self.tokenizer, self.seeds.tiny_base, self.out / "base").resolve())
         save_adapters(self.bundle, self.out, base_name)
         if self.code_space is not None:  # --zo-target scales/codes trained the base itself: its quantised storage
             checkpoint.atomic_torch_save(self.out / "base_quantised.pt", self.code_space.state())
+
+
+def write_curve(out: Path, curve: list[dict]) -> None:
+    """``eval_curve.jsonl``: the in-run evaluations so far, one line each (rewritten whole from the run's state)."""
+    if curve:
+        checkpoint.atomic_write_text(out / "eval_curve.jsonl", "".join(json.dumps(p) + "\n" for p in curve))
 
 
 def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
@@ -323,6 +385,16 @@ def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None)
     for name in bundle.save_pretrained(scratch, base_model_name_or_path):
         checkpoint.atomic_publish_dir(scratch / name, out / name)
     shutil.rmtree(scratch)
+
+
+def check_judge(cfg: TrainConfig) -> None:
+    """A ``vader`` or ``python:`` judge loaded and asked to score one answer, before anything is written: a module
+    that cannot be imported, a missing function, a scorer that raises or returns no finite number is one line."""
+    kind = cfg.judge.partition(":")[0]
+    if cfg.judge != "vader" and kind != "python":
+        return  # model judges: their reference is checked with the run directory; the heuristic is ours
+    judge = load_judge(cfg, torch.device("cpu"))
+    judge.score(["Describe a quiet beach in a few words."], ["Soft sand, calm water and a warm breeze."])
 
 
 def _check_model_reference(name: str, what: str) -> None:
@@ -421,6 +493,7 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     resume of a finished run rewrites its outputs."""
     started = time.perf_counter()
     cfg = validate(cfg)
+    check_judge(cfg)
     ranks = distributed.set_up(cfg, resolve_device(cfg))  # one process unless launched by torchrun
     with contextlib.ExitStack() as cleanup:  # on the way out, whatever happens: the lock, then the process group
         cleanup.callback(distributed.tear_down, ranks)
@@ -434,7 +507,7 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
             print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = Run(cfg, out, ranks)
+        state = Run(cfg, out, ranks, show=progress)
         if loaded is not None:
             state.restore(loaded)
             ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
@@ -495,6 +568,8 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
                 raise KeyboardInterrupt(f"stopped after {done_now} steps (simulated kill)")
             record = state.train_step()
             done_now += 1
+            if cfg.eval_every and state.progress.global_step % cfg.eval_every == 0:
+                state.curve_point()  # before the checkpoint: a resume redoes both or neither
             if state.progress.step % cfg.checkpoint_every == 0 or state.progress.step == cfg.steps_per_iteration:
                 state.save()
             bar.update(1)
@@ -514,7 +589,7 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
     table = summary_table(records, state.progress.evaluation)
     checkpoint.atomic_write_text(out / "summary.md", table + "\n")
     evaluation = {k: v for k, v in state.progress.evaluation.items()
-                  if k not in ("before_texts", "before_per_prompt", "after_texts", "after_per_prompt")}
+                  if not k.startswith(("before_", "after_")) or k == "after"}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.progress.skipped,
                "reward_losses": state.progress.reward_losses, "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}

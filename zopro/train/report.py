@@ -4,7 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+
+class Phases:
+    """One line on stderr as each phase of a run starts and as it ends, with its time (``show`` False: silent)."""
+
+    def __init__(self, show: bool):
+        self.show = show
+
+    @contextmanager
+    def __call__(self, what: str):
+        if not self.show:
+            yield
+            return
+        print(f"{what} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        print(f"{what}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
 class MetricsLog:
@@ -56,6 +76,16 @@ def summary_table(records: list[dict], evaluation: dict) -> str:
         lines.append(f"\nHeld-out judge score ({evaluation['metric']}, {evaluation['n']} prompts x "
                      f"{evaluation['samples']} samples): before {evaluation['before']:.4f} -> after "
                      f"{evaluation['after']:.4f} ({evaluation['change']:+.4f}{spread})")
+    held_out = evaluation.get("held_out") or {}
+    if "kl" in held_out:
+        def change(name, fmt):
+            se = held_out.get(f"{name}_change_se")
+            return f"{held_out[name]:{fmt}} ({held_out[f'{name}_change']:+{fmt}}" + \
+                (f" ± {se:{fmt}})" if se is not None else ")")
+
+        lines.append(f"KL(policy || reference) {change('kl', '.4f')} nats per answer; answer length "
+                     f"{change('tokens', '.1f')} tokens; repeated word trigrams {change('repeat_3', '.4f')}; "
+                     f"distinct-2 {held_out['distinct_2_before']:.4f} -> {held_out['distinct_2']:.4f}")
     return "\n".join(lines)
 
 

@@ -124,12 +124,14 @@ def collect_rollout(
     max_prompt_len: int,
     *,
     logprob_temperature: float = 1.0,
+    score_fn=None,
 ) -> Rollout:
     """Sample ``k`` completions per prompt from the policy and compute RLOO advantages of the KL-penalised rewards.
 
     Prompts go through the tokenizer's chat template (one user turn + generation prompt) when it has one, else they
     are tokenized as raw text with the tokenizer's special tokens. ``seed`` seeds sampling only (the global RNG is
-    left unchanged). ``rewards = scores - kl_coef * (policy_logps - ref_logps)``.
+    left unchanged). ``rewards = scores - kl_coef * (policy_logps - ref_logps)``; the scores are the bundle's reward
+    model's, or ``score_fn(prompts, completions)`` (one text per row, ``[N]`` tensor) when given (``--reward judge``).
     """
     _check_args(prompts, k, max_new_tokens, temperature, kl_coef, max_prompt_len)
     gen, completions = sample_completions(bundle, tokenizer, prompts, k, max_new_tokens, temperature, seed,
@@ -138,8 +140,11 @@ def collect_rollout(
         args = (gen.sequences, gen.attention_mask, gen.response_mask)
         policy_logps, policy_tok = bundle.policy_logprobs(*args, temperature=logprob_temperature)
         ref_logps, ref_tok = bundle.reference_logprobs(*args, temperature=logprob_temperature)
-        scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=repeat_each(prompts, k),
-                                      completions=completions)
+        if score_fn is not None:
+            scores = score_fn(repeat_each(prompts, k), completions).float()
+        else:
+            scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=repeat_each(prompts, k),
+                                          completions=completions)
         scores = scores.to(policy_logps.device)
         rewards, kl = kl_penalised_rewards(scores, policy_logps, ref_logps, float(kl_coef))
         advantages = rloo_advantages(rewards.view(len(prompts), k)).reshape(-1)

@@ -36,6 +36,8 @@ class Progress:
     reward_losses: list = field(default_factory=list)
     skipped: int = 0
     metrics_sha256: str | None = None  # ... and their SHA-256, checked before a resume cuts the file back to them
+    curve: list = field(default_factory=list)  # the in-run evaluations (--eval-every), one dict each
+    token_passes: int = 0  # token positions the policy's training passed forward (evaluations not counted)
 
     def to_meta(self) -> dict:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ def _fails(argv, out, capsys, message):
     (["--kl-coef", "nan"], "--kl-coef: must be a finite number, got nan"),
     (["--d-tau", "0"], "--d-tau: must be positive, got 0.0"),
     (["--zo-lr", "fast"], "--zo-lr: expected a number, got 'fast'"),
-    (["--judge", "llm:"], "--judge: 'llm:': use 'heuristic'"),
+    (["--judge", "llm:"], "--judge: 'llm:': use 'vader', 'python:MODULE:FUNCTION', 'heuristic'"),
 ])
 def test_bad_flags_are_named_in_one_line(tmp_path, capsys, argv, message):
     _fails(["--preset", "smoke"] + argv, tmp_path / "never", capsys, message)

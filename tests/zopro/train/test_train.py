@@ -112,7 +112,8 @@ def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, mon
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=7)  # 7 // 3 = 2 prompts a call: chunks of 2, 2 and 1
     prompts = [f"p{i}" for i in range(5)]
     ev, run_seeds = eval_config(cfg), RunSeeds.of(cfg)
-    metric, values, texts = evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
+    metric, values, texts, kl, _ = evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
+    assert kl is None  # the stand-in sampler returns no generation to take log-probs of
     assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]] and {c[1] for c in calls} == {3}
     seeds = [c[2] for c in calls]
     assert len(set(seeds)) == 3
@@ -221,7 +222,7 @@ def test_judge_score_of_each_rollout_is_logged_unless_turned_off(tmp_path):
 
 def test_default_config_is_valid_and_documented():
     cfg = TrainConfig()
-    assert cfg.model == "smollm2" and cfg.judge == "heuristic" and cfg.iterations >= 2
+    assert cfg.model == "smollm2" and cfg.judge == "vader" and cfg.dataset == "describe" and cfg.iterations >= 2
 
 
 @pytest.mark.parametrize("quantize, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
@@ -250,12 +251,13 @@ def test_pairwise_judge_scores_after_against_before(tmp_path):
     prompts = ["hello there", "say something nice"]
     judge = CallableJudge(lambda prompt, a, b: len(a) >= len(b))  # no score(): only pairwise preferences
     ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
-    metric, first, texts = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
+    metric, first, texts, kl, tokens = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
+    assert kl == [0.0, 0.0] and all(t >= 1 for t in tokens)  # the base policy is the reference
     assert metric == "win rate vs before" and first == [0.5, 0.5]  # nothing to compare with yet
     assert [len(t) for t in texts] == [3, 3]
-    _, again, same = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
+    _, again, same, _, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=texts)
     assert same == texts and again == [1.0, 1.0]  # same seeds, same weights: identical answers, ties go to "after"
     longer = [[t + "!" for t in ts] for ts in texts]
     longer[1][0] = ""  # sample 0 of prompt 1 now loses to nothing: that prompt wins 1 of its 3 comparisons
-    _, never, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=longer)
+    _, never, _, _, _ = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=longer)
     assert never == pytest.approx([0.0, 1 / 3])
