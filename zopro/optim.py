@@ -24,6 +24,9 @@ from zopro import sharded
 from zopro.samplers import Isotropic
 from zopro.seeds import derive_seed
 
+# The kernels take every coefficient as a float32 scalar and compute in float32, whatever the weights' type.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass
 class StepResult:
@@ -111,6 +114,9 @@ class ZOOptimizer:
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.seed, self.q, self.one_sided, self.lr_schedule = seed, q, one_sided, lr_schedule
         self.decays = torch.tensor([p.dim() >= 2 and n not in no_decay for n, p in zip(self.names, self.params)])
+        # the largest finite value each parameter can store (codes: the kernels' float32 coefficient)
+        self._limits = torch.tensor([min(torch.finfo(p.dtype).max, _FLOAT32_MAX) if p.dtype.is_floating_point
+                                     else _FLOAT32_MAX for p in self.params], dtype=torch.float64)
         self.streams = list(range(len(self.params)))
         self.sampler = sampler if sampler is not None else Isotropic()
         if weight_decay and not getattr(self.sampler, "supports_weight_decay", True):
@@ -217,15 +223,38 @@ class ZOOptimizer:
 
     def _finish(self, seeds, grads, lr, eps):
         """The pass that restores the last direction and applies the update, as ``(terms, decay)``, and whether
-        the update happened; other directions' updates (q > 1) are applied here, one pass each."""
+        the update happened; other directions' updates (q > 1) are applied here, one pass each. An update that
+        :meth:`_fits` refuses (a NaN or infinite g, or one that would overflow the weights) is skipped: only the
+        restore is returned, the same passes as for a NaN loss."""
         restore = -eps if self.one_sided else eps
-        if not all(math.isfinite(g) for g in grads):
-            return ([(seeds[-1], restore)], None), False
-        for s, g in zip(seeds[:-1], grads[:-1]):
-            self._pass([(s, -lr * g / self.q)])
         decay = self._decay(lr)
         # w is at theta -+ eps z_last: m*w + (m*restore - lr*g/q) z_last = m*theta - (lr*g/q) z_last
-        return ([(seeds[-1], decay * restore - lr * grads[-1] / self.q)], decay), True
+        updates = [(s, -lr * g / self.q) for s, g in zip(seeds[:-1], grads[:-1])]
+        last = (seeds[-1], decay * restore - lr * grads[-1] / self.q)
+        if not all(math.isfinite(g) for g in grads) or not self._fits(updates + [last]):
+            return ([(seeds[-1], restore)], None), False
+        for s, c in updates:
+            self._pass([(s, c)])
+        return ([last], decay), True
+
+    def _fits(self, passes) -> bool:
+        """Whether every ``(seed, coef)`` pass keeps each tensor's ``coef * z`` finite in its type: ``|coef|`` within
+        float32 (the kernels' scalar) and ``|coef| * max|z| <= `` the type's largest value, ``max|z|`` the sampler's
+        bound (the spec's largest Gaussian for Isotropic). False for a NaN coefficient.
+
+        The check is on the coefficients, before the pass, because an overflow cannot be undone afterwards (w + inf
+        has lost w) and the weights are never copied; a g that is finite in float64, even in float32, can still
+        overflow a bf16 or fp16 weight through ``lr * g * z`` (fp16 stores at most 65504). It costs a few host
+        float operations per step, no pass and no sync. Not covered: weights already within ``|coef| * max|z|`` of
+        their type's largest value, which only a reduction over the weights (a pass and a sync per step) would see;
+        the bound is an upper bound, so an update a little below the limit may be skipped where it would just fit.
+        """
+        for seed, coef in passes:
+            coef = torch.as_tensor(coef, dtype=torch.float64).abs()
+            bound = torch.as_tensor(self.sampler.z_bound(seed), dtype=torch.float64)
+            if not bool(((coef <= _FLOAT32_MAX) & (coef * bound <= self._limits)).all()):
+                return False
+        return True
 
     def _close_step(self, grads, losses, ok, losses_from) -> StepResult:
         if not ok:
@@ -271,8 +300,9 @@ class ZOOptimizer:
     def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
         """One SPSA step; ``closure()`` returns the loss at the current weights (run under inference mode).
 
-        Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient skips the
-        update (weights restored within the rounding of the round trip) and is counted in ``skipped``.
+        Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient, or an update
+        ``lr * g * z`` that would not be finite in a weight's type, skips the update (weights restored within the
+        rounding of the round trip, replayed bit for bit) and is counted in ``skipped``.
         """
         return self._step(closure, _Live(), self._scheduled)
 

@@ -202,6 +202,10 @@ class CodeSampler:
     def advance(self) -> None:
         self.direction.advance()
 
+    def z_bound(self, seed: int):
+        """The direction's bound on ``|z|`` (the optimiser keeps an update's float32 coefficients finite with it)."""
+        return self.direction.z_bound(seed)
+
     def guide_share(self, t: int) -> float:
         return self.direction.guide_share(t)
 

@@ -72,6 +72,11 @@ class Isotropic:
         """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
         return 0.0
 
+    def z_bound(self, seed: int) -> float:
+        """An upper bound on ``|z|`` of every element of direction ``seed`` (after ``prepare(seed)``): the spec's
+        largest Gaussian (:data:`zokernels.rng.GAUSSIAN_MAX`), or 1 for Rademacher signs."""
+        return rng.GAUSSIAN_MAX if self.dist == "gaussian" else 1.0
+
     def coefficients(self, seed: int):
         """Per-tensor ``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` after ``prepare(seed)`` (float64 CPU
         tensors), for samplers that apply directions themselves (zopro.quantised); None: ``z = xi``."""
@@ -317,6 +322,16 @@ class Targeted(Isotropic):
     def coefficients(self, seed: int):
         """``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` per tensor, after ``prepare(seed)``."""
         return self._cache[seed]
+
+    def z_bound(self, seed: int) -> torch.Tensor:
+        """Per tensor (float64), an upper bound on ``|z|`` of every element after ``prepare(seed)``:
+        ``|a| max|prev| + |c| max|xi| + |e| max|delta|``, a guide's largest element bounded by its L2 norm, known
+        since ``bind``: no pass over the guides. That is loose by up to sqrt(numel) for a spread-out guide, which
+        matters only for an update within that factor of the weights' largest value."""
+        a, c, e = self._cache[seed]
+        prev_norm = torch.tensor(self.prev_norm, dtype=torch.float64)
+        delta_norm = torch.tensor(self.delta_sq, dtype=torch.float64).sqrt()
+        return a.abs() * prev_norm + c.abs() * super().z_bound(seed) + e.abs() * delta_norm
 
     def apply(self, params, streams, terms, decay, offsets=None):
         prev_c = sum(coef * self._cache[s][0] for s, coef in terms)

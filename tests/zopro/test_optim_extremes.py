@@ -1,0 +1,86 @@
+"""ZOOptimizer under extreme losses and interrupted steps: weights stay finite, and the log replays them bit for bit."""
+
+import pytest
+import torch
+
+from zopro.optim import ZOOptimizer
+from zopro.samplers import Isotropic, Targeted
+
+# one unit roundoff of each weight type: a probe round trip (+eps, -2 eps, +eps) is exact to within three of them
+UNIT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+Z_MAX = 4.8547  # the spec's largest Gaussian |z| (zokernels.rng.GAUSSIAN_MAX)
+# float32 roundings of one element in a probe round trip: three passes, one sum each; a guided pass sums three terms
+# (noise, prev, delta), each rounded
+ROUNDINGS = {"isotropic": 3, "targeted": 9}
+
+
+def _params(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.weight": torch.randn(4, 8, generator=g).to(dtype),
+            "layer.bias": torch.randn(4, generator=g).to(dtype)}
+
+
+def _sampler(name, params):
+    if name == "isotropic":
+        return Isotropic()
+    g = torch.Generator().manual_seed(7)
+    return Targeted({n: torch.randn(p.shape, generator=g) for n, p in params.items()}, d0=0.5)
+
+
+def _optimiser(params, sampler="isotropic", **kwargs):
+    return ZOOptimizer(params, sampler=_sampler(sampler, params), **{"lr": 1e-3, "eps": 1e-3, "seed": 2, **kwargs})
+
+
+def _loss(params):
+    return lambda: sum((p.float() - 1).square().sum() for p in params.values())
+
+
+def _losses(*values):
+    """A closure returning ``values`` in turn."""
+    it = iter(values)
+    return lambda: next(it)
+
+
+def _replayed(log, dtype=torch.float32, sampler="isotropic", **kwargs):
+    params = _params(dtype)
+    _optimiser(params, sampler, **kwargs).replay(log)
+    return params
+
+
+def _equal(a, b):
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("sampler", ["isotropic", "targeted"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["step", "many"])
+def test_losses_near_the_float_limit_skip_the_update(mode, dtype, sampler):
+    # g = (3e38 + 3e38) / 2e-3 = 3e41 is finite in float64; before, the update -lr g z made every weight infinite
+    # and the step counted as taken
+    params = _params(dtype)
+    opt = _optimiser(params, sampler)
+    opt.step(_loss(params))
+    before = {n: p.clone() for n, p in params.items()}
+    extreme = _losses(3e38, -3e38)
+    result = opt.step(extreme) if mode == "step" else opt.step_many([extreme])[0]
+    assert result.skipped and opt.skipped == 1
+    for n, p in params.items():  # restored as after a NaN loss: the probes' round trip, no update
+        bound = ROUNDINGS[sampler] * UNIT[dtype] * (before[n].float().abs() + 1e-3 * Z_MAX * 2)
+        assert ((p.float() - before[n].float()).abs() <= bound).all(), n
+    assert not opt.step(_loss(params)).skipped
+    assert all(p.isfinite().all() for p in params.values())
+    assert _equal(_replayed(opt.state_dict()["log"], dtype, sampler), params)
+
+
+def test_an_update_that_overflows_fp16_is_skipped_though_g_is_finite():
+    # g = (1e3 + 1e3) / 2e-3 = 1e6, finite in float32; lr g = 1e5 times |z| up to 4.85 is past fp16's 65504
+    params = _params(torch.float16)
+    opt = _optimiser(params, lr=0.1)
+    assert opt.step(_losses(1e3, -1e3)).skipped
+    assert all(p.isfinite().all() for p in params.values())
+    # lr g = 1e4: 1e4 * 4.8547 fits, so the update is applied
+    opt.lr = 0.01
+    before = {n: p.clone() for n, p in params.items()}
+    assert not opt.step(_losses(1e3, -1e3)).skipped
+    assert all(p.isfinite().all() and not torch.equal(p, before[n]) for n, p in params.items())
+    assert opt.skipped == 1
