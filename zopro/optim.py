@@ -223,15 +223,20 @@ class ZOOptimizer:
 
     def _finish(self, seeds, grads, lr, eps):
         """The pass that restores the last direction and applies the update, as ``(terms, decay)``, and whether
-        the update happened; other directions' updates (q > 1) are applied here, one pass each. An update that
-        :meth:`_fits` refuses (a NaN or infinite g, or one that would overflow the weights) is skipped: only the
-        restore is returned, the same passes as for a NaN loss."""
+        the update happened; other directions' updates (q > 1) are applied here, one pass each. The update is
+        skipped (only the restore is returned, the same passes as for a NaN loss) where a g is NaN or beyond
+        float32's range, or :meth:`_fits` finds that it would overflow the weights.
+
+        A g of 3e41 (losses of +-3e38) is garbage whatever lr would make of it: float32 is the type the kernels
+        compute in, and bf16 has its range. g is not compared with fp16's 65504: it is never stored in a weight,
+        and a g of 1e5 is a plausible one (a loss difference of 200 at eps = 1e-3); lr * g * z is what _fits checks.
+        """
         restore = -eps if self.one_sided else eps
         decay = self._decay(lr)
         # w is at theta -+ eps z_last: m*w + (m*restore - lr*g/q) z_last = m*theta - (lr*g/q) z_last
         updates = [(s, -lr * g / self.q) for s, g in zip(seeds[:-1], grads[:-1])]
         last = (seeds[-1], decay * restore - lr * grads[-1] / self.q)
-        if not all(math.isfinite(g) for g in grads) or not self._fits(updates + [last]):
+        if not all(abs(g) <= _FLOAT32_MAX for g in grads) or not self._fits(updates + [last]):  # False for NaN
             return ([(seeds[-1], restore)], None), False
         for s, c in updates:
             self._pass([(s, c)])
