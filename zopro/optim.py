@@ -7,9 +7,10 @@ pass). ``step_many(closures)`` runs steps back to back and also fuses each resto
 ``+eps z'``: two passes per step; it returns only once the weights are clean.
 
 Seeds are derived from (seed, step, direction), so a run is a pure function of its starting weights, its
-configuration and the losses its closures returned. The optimiser records those losses (and any change of lr or
-eps); :meth:`ZOOptimizer.replay` feeds them back through the same code path and reproduces the final weights bit
-for bit on the same device, without a single forward pass. That log is also the cheapest checkpoint.
+configuration and the losses its closures returned. The optimiser records those losses (any change of lr or eps,
+and where a closure's exception interrupted a step); :meth:`ZOOptimizer.replay` feeds them back through the same
+code path and reproduces the final weights bit for bit on the same device, without a single forward pass. That log
+is also the cheapest checkpoint.
 """
 
 from __future__ import annotations
@@ -73,6 +74,28 @@ def _check_disjoint(names: list[str], tensors: list[torch.Tensor]) -> None:
             raise ValueError(f"parameters {first!r} and {second!r} share memory: each would be updated twice")
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _valid_interruption(entry, groups: list[int], per_step: int, last: tuple[int, int]) -> bool:
+    """Whether ``entry`` is a ``(call, completed, losses, lr, eps)`` that can follow ``last`` (the previous entry's
+    call and completed steps): a call that completed steps is its group, and it is the last of that call's entries
+    (the calls that completed none came before it)."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 5):
+        return False
+    call, completed, losses, lr, eps = entry
+    if not (all(_is_count(v) for v in (call, completed, losses)) and all(_is_number(v) for v in (lr, eps))):
+        return False
+    in_log = call < len(groups) and groups[call] == completed if completed else call <= len(groups)
+    in_order = call > last[0] or (call == last[0] and last[1] == 0)
+    return in_log and in_order and losses < per_step and lr >= 0 and eps > 0
+
+
 class ZOOptimizer:
     """Zeroth-order optimiser shaped like ``torch.optim``.
 
@@ -129,7 +152,7 @@ class ZOOptimizer:
             self.shards.bind(self.sampler)
         self.step_count = 0
         self.skipped = 0
-        self.log = {"losses": [], "groups": [], "lr": [], "eps": []}
+        self.log = {"losses": [], "groups": [], "lr": [], "eps": [], "interrupted": []}
 
     # ---- the passes -------------------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -272,7 +295,12 @@ class ZOOptimizer:
     def _step(self, closure, losses_from, setting) -> StepResult:
         [(lr, eps)] = self._settings(1, setting)
         self._log_settings(lr, eps)
-        seeds, grads, losses = self._estimate(closure, losses_from, eps)
+        call = len(self.log["groups"])
+        try:
+            seeds, grads, losses = self._estimate(closure, losses_from, eps)
+        except BaseException:
+            self._record_interruption(call, 0, losses_from, lr, eps)
+            raise
         final, ok = self._finish(seeds, grads, lr, eps)
         self._pass(*final)
         result = self._close_step(grads, losses, ok, losses_from)
@@ -281,12 +309,16 @@ class ZOOptimizer:
 
     def _step_many(self, closures: list, losses_from, setting) -> list[StepResult]:
         settings = self._settings(len(closures), setting)  # all checked before the first pass
-        results, pending = [], None
+        results, pending, call = [], None, len(self.log["groups"])
         try:
             for closure, (lr, eps) in zip(closures, settings):
                 self._log_settings(lr, eps)
                 previous, pending = pending, None  # _estimate applies it, also when a closure raises
-                seeds, grads, losses = self._estimate(closure, losses_from, eps, previous)
+                try:
+                    seeds, grads, losses = self._estimate(closure, losses_from, eps, previous)
+                except BaseException:
+                    self._record_interruption(call, len(results), losses_from, lr, eps)
+                    raise
                 pending, ok = self._finish(seeds, grads, lr, eps)
                 results.append(self._close_step(grads, losses, ok, losses_from))
         finally:
@@ -301,13 +333,30 @@ class ZOOptimizer:
         self.log["losses"].extend(losses_from.take_done())
         self.log["groups"].append(group)
 
+    def _record_interruption(self, call: int, completed: int, losses_from, lr: float, eps: float) -> None:
+        """Log a step that a closure's exception interrupted, so that :meth:`replay` repeats its passes.
+
+        Restoring the weights after an interruption takes the probe back out (``-eps z`` after ``+eps z``, or
+        ``+eps z`` after ``+eps z, -2 eps z``), which float rounding makes exact only within an ulp; restoring them
+        bit for bit would need a copy of the weights, which ZO exists to avoid. The passes an interrupted step
+        applied are a function of where it stopped, so the log records that instead: ``(call, completed, losses,
+        lr, eps)``, the interrupted call's index among the logged calls (``groups``; a call that completed no step
+        logs no group), the steps it completed before, the losses its interrupted step had obtained, and that
+        step's lr and eps (a retry may change them). Replay runs the same code up to the same loss and stops there,
+        so it lands on the live weights' bits. Only a closure's exception is recorded: one raised by the passes
+        themselves leaves weights that no log describes."""
+        if losses_from.raised:
+            self.log["interrupted"].append((call, completed, len(losses_from.current), lr, eps))
+
     # ---- public -----------------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
         """One SPSA step; ``closure()`` returns the loss at the current weights (run under inference mode).
 
         Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient, or an update
         ``lr * g * z`` that would not be finite in a weight's type, skips the update (weights restored within the
-        rounding of the round trip, replayed bit for bit) and is counted in ``skipped``.
+        rounding of the round trip, replayed bit for bit) and is counted in ``skipped``. If ``closure`` raises, the
+        weights are restored within the same rounding, the step is not counted, and the interruption is logged, so
+        that :meth:`replay` reproduces these weights bit for bit.
         """
         return self._step(closure, _Live(), self._scheduled)
 
@@ -315,7 +364,8 @@ class ZOOptimizer:
         """Steps back to back, one per closure, fusing each restore-and-update with the next ``+eps z'``.
 
         Two weight passes per two-sided step (q = 1). Control returns only after the last update, with clean
-        weights; if a closure raises, the weights are those after the last completed step (within rounding).
+        weights; if a closure raises, the weights are those after the last completed step (within rounding; the
+        interruption is logged and replayed bit for bit, as in :meth:`step`).
         """
         return self._step_many(list(closures), _Live(), self._scheduled)
 
@@ -326,7 +376,8 @@ class ZOOptimizer:
                 "sampler": self.sampler.state_dict(),
                 "log": {"losses": torch.tensor(self.log["losses"], dtype=torch.float64),
                         "groups": torch.tensor(self.log["groups"], dtype=torch.int32),
-                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"]), "params": self._signature()}}
+                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"]),
+                        "interrupted": list(self.log["interrupted"]), "params": self._signature()}}
 
     def _signature(self) -> dict:
         """What a state or log belongs to: the parameters' names, shapes and dtypes, in order."""
@@ -353,6 +404,8 @@ class ZOOptimizer:
             for step, value in changes[key]:
                 if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or step < 0:
                     raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting")
+            if any(a[0] > b[0] for a, b in zip(changes[key], changes[key][1:])):
+                raise ValueError(f"log's {key} changes are not in step order: {changes[key][:5]}")
         if any(not isinstance(g, int) or g < 0 for g in groups):
             raise ValueError(f"log has invalid step groups {groups[:5]}")
         steps = sum(max(g, 1) for g in groups)
@@ -360,7 +413,27 @@ class ZOOptimizer:
         if len(losses) != steps * per_step or (step_count is not None and steps != step_count):
             raise ValueError(f"log holds {len(losses)} losses for {steps} steps ({per_step} a step)"
                              + (f" but the state has {step_count} steps" if step_count is not None else ""))
-        return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"]}
+        interrupted = self._checked_interruptions(log.get("interrupted", []), groups, per_step)
+        return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"],
+                "interrupted": interrupted}
+
+    @staticmethod
+    def _checked_interruptions(entries, groups: list[int], per_step: int) -> list[tuple]:
+        """A log's ``interrupted`` entries (:meth:`_record_interruption`) as tuples, checked against its calls: in
+        call order, a call's entries with completed steps last and matching its group; ValueError otherwise. A
+        log from before interruptions were logged has none."""
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError(f"log's interrupted must be a list of (call, completed, losses, lr, eps), got "
+                             f"{type(entries).__name__}")
+        checked, last = [], (-1, 0)
+        for entry in entries:
+            if not _valid_interruption(entry, groups, per_step, last):
+                raise ValueError(f"log's interrupted has an invalid entry {entry!r}: not (call, completed, losses, lr, "
+                                 f"eps) of a call in the log's groups, in order, with fewer than {per_step} losses")
+            call, completed, losses, lr, eps = entry
+            last = (call, completed)
+            checked.append((call, completed, losses, float(lr), float(eps)))
+        return checked
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``; everything is checked before anything is changed (ValueError)."""
@@ -383,7 +456,7 @@ class ZOOptimizer:
         self.step_count, self.skipped = step_count, skipped
         self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
         self.log = {"losses": log["losses"], "groups": log["groups"], "lr": [tuple(x) for x in log["lr"]],
-                    "eps": [tuple(x) for x in log["eps"]]}
+                    "eps": [tuple(x) for x in log["eps"]], "interrupted": log["interrupted"]}
 
     def replay(self, log: dict) -> None:
         """Re-run a recorded log from this optimiser's current (starting) weights; no closure is evaluated.
@@ -394,11 +467,12 @@ class ZOOptimizer:
         """
         checked = self._checked_log(log)  # before the first pass: another parameter set's log changes nothing
         tape = _Tape(checked["losses"])
-        changes = {key: sorted(checked[key]) for key in ("lr", "eps")}
 
         def recorded(key, at_step):
+            # the last change logged at or before the step, in log order: a retry of an interrupted step runs at
+            # the same step count, and a change of eps made for it is logged after the interrupted call's
             value = None
-            for step, v in changes[key]:
+            for step, v in checked[key]:
                 if step > at_step:
                     break
                 value = v
@@ -407,16 +481,51 @@ class ZOOptimizer:
         def setting(step):
             return recorded("lr", step), recorded("eps", step)
 
-        def unused():
-            raise AssertionError("replay evaluates no closure")
-
-        for group in checked["groups"]:
-            if group == 0:
-                self._step(unused, tape, setting)
+        for group, cut in self._calls(checked["groups"], checked["interrupted"]):
+            if cut is not None:
+                self._replay_interrupted(tape, cut, setting)
+            elif group == 0:
+                self._step(_unused, tape, setting)
             else:
-                self._step_many([unused] * group, tape, setting)
+                self._step_many([_unused] * group, tape, setting)
         if tape.remaining:
             raise ValueError(f"log has {tape.remaining} unused loss values: it does not match this optimiser")
+
+    @staticmethod
+    def _calls(groups: list[int], interrupted: list[tuple]) -> list[tuple]:
+        """A checked log's calls in the order they ran, as ``(group, cut)``: ``cut`` is ``(completed, losses, lr,
+        eps)`` of a call a closure interrupted (None otherwise); calls interrupted before completing a step logged
+        no group and ran before the group of their index."""
+        by_call: dict = {}
+        for call, *cut in interrupted:
+            by_call.setdefault(call, []).append(tuple(cut))
+        calls = []
+        for call in range(len(groups) + 1):
+            cuts = by_call.get(call, [])
+            calls += [(0, cut) for cut in cuts if cut[0] == 0]
+            if call < len(groups):
+                calls.append((groups[call], next((cut for cut in cuts if cut[0]), None)))
+        return calls
+
+    def _replay_interrupted(self, tape, cut, setting) -> None:
+        """Replay a call that a closure interrupted: ``completed`` steps, then the interrupted step up to its
+        ``losses``-th loss, where the tape raises as the closure did; the same passes as the live call."""
+        completed, losses, lr, eps = cut
+        stopped_at = self.step_count + completed
+        tape.interrupt(completed, losses)
+        try:
+            self._step_many([_unused] * (completed + 1), tape,
+                            lambda step: (lr, eps) if step == stopped_at else setting(step))
+        except _Interrupted:
+            pass
+        else:
+            raise AssertionError("the tape interrupts every step that evaluates its losses")
+        finally:
+            tape.resume()
+
+
+def _unused():
+    raise AssertionError("replay evaluates no closure")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,11 +536,16 @@ class _Live:
 
     def __init__(self):
         self.current, self.done = [], []
+        self.raised = False  # whether a closure raised: the step it interrupted is logged
 
     def __call__(self, closure) -> float:
-        with torch.inference_mode():
-            loss = closure()
-        loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        try:
+            with torch.inference_mode():
+                loss = closure()
+            loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        except BaseException:
+            self.raised = True
+            raise
         self.current.append(loss)
         return loss
 
@@ -451,13 +565,36 @@ class _Tape(_Live):
     def __init__(self, losses: list[float]):
         super().__init__()
         self.losses, self.position = losses, 0
+        self.cut = None  # (steps, losses): after ``steps`` more steps, raise at that step's ``losses``-th loss
+
+    def interrupt(self, steps: int, losses: int) -> None:
+        self.cut = (steps, losses)
+
+    def resume(self) -> None:
+        """After an interrupted call: the interrupted step's losses are dropped, as the live run dropped them."""
+        self.cut, self.raised, self.current = None, False, []
 
     def __call__(self, closure) -> float:
+        if self.cut is not None and self.cut[0] == 0:
+            if len(self.current) == self.cut[1]:
+                self.raised = True
+                raise _Interrupted
+            self.current.append(math.nan)  # the interrupted step's losses were not logged; they form no pass
+            return math.nan
         loss = self.losses[self.position]
         self.position += 1
         self.current.append(loss)
         return loss
 
+    def close_step(self) -> None:
+        super().close_step()
+        if self.cut is not None:
+            self.cut = (self.cut[0] - 1, self.cut[1])
+
     @property
     def remaining(self) -> int:
         return len(self.losses) - self.position
+
+
+class _Interrupted(Exception):
+    """Raised by :class:`_Tape` where the recorded run's closure raised."""
