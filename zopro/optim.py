@@ -82,7 +82,41 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _valid_interruption(entry, groups: list[int], per_step: int, last: tuple[int, int]) -> bool:
+def _is_real(value) -> bool:
+    """A real number, NaN and inf included."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_list(value, field: str) -> list:
+    """A log's sequence (a list, a tuple or a 1-D tensor) as a plain list; ValueError naming ``field`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{field} must be one-dimensional, got a tensor of shape {tuple(value.shape)}")
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field} must be a list or a 1-D tensor, got {type(value).__name__}")
+    return list(value)
+
+
+def _checked_changes(entries, key: str, limit: float) -> list[tuple[int, float]]:
+    """A log's ``lr`` or ``eps`` changes as ``(step, value)`` pairs in step order: finite, lr >= 0, eps > 0, and at
+    most ``limit``."""
+    changes = []
+    for i, entry in enumerate(_as_list(entries, f"log['{key}']")):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_count(entry[0])
+                and _is_real(entry[1])):
+            raise ValueError(f"log['{key}'] entry {i} is {entry!r}: not a (step, value) pair")
+        step, value = entry
+        if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or value > limit:
+            raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting (finite, "
+                             f"{'positive' if key == 'eps' else 'non-negative'}, at most {limit:g})")
+        changes.append((step, float(value)))
+    if any(a[0] > b[0] for a, b in zip(changes, changes[1:])):
+        raise ValueError(f"log['{key}'] changes are not in step order: {changes[:5]}")
+    return changes
+
+
+def _valid_interruption(entry, groups: list[int], per_step: int, last: tuple[int, int], limit: float) -> bool:
     """Whether ``entry`` is a ``(call, completed, losses, lr, eps)`` that can follow ``last`` (the previous entry's
     call and completed steps): a call that completed steps is its group, and it is the last of that call's entries
     (the calls that completed none came before it)."""
@@ -93,7 +127,7 @@ def _valid_interruption(entry, groups: list[int], per_step: int, last: tuple[int
         return False
     in_log = call < len(groups) and groups[call] == completed if completed else call <= len(groups)
     in_order = call > last[0] or (call == last[0] and last[1] == 0)
-    return in_log and in_order and losses < per_step and lr >= 0 and eps > 0
+    return in_log and in_order and losses < per_step and 0 <= lr <= limit and 0 < eps <= limit
 
 
 class ZOOptimizer:
@@ -166,7 +200,7 @@ class ZOOptimizer:
         """``(lr, eps)`` of the next ``n_steps`` steps from ``setting(step)``, each checked before the first pass:
         finite, lr >= 0, eps > 0, and no larger than the weights' float type can hold (a schedule giving 1e300 would
         make the weights inf)."""
-        limit = min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
+        limit = self._setting_limit()
         settings = [setting(self.step_count + i) for i in range(n_steps)]
         for i, (lr, eps) in enumerate(settings):
             for name, value, low_ok in (("lr", lr, True), ("eps", eps, False)):
@@ -176,6 +210,10 @@ class ZOOptimizer:
                                      f"{'non-negative' if low_ok else 'positive'} and at most {limit:g} (the weights' "
                                      "largest value); nothing was changed")
         return [(float(lr), float(eps)) for lr, eps in settings]
+
+    def _setting_limit(self) -> float:
+        """The largest lr or eps a step may have: the weights' largest value (float parameters only)."""
+        return min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
 
     def _decay(self, lr: float) -> torch.Tensor:
         ones = torch.ones(len(self.params), dtype=torch.float64)
@@ -386,50 +424,59 @@ class ZOOptimizer:
 
     def _checked_log(self, log, step_count: int | None = None) -> dict:
         """A state's ``log`` as plain lists, after checking that it belongs to this parameter set and optimiser and
-        that its values are valid; raises ValueError naming what is wrong. ``step_count``: the steps it must hold."""
+        that its values are valid; raises ValueError naming the field that is wrong (``log['lr']``, ...), whatever
+        the damage (a wrong type, a missing key, a wrong length, a non-finite setting). ``step_count``: the steps
+        it must hold."""
         if not isinstance(log, dict) or not {"losses", "groups", "lr", "eps", "params"} <= set(log):
             raise ValueError("log must be a dict with losses, groups, lr, eps and params (from state_dict())")
-        mine = self._signature()
-        for key in ("names", "shapes", "dtypes"):
-            theirs = [list(x) if isinstance(x, (list, tuple)) else x for x in log["params"].get(key, [])]
-            if theirs != mine[key]:
-                diff = next((f"{a!r} != {b!r}" for a, b in zip(theirs, mine[key]) if a != b),
-                            f"{len(theirs)} != {len(mine[key])} entries")
-                raise ValueError(f"log belongs to another parameter set: its parameter {key} differ ({diff})")
-        losses = log["losses"].tolist() if isinstance(log["losses"], torch.Tensor) else list(log["losses"])
-        groups = log["groups"].tolist() if isinstance(log["groups"], torch.Tensor) else list(log["groups"])
-        changes = {}
-        for key in ("lr", "eps"):
-            changes[key] = [(int(s), float(v)) for s, v in log[key]]
-            for step, value in changes[key]:
-                if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or step < 0:
-                    raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting")
-            if any(a[0] > b[0] for a, b in zip(changes[key], changes[key][1:])):
-                raise ValueError(f"log's {key} changes are not in step order: {changes[key][:5]}")
-        if any(not isinstance(g, int) or g < 0 for g in groups):
-            raise ValueError(f"log has invalid step groups {groups[:5]}")
+        self._check_signature(log["params"])
+        losses = _as_list(log["losses"], "log['losses']")
+        bad = next((i for i, v in enumerate(losses) if not _is_real(v)), None)
+        if bad is not None:  # NaN and inf are losses a closure returned (the step was skipped): they replay
+            raise ValueError(f"log['losses'] entry {bad} is {losses[bad]!r}: not a number")
+        groups = _as_list(log["groups"], "log['groups']")
+        if not all(_is_count(g) for g in groups):
+            raise ValueError(f"log['groups'] must hold step counts >= 0, got {groups[:5]}")
+        # every setting within the check each step makes before its first pass (_settings): a replay must not stop
+        # half way
+        limit = self._setting_limit()
+        changes = {key: _checked_changes(log[key], key, limit) for key in ("lr", "eps")}
         steps = sum(max(g, 1) for g in groups)
         per_step = self.q + 1 if self.one_sided else 2 * self.q
         if len(losses) != steps * per_step or (step_count is not None and steps != step_count):
             raise ValueError(f"log holds {len(losses)} losses for {steps} steps ({per_step} a step)"
                              + (f" but the state has {step_count} steps" if step_count is not None else ""))
-        interrupted = self._checked_interruptions(log.get("interrupted", []), groups, per_step)
+        interrupted = self._checked_interruptions(log.get("interrupted", []), groups, per_step, limit)
         return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"],
                 "interrupted": interrupted}
 
+    def _check_signature(self, params) -> None:
+        """A log's ``params`` must be this optimiser's :meth:`_signature`; ValueError naming the field otherwise."""
+        if not isinstance(params, dict):
+            raise ValueError(f"log['params'] must be a dict of names, shapes and dtypes, got {type(params).__name__}")
+        mine = self._signature()
+        for key in ("names", "shapes", "dtypes"):
+            if not isinstance(params.get(key), (list, tuple)):
+                raise ValueError(f"log['params']['{key}'] must be a list, got {params.get(key)!r}")
+            theirs = [list(x) if isinstance(x, (list, tuple)) else x for x in params[key]]
+            if theirs != mine[key]:
+                diff = next((f"{a!r} != {b!r}" for a, b in zip(theirs, mine[key]) if a != b),
+                            f"{len(theirs)} != {len(mine[key])} entries")
+                raise ValueError(f"log belongs to another parameter set: its parameter {key} differ ({diff})")
+
     @staticmethod
-    def _checked_interruptions(entries, groups: list[int], per_step: int) -> list[tuple]:
+    def _checked_interruptions(entries, groups: list[int], per_step: int, limit: float) -> list[tuple]:
         """A log's ``interrupted`` entries (:meth:`_record_interruption`) as tuples, checked against its calls: in
         call order, a call's entries with completed steps last and matching its group; ValueError otherwise. A
         log from before interruptions were logged has none."""
         if not isinstance(entries, (list, tuple)):
-            raise ValueError(f"log's interrupted must be a list of (call, completed, losses, lr, eps), got "
+            raise ValueError(f"log['interrupted'] must be a list of (call, completed, losses, lr, eps), got "
                              f"{type(entries).__name__}")
         checked, last = [], (-1, 0)
         for entry in entries:
-            if not _valid_interruption(entry, groups, per_step, last):
-                raise ValueError(f"log's interrupted has an invalid entry {entry!r}: not (call, completed, losses, lr, "
-                                 f"eps) of a call in the log's groups, in order, with fewer than {per_step} losses")
+            if not _valid_interruption(entry, groups, per_step, last, limit):
+                raise ValueError(f"log['interrupted'] has an invalid entry {entry!r}: not (call, completed, losses, "
+                                 f"lr, eps) of a call in the log's groups, in order, with fewer than {per_step} losses")
             call, completed, losses, lr, eps = entry
             last = (call, completed)
             checked.append((call, completed, losses, float(lr), float(eps)))
@@ -438,18 +485,19 @@ class ZOOptimizer:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``; everything is checked before anything is changed (ValueError)."""
         required = {"step_count", "skipped", "seed", "lr", "eps", "weight_decay", "q", "one_sided", "sampler", "log"}
-        if not isinstance(state, dict) or not required <= set(state):
-            raise ValueError(f"state is missing {sorted(required - set(state or ()))}")
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if not required <= set(state):
+            raise ValueError(f"state is missing {sorted(required - set(state))}")
         for key in ("seed", "q", "one_sided"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state has {key}={state[key]!r} but this optimiser has {getattr(self, key)!r}")
         step_count, skipped = state["step_count"], state["skipped"]
-        if not (isinstance(step_count, int) and isinstance(skipped, int) and 0 <= skipped <= step_count):
+        if not (_is_count(step_count) and _is_count(skipped) and skipped <= step_count):
             raise ValueError(f"state has step_count={step_count!r}, skipped={skipped!r}: not valid counts")
         for key in ("lr", "eps", "weight_decay"):
             value = state[key]
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
-                    key == "eps" and value == 0):
+            if not _is_number(value) or value < 0 or (key == "eps" and value == 0):
                 raise ValueError(f"state has {key}={value!r}: it must be a finite non-negative number")
         log = self._checked_log(state["log"], step_count)
         self.sampler.load_state_dict(state["sampler"])  # checks its own state before changing it

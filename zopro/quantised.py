@@ -217,6 +217,9 @@ class CodeSampler:
         return {**self.direction.state_dict(), "space": "codes"}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("space") != "codes":
+            raise ValueError("the sampler state is not a code-space sampler's (state_dict() of a CodeSampler has "
+                             f"space='codes'), got {state!r:.80}")
         self.direction.load_state_dict({k: v for k, v in state.items() if k != "space"})
 
     # ---- the direction of one seed, per weight -----------------------------------------------------------------------

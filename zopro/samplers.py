@@ -107,6 +107,7 @@ class Isotropic:
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
+        _check_same(self, {"dist": state.get("dist", self.dist)})
 
 
 def _whole_sums(dots: torch.Tensor) -> torch.Tensor:
@@ -115,8 +116,18 @@ def _whole_sums(dots: torch.Tensor) -> torch.Tensor:
 
 
 def _check_name(sampler, state):
+    if not isinstance(state, dict):
+        raise ValueError(f"the sampler state must be a dict from state_dict(), got {type(state).__name__}")
     if state.get("name") != sampler.name:
         raise ValueError(f"state is for sampler {state.get('name')!r}, not {sampler.name!r}")
+
+
+def _check_same(sampler, saved: dict) -> None:
+    """The settings ``saved`` in a sampler state must be ``sampler``'s: a state of another sampler is refused."""
+    differ = [f"{k} {v!r} (this sampler: {getattr(sampler, k)!r})"
+              for k, v in saved.items() if v != getattr(sampler, k)]
+    if differ:
+        raise ValueError(f"the saved {sampler.name} sampler state is of another sampler: {', '.join(differ)}")
 
 
 class Targeted(Isotropic):
@@ -368,13 +379,13 @@ class Targeted(Isotropic):
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
-        saved = {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
-                 "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0)}
-        differ = [f"{k} {saved[k]!r} (this sampler: {getattr(self, k)!r})"
-                  for k in saved if saved[k] != getattr(self, k)]
-        if differ:
-            raise ValueError(f"the saved {self.name} sampler state is of another sampler: {', '.join(differ)}")
-        self.t = int(state["t"])
+        _check_same(self, {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
+                           "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0),
+                           "dist": state.get("dist", self.dist)})
+        t = state.get("t")
+        if not (isinstance(t, int) and not isinstance(t, bool) and t >= 0):
+            raise ValueError(f"the {self.name} sampler state has t={t!r}: not a count of updates")
+        self.t = t
 
 
 class RankGuided(Targeted):
@@ -402,3 +413,8 @@ class RankGuided(Targeted):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rank": self.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_name(self, state)
+        _check_same(self, {"rank": state.get("rank", self.rank)})
+        super().load_state_dict(state)

@@ -234,3 +234,13 @@ def test_losses_near_the_float_limit_skip_the_code_update(kind):
         codes.append(_codes(space))
     assert all(torch.equal(a, b) for a, b in zip(*codes))
 
+
+@pytest.mark.parametrize("state", [None, {"name": "isotropic", "dist": "gaussian"}])
+def test_a_malformed_code_sampler_state_is_refused_by_name(state):
+    """Not a dict, or a plain direction's state (no space='codes'): ValueError naming the sampler state."""
+    space = CodeSpace.from_model(_model("int8"), impl="torch")
+    opt = ZOOptimizer(space.parameters(), lr=0.05, sampler=space.sampler(Isotropic()), seed=3)
+    saved = opt.state_dict()
+    saved["sampler"] = state
+    with pytest.raises(ValueError, match="sampler state"):
+        opt.load_state_dict(saved)
