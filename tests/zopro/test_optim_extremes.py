@@ -142,9 +142,11 @@ def test_a_step_interrupted_by_its_closure_replays_bit_for_bit(mode, q, one_side
     with pytest.raises(Boom):
         if mode == "step":
             opt.step(_raising_at(params, at))
-        else:  # two steps complete; the third's restore-and-update is fused with the interrupted step's first probe
+        else:  # two steps complete; the second's restore-and-update is fused with the interrupted step's first probe
             opt.step_many([_loss(params), _loss(params), _raising_at(params, at)])
     assert opt.step_count == (1 if mode == "step" else 3)
+    # (call, completed, losses, lr, eps): the second call, after the first's step; its step 0 or 2 stopped at loss `at`
+    assert opt.log["interrupted"] == [(1, 0 if mode == "step" else 2, at, 1e-3, 1e-3)]
     opt.step_many([_loss(params)] * 2)
     opt.step(_loss(params))
     replayer = _optimiser(replayed := _params(dtype), **kwargs)
