@@ -427,8 +427,11 @@ class ZOOptimizer:
         that its values are valid; raises ValueError naming the field that is wrong (``log['lr']``, ...), whatever
         the damage (a wrong type, a missing key, a wrong length, a non-finite setting). ``step_count``: the steps
         it must hold."""
-        if not isinstance(log, dict) or not {"losses", "groups", "lr", "eps", "params"} <= set(log):
-            raise ValueError("log must be a dict with losses, groups, lr, eps and params (from state_dict())")
+        if not isinstance(log, dict):
+            raise ValueError(f"log must be a dict from state_dict()['log'], got {type(log).__name__}")
+        missing = {"losses", "groups", "lr", "eps", "params"} - set(log)
+        if missing:
+            raise ValueError(f"log is missing {sorted(missing)}")
         self._check_signature(log["params"])
         losses = _as_list(log["losses"], "log['losses']")
         bad = next((i for i, v in enumerate(losses) if not _is_real(v)), None)
