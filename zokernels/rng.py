@@ -28,8 +28,9 @@ Conversions
       ``z = C * sqrt(-2 ln u) * (cos theta if j is even else sin theta)``.
       The distribution is a fine discrete approximation of N(0, 1): the angle grid is symmetric, so its mean and
       odd moments are exactly 0; ``C = GAUSSIAN_C`` rescales so that the variance is exactly 1
-      (``E[-ln u]`` over the 2**16 grid is 0.9999947); the kurtosis is 2.99982 (normal: 3); ``|z| <= 4.71``
-      (a normal exceeds that with probability 2.5e-6). Both Box–Muller outputs are used, so 8 normals per call.
+      (``E[-ln u]`` over the 2**16 grid is 0.9999947); the kurtosis is 2.99982 (normal: 3); ``|z| <= GAUSSIAN_MAX``
+      (4.8546, at the smallest uniform; a normal exceeds that with probability 1.2e-6). Both Box–Muller outputs
+      are used, so 8 normals per call.
       The torch reference (and the Triton interpreter) evaluate this with libm; compiled Triton on an NVIDIA GPU
       uses the hardware approximations ``lg2.approx``, ``sin.approx``, ``cos.approx`` and ``sqrt.approx``, whose
       documented worst-case errors are the ``*_APPROX_*`` constants below. ``lg2.approx`` has an *absolute* error
@@ -89,6 +90,9 @@ SQRT_APPROX_REL_ERR = 2.0**-22
 GAUSSIAN_SERIES_BELOW = 2.0**-8
 # The compiled path's worst error in z over all 2**16 uniforms and all angles, from the errors above (tested).
 GAUSSIAN_COMPILED_BOUND = 6e-6
+# The largest |z| the Gaussian conversion gives: C * sqrt(-2 ln(0.5 / 2**16)) = 4.854599 at the smallest uniform,
+# rounded up past float32 rounding and GAUSSIAN_COMPILED_BOUND. ZOOptimizer bounds an update's |coef * z| with it.
+GAUSSIAN_MAX = 4.8547
 TWO_PI = 2.0 * math.pi
 
 DISTRIBUTIONS = ("gaussian", "rademacher")

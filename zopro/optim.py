@@ -7,9 +7,10 @@ pass). ``step_many(closures)`` runs steps back to back and also fuses each resto
 ``+eps z'``: two passes per step; it returns only once the weights are clean.
 
 Seeds are derived from (seed, step, direction), so a run is a pure function of its starting weights, its
-configuration and the losses its closures returned. The optimiser records those losses (and any change of lr or
-eps); :meth:`ZOOptimizer.replay` feeds them back through the same code path and reproduces the final weights bit
-for bit on the same device, without a single forward pass. That log is also the cheapest checkpoint.
+configuration and the losses its closures returned. The optimiser records those losses (any change of lr or eps,
+and where a closure's exception interrupted a step); :meth:`ZOOptimizer.replay` feeds them back through the same
+code path and reproduces the final weights bit for bit on the same device, without a single forward pass. That log
+is also the cheapest checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import torch
 from zopro import sharded
 from zopro.samplers import Isotropic
 from zopro.seeds import derive_seed
+
+# The kernels take every coefficient as a float32 scalar and compute in float32, whatever the weights' type.
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -70,6 +74,62 @@ def _check_disjoint(names: list[str], tensors: list[torch.Tensor]) -> None:
             raise ValueError(f"parameters {first!r} and {second!r} share memory: each would be updated twice")
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_real(value) -> bool:
+    """A real number, NaN and inf included."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_list(value, field: str) -> list:
+    """A log's sequence (a list, a tuple or a 1-D tensor) as a plain list; ValueError naming ``field`` otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{field} must be one-dimensional, got a tensor of shape {tuple(value.shape)}")
+        return value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field} must be a list or a 1-D tensor, got {type(value).__name__}")
+    return list(value)
+
+
+def _checked_changes(entries, key: str, limit: float) -> list[tuple[int, float]]:
+    """A log's ``lr`` or ``eps`` changes as ``(step, value)`` pairs in step order: finite, lr >= 0, eps > 0, and at
+    most ``limit``."""
+    changes = []
+    for i, entry in enumerate(_as_list(entries, f"log['{key}']")):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_count(entry[0])
+                and _is_real(entry[1])):
+            raise ValueError(f"log['{key}'] entry {i} is {entry!r}: not a (step, value) pair")
+        step, value = entry
+        if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or value > limit:
+            raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting (finite, "
+                             f"{'positive' if key == 'eps' else 'non-negative'}, at most {limit:g})")
+        changes.append((step, float(value)))
+    if any(a[0] > b[0] for a, b in zip(changes, changes[1:])):
+        raise ValueError(f"log['{key}'] changes are not in step order: {changes[:5]}")
+    return changes
+
+
+def _valid_interruption(entry, groups: list[int], per_step: int, last: tuple[int, int], limit: float) -> bool:
+    """Whether ``entry`` is a ``(call, completed, losses, lr, eps)`` that can follow ``last`` (the previous entry's
+    call and completed steps): a call that completed steps is its group, and it is the last of that call's entries
+    (the calls that completed none came before it)."""
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 5):
+        return False
+    call, completed, losses, lr, eps = entry
+    if not (all(_is_count(v) for v in (call, completed, losses)) and all(_is_number(v) for v in (lr, eps))):
+        return False
+    in_log = call < len(groups) and groups[call] == completed if completed else call <= len(groups)
+    in_order = call > last[0] or (call == last[0] and last[1] == 0)
+    return in_log and in_order and losses < per_step and 0 <= lr <= limit and 0 < eps <= limit
+
+
 class ZOOptimizer:
     """Zeroth-order optimiser shaped like ``torch.optim``.
 
@@ -111,6 +171,9 @@ class ZOOptimizer:
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.seed, self.q, self.one_sided, self.lr_schedule = seed, q, one_sided, lr_schedule
         self.decays = torch.tensor([p.dim() >= 2 and n not in no_decay for n, p in zip(self.names, self.params)])
+        # the largest finite value each parameter can store (codes: the kernels' float32 coefficient)
+        self._limits = torch.tensor([min(torch.finfo(p.dtype).max, _FLOAT32_MAX) if p.dtype.is_floating_point
+                                     else _FLOAT32_MAX for p in self.params], dtype=torch.float64)
         self.streams = list(range(len(self.params)))
         self.sampler = sampler if sampler is not None else Isotropic()
         if weight_decay and not getattr(self.sampler, "supports_weight_decay", True):
@@ -123,7 +186,7 @@ class ZOOptimizer:
             self.shards.bind(self.sampler)
         self.step_count = 0
         self.skipped = 0
-        self.log = {"losses": [], "groups": [], "lr": [], "eps": []}
+        self.log = {"losses": [], "groups": [], "lr": [], "eps": [], "interrupted": []}
 
     # ---- the passes -------------------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -137,7 +200,7 @@ class ZOOptimizer:
         """``(lr, eps)`` of the next ``n_steps`` steps from ``setting(step)``, each checked before the first pass:
         finite, lr >= 0, eps > 0, and no larger than the weights' float type can hold (a schedule giving 1e300 would
         make the weights inf)."""
-        limit = min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
+        limit = self._setting_limit()
         settings = [setting(self.step_count + i) for i in range(n_steps)]
         for i, (lr, eps) in enumerate(settings):
             for name, value, low_ok in (("lr", lr, True), ("eps", eps, False)):
@@ -147,6 +210,10 @@ class ZOOptimizer:
                                      f"{'non-negative' if low_ok else 'positive'} and at most {limit:g} (the weights' "
                                      "largest value); nothing was changed")
         return [(float(lr), float(eps)) for lr, eps in settings]
+
+    def _setting_limit(self) -> float:
+        """The largest lr or eps a step may have: the weights' largest value (float parameters only)."""
+        return min((torch.finfo(p.dtype).max for p in self.params if p.dtype.is_floating_point), default=math.inf)
 
     def _decay(self, lr: float) -> torch.Tensor:
         ones = torch.ones(len(self.params), dtype=torch.float64)
@@ -217,15 +284,43 @@ class ZOOptimizer:
 
     def _finish(self, seeds, grads, lr, eps):
         """The pass that restores the last direction and applies the update, as ``(terms, decay)``, and whether
-        the update happened; other directions' updates (q > 1) are applied here, one pass each."""
+        the update happened; other directions' updates (q > 1) are applied here, one pass each. The update is
+        skipped (only the restore is returned, the same passes as for a NaN loss) where a g is NaN or beyond
+        float32's range, or :meth:`_fits` finds that it would overflow the weights.
+
+        A g of 3e41 (losses of +-3e38) is garbage whatever lr would make of it: float32 is the type the kernels
+        compute in, and bf16 has its range. g is not compared with fp16's 65504: it is never stored in a weight,
+        and a g of 1e5 is a plausible one (a loss difference of 200 at eps = 1e-3); lr * g * z is what _fits checks.
+        """
         restore = -eps if self.one_sided else eps
-        if not all(math.isfinite(g) for g in grads):
-            return ([(seeds[-1], restore)], None), False
-        for s, g in zip(seeds[:-1], grads[:-1]):
-            self._pass([(s, -lr * g / self.q)])
         decay = self._decay(lr)
         # w is at theta -+ eps z_last: m*w + (m*restore - lr*g/q) z_last = m*theta - (lr*g/q) z_last
-        return ([(seeds[-1], decay * restore - lr * grads[-1] / self.q)], decay), True
+        updates = [(s, -lr * g / self.q) for s, g in zip(seeds[:-1], grads[:-1])]
+        last = (seeds[-1], decay * restore - lr * grads[-1] / self.q)
+        if not all(abs(g) <= _FLOAT32_MAX for g in grads) or not self._fits(updates + [last]):  # False for NaN
+            return ([(seeds[-1], restore)], None), False
+        for s, c in updates:
+            self._pass([(s, c)])
+        return ([last], decay), True
+
+    def _fits(self, passes) -> bool:
+        """Whether every ``(seed, coef)`` pass keeps each tensor's ``coef * z`` finite in its type: ``|coef|`` within
+        float32 (the kernels' scalar) and ``|coef| * max|z| <= `` the type's largest value, ``max|z|`` the sampler's
+        bound (the spec's largest Gaussian for Isotropic). False for a NaN coefficient.
+
+        The check is on the coefficients, before the pass, because an overflow cannot be undone afterwards (w + inf
+        has lost w) and the weights are never copied; a g that is finite in float64, even in float32, can still
+        overflow a bf16 or fp16 weight through ``lr * g * z`` (fp16 stores at most 65504). It costs a few host
+        float operations per step, no pass and no sync. Not covered: weights already within ``|coef| * max|z|`` of
+        their type's largest value, which only a reduction over the weights (a pass and a sync per step) would see;
+        the bound is an upper bound, so an update a little below the limit may be skipped where it would just fit.
+        """
+        for seed, coef in passes:
+            coef = torch.as_tensor(coef, dtype=torch.float64).abs()
+            bound = torch.as_tensor(self.sampler.z_bound(seed), dtype=torch.float64)
+            if not bool(((coef <= _FLOAT32_MAX) & (coef * bound <= self._limits)).all()):
+                return False
+        return True
 
     def _close_step(self, grads, losses, ok, losses_from) -> StepResult:
         if not ok:
@@ -238,7 +333,12 @@ class ZOOptimizer:
     def _step(self, closure, losses_from, setting) -> StepResult:
         [(lr, eps)] = self._settings(1, setting)
         self._log_settings(lr, eps)
-        seeds, grads, losses = self._estimate(closure, losses_from, eps)
+        call = len(self.log["groups"])
+        try:
+            seeds, grads, losses = self._estimate(closure, losses_from, eps)
+        except BaseException:
+            self._record_interruption(call, 0, losses_from, lr, eps)
+            raise
         final, ok = self._finish(seeds, grads, lr, eps)
         self._pass(*final)
         result = self._close_step(grads, losses, ok, losses_from)
@@ -247,12 +347,16 @@ class ZOOptimizer:
 
     def _step_many(self, closures: list, losses_from, setting) -> list[StepResult]:
         settings = self._settings(len(closures), setting)  # all checked before the first pass
-        results, pending = [], None
+        results, pending, call = [], None, len(self.log["groups"])
         try:
             for closure, (lr, eps) in zip(closures, settings):
                 self._log_settings(lr, eps)
                 previous, pending = pending, None  # _estimate applies it, also when a closure raises
-                seeds, grads, losses = self._estimate(closure, losses_from, eps, previous)
+                try:
+                    seeds, grads, losses = self._estimate(closure, losses_from, eps, previous)
+                except BaseException:
+                    self._record_interruption(call, len(results), losses_from, lr, eps)
+                    raise
                 pending, ok = self._finish(seeds, grads, lr, eps)
                 results.append(self._close_step(grads, losses, ok, losses_from))
         finally:
@@ -267,12 +371,30 @@ class ZOOptimizer:
         self.log["losses"].extend(losses_from.take_done())
         self.log["groups"].append(group)
 
+    def _record_interruption(self, call: int, completed: int, losses_from, lr: float, eps: float) -> None:
+        """Log a step that a closure's exception interrupted, so that :meth:`replay` repeats its passes.
+
+        Restoring the weights after an interruption takes the probe back out (``-eps z`` after ``+eps z``, or
+        ``+eps z`` after ``+eps z, -2 eps z``), which float rounding makes exact only within an ulp; restoring them
+        bit for bit would need a copy of the weights, which ZO exists to avoid. The passes an interrupted step
+        applied are a function of where it stopped, so the log records that instead: ``(call, completed, losses,
+        lr, eps)``, the interrupted call's index among the logged calls (``groups``; a call that completed no step
+        logs no group), the steps it completed before, the losses its interrupted step had obtained, and that
+        step's lr and eps (a retry may change them). Replay runs the same code up to the same loss and stops there,
+        so it lands on the live weights' bits. Only a closure's exception is recorded: one raised by the passes
+        themselves leaves weights that no log describes."""
+        if losses_from.raised:
+            self.log["interrupted"].append((call, completed, len(losses_from.current), lr, eps))
+
     # ---- public -----------------------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor | float]) -> StepResult:
         """One SPSA step; ``closure()`` returns the loss at the current weights (run under inference mode).
 
-        Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient skips the
-        update (weights restored within the rounding of the round trip) and is counted in ``skipped``.
+        Returns when the weights are the updated, unperturbed ones. A non-finite projected gradient, or an update
+        ``lr * g * z`` that would not be finite in a weight's type, skips the update (weights restored within the
+        rounding of the round trip, replayed bit for bit) and is counted in ``skipped``. If ``closure`` raises, the
+        weights are restored within the same rounding, the step is not counted, and the interruption is logged, so
+        that :meth:`replay` reproduces these weights bit for bit.
         """
         return self._step(closure, _Live(), self._scheduled)
 
@@ -280,7 +402,8 @@ class ZOOptimizer:
         """Steps back to back, one per closure, fusing each restore-and-update with the next ``+eps z'``.
 
         Two weight passes per two-sided step (q = 1). Control returns only after the last update, with clean
-        weights; if a closure raises, the weights are those after the last completed step (within rounding).
+        weights; if a closure raises, the weights are those after the last completed step (within rounding; the
+        interruption is logged and replayed bit for bit, as in :meth:`step`).
         """
         return self._step_many(list(closures), _Live(), self._scheduled)
 
@@ -291,7 +414,8 @@ class ZOOptimizer:
                 "sampler": self.sampler.state_dict(),
                 "log": {"losses": torch.tensor(self.log["losses"], dtype=torch.float64),
                         "groups": torch.tensor(self.log["groups"], dtype=torch.int32),
-                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"]), "params": self._signature()}}
+                        "lr": list(self.log["lr"]), "eps": list(self.log["eps"]),
+                        "interrupted": list(self.log["interrupted"]), "params": self._signature()}}
 
     def _signature(self) -> dict:
         """What a state or log belongs to: the parameters' names, shapes and dtypes, in order."""
@@ -300,55 +424,90 @@ class ZOOptimizer:
 
     def _checked_log(self, log, step_count: int | None = None) -> dict:
         """A state's ``log`` as plain lists, after checking that it belongs to this parameter set and optimiser and
-        that its values are valid; raises ValueError naming what is wrong. ``step_count``: the steps it must hold."""
-        if not isinstance(log, dict) or not {"losses", "groups", "lr", "eps", "params"} <= set(log):
-            raise ValueError("log must be a dict with losses, groups, lr, eps and params (from state_dict())")
-        mine = self._signature()
-        for key in ("names", "shapes", "dtypes"):
-            theirs = [list(x) if isinstance(x, (list, tuple)) else x for x in log["params"].get(key, [])]
-            if theirs != mine[key]:
-                diff = next((f"{a!r} != {b!r}" for a, b in zip(theirs, mine[key]) if a != b),
-                            f"{len(theirs)} != {len(mine[key])} entries")
-                raise ValueError(f"log belongs to another parameter set: its parameter {key} differ ({diff})")
-        losses = log["losses"].tolist() if isinstance(log["losses"], torch.Tensor) else list(log["losses"])
-        groups = log["groups"].tolist() if isinstance(log["groups"], torch.Tensor) else list(log["groups"])
-        changes = {}
-        for key in ("lr", "eps"):
-            changes[key] = [(int(s), float(v)) for s, v in log[key]]
-            for step, value in changes[key]:
-                if not math.isfinite(value) or value < 0 or (key == "eps" and value == 0) or step < 0:
-                    raise ValueError(f"log has {key}={value!r} at step {step}: not a valid setting")
-        if any(not isinstance(g, int) or g < 0 for g in groups):
-            raise ValueError(f"log has invalid step groups {groups[:5]}")
+        that its values are valid; raises ValueError naming the field that is wrong (``log['lr']``, ...), whatever
+        the damage (a wrong type, a missing key, a wrong length, a non-finite setting). ``step_count``: the steps
+        it must hold."""
+        if not isinstance(log, dict):
+            raise ValueError(f"log must be a dict from state_dict()['log'], got {type(log).__name__}")
+        missing = {"losses", "groups", "lr", "eps", "params"} - set(log)
+        if missing:
+            raise ValueError(f"log is missing {sorted(missing)}")
+        self._check_signature(log["params"])
+        losses = _as_list(log["losses"], "log['losses']")
+        bad = next((i for i, v in enumerate(losses) if not _is_real(v)), None)
+        if bad is not None:  # NaN and inf are losses a closure returned (the step was skipped): they replay
+            raise ValueError(f"log['losses'] entry {bad} is {losses[bad]!r}: not a number")
+        groups = _as_list(log["groups"], "log['groups']")
+        if not all(_is_count(g) for g in groups):
+            raise ValueError(f"log['groups'] must hold step counts >= 0, got {groups[:5]}")
+        # every setting within the check each step makes before its first pass (_settings): a replay must not stop
+        # half way
+        limit = self._setting_limit()
+        changes = {key: _checked_changes(log[key], key, limit) for key in ("lr", "eps")}
         steps = sum(max(g, 1) for g in groups)
         per_step = self.q + 1 if self.one_sided else 2 * self.q
         if len(losses) != steps * per_step or (step_count is not None and steps != step_count):
             raise ValueError(f"log holds {len(losses)} losses for {steps} steps ({per_step} a step)"
                              + (f" but the state has {step_count} steps" if step_count is not None else ""))
-        return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"]}
+        interrupted = self._checked_interruptions(log.get("interrupted", []), groups, per_step, limit)
+        return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"],
+                "interrupted": interrupted}
+
+    def _check_signature(self, params) -> None:
+        """A log's ``params`` must be this optimiser's :meth:`_signature`; ValueError naming the field otherwise."""
+        if not isinstance(params, dict):
+            raise ValueError(f"log['params'] must be a dict of names, shapes and dtypes, got {type(params).__name__}")
+        mine = self._signature()
+        for key in ("names", "shapes", "dtypes"):
+            if not isinstance(params.get(key), (list, tuple)):
+                raise ValueError(f"log['params']['{key}'] must be a list, got {params.get(key)!r}")
+            theirs = [list(x) if isinstance(x, (list, tuple)) else x for x in params[key]]
+            if theirs != mine[key]:
+                diff = next((f"{a!r} != {b!r}" for a, b in zip(theirs, mine[key]) if a != b),
+                            f"{len(theirs)} != {len(mine[key])} entries")
+                raise ValueError(f"log belongs to another parameter set: its parameter {key} differ ({diff})")
+
+    @staticmethod
+    def _checked_interruptions(entries, groups: list[int], per_step: int, limit: float) -> list[tuple]:
+        """A log's ``interrupted`` entries (:meth:`_record_interruption`) as tuples, checked against its calls: in
+        call order, a call's entries with completed steps last and matching its group; ValueError otherwise. A
+        log from before interruptions were logged has none."""
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError(f"log['interrupted'] must be a list of (call, completed, losses, lr, eps), got "
+                             f"{type(entries).__name__}")
+        checked, last = [], (-1, 0)
+        for entry in entries:
+            if not _valid_interruption(entry, groups, per_step, last, limit):
+                raise ValueError(f"log['interrupted'] has an invalid entry {entry!r}: not (call, completed, losses, "
+                                 f"lr, eps) of a call in the log's groups, in order, with fewer than {per_step} losses")
+            call, completed, losses, lr, eps = entry
+            last = (call, completed)
+            checked.append((call, completed, losses, float(lr), float(eps)))
+        return checked
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``; everything is checked before anything is changed (ValueError)."""
         required = {"step_count", "skipped", "seed", "lr", "eps", "weight_decay", "q", "one_sided", "sampler", "log"}
-        if not isinstance(state, dict) or not required <= set(state):
-            raise ValueError(f"state is missing {sorted(required - set(state or ()))}")
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        if not required <= set(state):
+            raise ValueError(f"state is missing {sorted(required - set(state))}")
         for key in ("seed", "q", "one_sided"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state has {key}={state[key]!r} but this optimiser has {getattr(self, key)!r}")
         step_count, skipped = state["step_count"], state["skipped"]
-        if not (isinstance(step_count, int) and isinstance(skipped, int) and 0 <= skipped <= step_count):
+        if not (_is_count(step_count) and _is_count(skipped) and skipped <= step_count):
             raise ValueError(f"state has step_count={step_count!r}, skipped={skipped!r}: not valid counts")
         for key in ("lr", "eps", "weight_decay"):
             value = state[key]
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
-                    key == "eps" and value == 0):
+            if not _is_number(value) or value < 0 or (key == "eps" and value == 0):
                 raise ValueError(f"state has {key}={value!r}: it must be a finite non-negative number")
         log = self._checked_log(state["log"], step_count)
         self.sampler.load_state_dict(state["sampler"])  # checks its own state before changing it
         self.step_count, self.skipped = step_count, skipped
         self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
         self.log = {"losses": log["losses"], "groups": log["groups"], "lr": [tuple(x) for x in log["lr"]],
-                    "eps": [tuple(x) for x in log["eps"]]}
+                    "eps": [tuple(x) for x in log["eps"]], "interrupted": log["interrupted"]}
 
     def replay(self, log: dict) -> None:
         """Re-run a recorded log from this optimiser's current (starting) weights; no closure is evaluated.
@@ -359,11 +518,12 @@ class ZOOptimizer:
         """
         checked = self._checked_log(log)  # before the first pass: another parameter set's log changes nothing
         tape = _Tape(checked["losses"])
-        changes = {key: sorted(checked[key]) for key in ("lr", "eps")}
 
         def recorded(key, at_step):
+            # the last change logged at or before the step, in log order: a retry of an interrupted step runs at
+            # the same step count, and a change of eps made for it is logged after the interrupted call's
             value = None
-            for step, v in changes[key]:
+            for step, v in checked[key]:
                 if step > at_step:
                     break
                 value = v
@@ -372,16 +532,51 @@ class ZOOptimizer:
         def setting(step):
             return recorded("lr", step), recorded("eps", step)
 
-        def unused():
-            raise AssertionError("replay evaluates no closure")
-
-        for group in checked["groups"]:
-            if group == 0:
-                self._step(unused, tape, setting)
+        for group, cut in self._calls(checked["groups"], checked["interrupted"]):
+            if cut is not None:
+                self._replay_interrupted(tape, cut, setting)
+            elif group == 0:
+                self._step(_unused, tape, setting)
             else:
-                self._step_many([unused] * group, tape, setting)
+                self._step_many([_unused] * group, tape, setting)
         if tape.remaining:
             raise ValueError(f"log has {tape.remaining} unused loss values: it does not match this optimiser")
+
+    @staticmethod
+    def _calls(groups: list[int], interrupted: list[tuple]) -> list[tuple]:
+        """A checked log's calls in the order they ran, as ``(group, cut)``: ``cut`` is ``(completed, losses, lr,
+        eps)`` of a call a closure interrupted (None otherwise); calls interrupted before completing a step logged
+        no group and ran before the group of their index."""
+        by_call: dict = {}
+        for call, *cut in interrupted:
+            by_call.setdefault(call, []).append(tuple(cut))
+        calls = []
+        for call in range(len(groups) + 1):
+            cuts = by_call.get(call, [])
+            calls += [(0, cut) for cut in cuts if cut[0] == 0]
+            if call < len(groups):
+                calls.append((groups[call], next((cut for cut in cuts if cut[0]), None)))
+        return calls
+
+    def _replay_interrupted(self, tape, cut, setting) -> None:
+        """Replay a call that a closure interrupted: ``completed`` steps, then the interrupted step up to its
+        ``losses``-th loss, where the tape raises as the closure did; the same passes as the live call."""
+        completed, losses, lr, eps = cut
+        stopped_at = self.step_count + completed
+        tape.interrupt(completed, losses)
+        try:
+            self._step_many([_unused] * (completed + 1), tape,
+                            lambda step: (lr, eps) if step == stopped_at else setting(step))
+        except _Interrupted:
+            pass
+        else:
+            raise AssertionError("the tape interrupts every step that evaluates its losses")
+        finally:
+            tape.resume()
+
+
+def _unused():
+    raise AssertionError("replay evaluates no closure")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -392,11 +587,16 @@ class _Live:
 
     def __init__(self):
         self.current, self.done = [], []
+        self.raised = False  # whether a closure raised: the step it interrupted is logged
 
     def __call__(self, closure) -> float:
-        with torch.inference_mode():
-            loss = closure()
-        loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        try:
+            with torch.inference_mode():
+                loss = closure()
+            loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+        except BaseException:
+            self.raised = True
+            raise
         self.current.append(loss)
         return loss
 
@@ -416,13 +616,36 @@ class _Tape(_Live):
     def __init__(self, losses: list[float]):
         super().__init__()
         self.losses, self.position = losses, 0
+        self.cut = None  # (steps, losses): after ``steps`` more steps, raise at that step's ``losses``-th loss
+
+    def interrupt(self, steps: int, losses: int) -> None:
+        self.cut = (steps, losses)
+
+    def resume(self) -> None:
+        """After an interrupted call: the interrupted step's losses are dropped, as the live run dropped them."""
+        self.cut, self.raised, self.current = None, False, []
 
     def __call__(self, closure) -> float:
+        if self.cut is not None and self.cut[0] == 0:
+            if len(self.current) == self.cut[1]:
+                self.raised = True
+                raise _Interrupted
+            self.current.append(math.nan)  # the interrupted step's losses were not logged; they form no pass
+            return math.nan
         loss = self.losses[self.position]
         self.position += 1
         self.current.append(loss)
         return loss
 
+    def close_step(self) -> None:
+        super().close_step()
+        if self.cut is not None:
+            self.cut = (self.cut[0] - 1, self.cut[1])
+
     @property
     def remaining(self) -> int:
         return len(self.losses) - self.position
+
+
+class _Interrupted(Exception):
+    """Raised by :class:`_Tape` where the recorded run's closure raised."""

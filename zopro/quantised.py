@@ -202,6 +202,10 @@ class CodeSampler:
     def advance(self) -> None:
         self.direction.advance()
 
+    def z_bound(self, seed: int):
+        """The direction's bound on ``|z|`` (the optimiser keeps an update's float32 coefficients finite with it)."""
+        return self.direction.z_bound(seed)
+
     def guide_share(self, t: int) -> float:
         return self.direction.guide_share(t)
 
@@ -213,6 +217,9 @@ class CodeSampler:
         return {**self.direction.state_dict(), "space": "codes"}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("space") != "codes":
+            raise ValueError("the sampler state is not a code-space sampler's (state_dict() of a CodeSampler has "
+                             f"space='codes'), got {state!r:.80}")
         self.direction.load_state_dict({k: v for k, v in state.items() if k != "space"})
 
     # ---- the direction of one seed, per weight -----------------------------------------------------------------------

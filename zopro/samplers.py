@@ -72,6 +72,11 @@ class Isotropic:
         """Share of a direction's squared norm that comes from a guide: none, isotropic noise is all noise."""
         return 0.0
 
+    def z_bound(self, seed: int) -> float:
+        """An upper bound on ``|z|`` of every element of direction ``seed`` (after ``prepare(seed)``): the spec's
+        largest Gaussian (:data:`zokernels.rng.GAUSSIAN_MAX`), or 1 for Rademacher signs."""
+        return rng.GAUSSIAN_MAX if self.dist == "gaussian" else 1.0
+
     def coefficients(self, seed: int):
         """Per-tensor ``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` after ``prepare(seed)`` (float64 CPU
         tensors), for samplers that apply directions themselves (zopro.quantised); None: ``z = xi``."""
@@ -102,6 +107,7 @@ class Isotropic:
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
+        _check_same(self, {"dist": state.get("dist", self.dist)})
 
 
 def _whole_sums(dots: torch.Tensor) -> torch.Tensor:
@@ -110,8 +116,18 @@ def _whole_sums(dots: torch.Tensor) -> torch.Tensor:
 
 
 def _check_name(sampler, state):
+    if not isinstance(state, dict):
+        raise ValueError(f"the sampler state must be a dict from state_dict(), got {type(state).__name__}")
     if state.get("name") != sampler.name:
         raise ValueError(f"state is for sampler {state.get('name')!r}, not {sampler.name!r}")
+
+
+def _check_same(sampler, saved: dict) -> None:
+    """The settings ``saved`` in a sampler state must be ``sampler``'s: a state of another sampler is refused."""
+    differ = [f"{k} {v!r} (this sampler: {getattr(sampler, k)!r})"
+              for k, v in saved.items() if v != getattr(sampler, k)]
+    if differ:
+        raise ValueError(f"the saved {sampler.name} sampler state is of another sampler: {', '.join(differ)}")
 
 
 class Targeted(Isotropic):
@@ -318,6 +334,16 @@ class Targeted(Isotropic):
         """``(a, c, e)`` of ``z(seed) = a*prev + c*xi + e*delta`` per tensor, after ``prepare(seed)``."""
         return self._cache[seed]
 
+    def z_bound(self, seed: int) -> torch.Tensor:
+        """Per tensor (float64), an upper bound on ``|z|`` of every element after ``prepare(seed)``:
+        ``|a| max|prev| + |c| max|xi| + |e| max|delta|``, a guide's largest element bounded by its L2 norm, known
+        since ``bind``: no pass over the guides. That is loose by up to sqrt(numel) for a spread-out guide, which
+        matters only for an update within that factor of the weights' largest value."""
+        a, c, e = self._cache[seed]
+        prev_norm = torch.tensor(self.prev_norm, dtype=torch.float64)
+        delta_norm = torch.tensor(self.delta_sq, dtype=torch.float64).sqrt()
+        return a.abs() * prev_norm + c.abs() * super().z_bound(seed) + e.abs() * delta_norm
+
     def apply(self, params, streams, terms, decay, offsets=None):
         prev_c = sum(coef * self._cache[s][0] for s, coef in terms)
         noise = [(s, coef * self._cache[s][1]) for s, coef in terms]
@@ -353,13 +379,13 @@ class Targeted(Isotropic):
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
-        saved = {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
-                 "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0)}
-        differ = [f"{k} {saved[k]!r} (this sampler: {getattr(self, k)!r})"
-                  for k in saved if saved[k] != getattr(self, k)]
-        if differ:
-            raise ValueError(f"the saved {self.name} sampler state is of another sampler: {', '.join(differ)}")
-        self.t = int(state["t"])
+        _check_same(self, {"blocks": state.get("blocks", "whole"), "scale": state.get("scale", self.scale),
+                           "schedule": state.get("schedule", self.schedule), "d0": state.get("d0", self.d0),
+                           "dist": state.get("dist", self.dist)})
+        t = state.get("t")
+        if not (isinstance(t, int) and not isinstance(t, bool) and t >= 0):
+            raise ValueError(f"the {self.name} sampler state has t={t!r}: not a count of updates")
+        self.t = t
 
 
 class RankGuided(Targeted):
@@ -387,3 +413,8 @@ class RankGuided(Targeted):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "rank": self.rank}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_name(self, state)
+        _check_same(self, {"rank": state.get("rank", self.rank)})
+        super().load_state_dict(state)

@@ -1,11 +1,13 @@
 """ZOOptimizer refuses bad settings, states and logs before its first weight pass: weights and counters unchanged."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from zopro.optim import ZOOptimizer
+from zopro.samplers import Targeted
 
 
 def _params(seed=0, dtype=torch.float32, names=("layer.weight", "layer.bias"), shapes=((4, 8), (4,))):
@@ -156,3 +158,82 @@ def test_overlapping_parameters_are_refused_by_their_memory_ranges(views):
     with pytest.raises(ValueError, match="share memory"):
         ZOOptimizer(views(b), lr=1e-2)
     ZOOptimizer([b[0:4], b[4:8], b.view(4, 4)[3]], lr=1e-2)  # touching but disjoint ranges are fine
+
+
+def _set(path, value):
+    """A spoiler that sets ``state[path[0]][path[1]]...`` to ``value`` (a missing last key: deleted)."""
+    def spoil(state):
+        *parents, last = path
+        target = state
+        for key in parents:
+            target = target[key]
+        if value is _MISSING:
+            del target[last]
+        else:
+            target[last] = value
+        return state
+    return spoil
+
+
+_MISSING = object()
+
+MALFORMED_STATES = [  # (the field the message must name, a spoiler); each raised TypeError/AttributeError before
+    ("state", lambda state: 5),
+    ("step_count", _set(["step_count"], True)),
+    ("weight_decay", _set(["weight_decay"], True)),
+    ("sampler", _set(["sampler"], None)),
+    ("sampler", _set(["sampler", "dist"], "rademacher")),  # a Rademacher run's state on a Gaussian sampler
+    ("log['params']", _set(["log", "params"], None)),
+    ("log['params']['names']", _set(["log", "params", "names"], 5)),
+    ("log['params']['shapes']", _set(["log", "params", "shapes"], _MISSING)),
+    ("log['losses']", _set(["log", "losses"], 5)),
+    ("log['losses']", _set(["log", "losses"], torch.zeros(3, 2, dtype=torch.float64))),
+    ("log['losses']", _set(["log", "losses"], ["a", "b", "c", "d", "e", "f"])),
+    ("log['groups']", _set(["log", "groups"], 5)),
+    ("log['lr']", _set(["log", "lr"], 5)),
+    ("log['lr']", _set(["log", "lr"], [(0,)])),
+    ("log['eps']", _set(["log", "eps"], [("a", 1e-3)])),
+    ("log['eps']", _set(["log", "eps"], [(0, "0.001")])),
+    ("log['eps']", _set(["log", "eps"], [(0.5, 1e-3)])),
+    ("log['interrupted']", _set(["log", "interrupted"], 5)),
+    ("log has eps=1e+300 at step 2", _set(["log", "eps"], [(0, 1e-3), (2, 1e300)])),  # the replay stopped at step 2
+]
+
+
+@pytest.mark.parametrize("field, spoil", MALFORMED_STATES)
+def test_a_malformed_state_is_refused_naming_its_field(field, spoil):
+    state = spoil(_trained()[0].state_dict())
+    params = _params()
+    opt = ZOOptimizer(params, lr=1e-2, seed=3)
+    before_params, before_state = {n: p.clone() for n, p in params.items()}, opt.state_dict()
+    with pytest.raises(ValueError, match=re.escape(field)):
+        opt.load_state_dict(state)
+    _unchanged(opt, params, before_params, before_state, [])
+
+
+@pytest.mark.parametrize("field, spoil", [(f, s) for f, s in MALFORMED_STATES if f.startswith("log")])
+def test_replay_of_a_malformed_log_is_refused_naming_its_field(field, spoil):
+    log = spoil(_trained()[0].state_dict())["log"]
+    params = _params()
+    opt = ZOOptimizer(params, lr=1e-2, seed=3)
+    before_params, before_state = {n: p.clone() for n, p in params.items()}, opt.state_dict()
+    with pytest.raises(ValueError, match=re.escape(field)):
+        opt.replay(log)
+    _unchanged(opt, params, before_params, before_state, [])
+
+
+@pytest.mark.parametrize("t", ["x", None, _MISSING, -1, 1.5])
+def test_a_targeted_sampler_state_with_an_invalid_step_is_refused(t):
+    def optimiser():
+        params = _params()
+        return ZOOptimizer(params, lr=1e-2, seed=3, sampler=Targeted({"layer.weight": torch.ones(4, 8)})), params
+
+    opt, _ = optimiser()
+    opt.step(lambda: 1.0)
+    state = _set(["sampler", "t"], t)(opt.state_dict())
+    opt, params = optimiser()
+    before_params, before_state = {n: p.clone() for n, p in params.items()}, opt.state_dict()
+    with pytest.raises(ValueError, match=r"sampler state has t="):
+        opt.load_state_dict(state)
+    _unchanged(opt, params, before_params, before_state, [])
+    assert opt.sampler.t == 0

@@ -219,3 +219,28 @@ def test_an_nf4_update_checks_every_layer_before_the_first_moves():
     with pytest.raises(ValueError, match="absmax of block 0 is nan"):
         opt.step(lambda: next(losses))
     assert all(torch.equal(a, b) for a, b in zip(start, _codes(space)))
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_losses_near_the_float_limit_skip_the_code_update(kind):
+    """g = 3e41 (losses of +-3e38) is skipped exactly as a NaN loss is: the same passes, so the same codes (the int8
+    probes' undo is exact except at codes the probe saturated, the same in both)."""
+    codes = []
+    for losses in ([float("nan"), 1.0], [3e38, -3e38]):
+        space = CodeSpace.from_model(_model(kind), impl="torch")
+        opt = ZOOptimizer(space.parameters(), lr=0.05, eps=1e-3, sampler=space.sampler(Isotropic()), seed=3)
+        it = iter(losses)
+        assert opt.step(lambda it=it: next(it)).skipped
+        codes.append(_codes(space))
+    assert all(torch.equal(a, b) for a, b in zip(*codes))
+
+
+@pytest.mark.parametrize("state", [None, {"name": "isotropic", "dist": "gaussian"}])
+def test_a_malformed_code_sampler_state_is_refused_by_name(state):
+    """Not a dict, or a plain direction's state (no space='codes'): ValueError naming the sampler state."""
+    space = CodeSpace.from_model(_model("int8"), impl="torch")
+    opt = ZOOptimizer(space.parameters(), lr=0.05, sampler=space.sampler(Isotropic()), seed=3)
+    saved = opt.state_dict()
+    saved["sampler"] = state
+    with pytest.raises(ValueError, match="sampler state"):
+        opt.load_state_dict(saved)

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PARAMS = {"w": ((37, 11), torch.float32, ("shard", 0)), "u": ((5, 7), torch.bfloat16, ("shard", 0)),
           "one": ((1,), torch.float32, ("shard", 0)), "row": ((1, 9), torch.float32, ("shard", 1)),
           "b": ((11,), torch.float32, ("replicate",))}
-# (sampler dist, q, one_sided); each runs step() twice then step_many of two (perturb_ and the fused perturb2_ passes)
+# (sampler dist, q, one_sided); each runs step() twice, a step_many whose second step's closure raises after its first
+# loss (logged and replayed), then step_many of two (perturb_ and the fused perturb2_ passes)
 CASES = {"gauss": ("gaussian", 1, False), "radem_q2_one_sided": ("rademacher", 2, True)}
 
 
@@ -84,10 +85,26 @@ def run_case(params: dict, case: str, gather) -> tuple[dict, dict]:
     def closure():
         return loss({n: gather(p) for n, p in params.items()})
 
+    calls = []
+
+    def out_of_memory_on_its_second_loss():  # on every rank at the same loss: the collectives stay in step
+        calls.append(1)
+        if len(calls) > 1:
+            raise Interrupted("out of memory")
+        return closure()
+
     opt.step(closure)
     opt.step(closure)
+    try:
+        opt.step_many([closure, out_of_memory_on_its_second_loss])
+    except Interrupted:
+        pass
     opt.step_many([closure, closure])
     return {n: gather(p).clone() for n, p in params.items()}, opt.state_dict()["log"]
+
+
+class Interrupted(RuntimeError):
+    pass
 
 
 def mlp() -> torch.nn.Module:
