@@ -62,16 +62,16 @@ class TrainConfig:
         "help": "what the policy optimises: model (a reward model learned from judge-labelled pairs, the paper's "
                 "loop; the judge only labels pairs and evaluates) or judge (the judge's score itself)"})
     n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
-    # 8 samples: with one, the paired standard error of the default job's change was ~0.08, as large as the effect;
-    # with 8 it was 0.029-0.042 (seeds 0-2, benchmarks/RESULTS.md section 4). 64 rows a call: 8 samples x 32 prompts
-    # took 46 s, against 56 s at 32 rows or all 256 at once (SmolLM2-135M, 2 CPU cores).
-    eval_samples: int = field(default=2, metadata={
+    # One answer to each of 256 held-out prompts: as many answers as the assistant job's 8 x 32, spread over 8x the
+    # prompts, which is what a paired standard error over prompts needs. 64 rows a generate call: 8 x 32 rows took
+    # 46 s, against 56 s at 32 rows or all 256 at once (SmolLM2-135M, 2 CPU cores).
+    eval_samples: int = field(default=1, metadata={
         "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
                 "tell a run's effect from sampling)"})
     eval_batch: int = field(default=64, metadata={
         "help": "rows per generate call in the held-out evaluation (at least one prompt's samples); the samples "
                 "depend on it, as on the seed"})
-    eval_every: int = field(default=4, metadata={
+    eval_every: int = field(default=3, metadata={
         "help": "steps between in-run evaluations on --eval-curve-prompts held-out prompts (a learning curve in "
                 "eval_curve.jsonl; 0: none)"})
     eval_curve_prompts: int = field(default=32, metadata={
@@ -81,7 +81,7 @@ class TrainConfig:
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
     k: int = field(default=4, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
-    prompts_per_step: int = 8
+    prompts_per_step: int = 4
     max_new_tokens: int = 32
     max_prompt_len: int = 96
     temperature: float = 0.7
@@ -92,7 +92,7 @@ class TrainConfig:
                 "iteration (ppo: value adapter + head, GAE); MeZO: zopro with --sampler isotropic "
                 "--first-order-iteration0 false"})
     iterations: int = 3
-    steps_per_iteration: int = 10
+    steps_per_iteration: int = 6
     first_order_iteration0: bool = field(default=True, metadata={
         "help": "iteration 0 with backprop (RLOO + AdamW); false: isotropic ZO, first-order free"})
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
@@ -150,9 +150,9 @@ class TrainConfig:
                 "--temperature (the importance ratio of the policy that sampled, as the authors and TRL)"})
     # reward model
     reward_lr: float = 1e-3
-    reward_init_steps: int = 32
-    reward_steps: int = 6
-    reward_pairs: int = field(default=96, metadata={"help": "judged pairs per reward refinement"})
+    reward_init_steps: int = 16
+    reward_steps: int = 4
+    reward_pairs: int = field(default=64, metadata={"help": "judged pairs per reward refinement"})
     reward_batch: int = 8
     reward_soft_labels: bool = field(default=True, metadata={
         "help": "train on the judge's probability of each judged pair (false: on its 0/1 decision)"})
@@ -252,7 +252,7 @@ def _preset_values() -> dict[str, dict]:
                  max_prompts=20000)
     # the default job before the describe task: the shipped instructions and the heuristic judge
     assistant = dict(dataset="assistant", judge="heuristic", n_eval_prompts=32, eval_samples=8, eval_every=0,
-                     prompts_per_step=4)
+                     steps_per_iteration=10, reward_init_steps=32, reward_steps=6, reward_pairs=96)
     return {
         "default": {},
         "assistant": assistant,

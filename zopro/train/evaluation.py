@@ -96,12 +96,20 @@ def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds,
 
 
 def _answer_kl(bundle, gen, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each sampled row's ``log pi - log pi_ref`` summed over its answer's tokens, and its answer's token count."""
+    """Each sampled row's ``log pi - log pi_ref`` summed over its answer's tokens, and its answer's token count.
+
+    A policy whose every LoRA ``B`` is zero (the adapter as initialised) computes exactly the reference's logits, so
+    its KL is exactly 0 and the two log-prob passes are skipped: they cost more than the sampling itself (8.9 s each
+    against 12.9 s for 32 rows of the default job on one CPU core)."""
+    tokens = gen.response_mask.sum(1).float().cpu()
+    lora_b = [p for n, p in bundle.policy_parameters().items() if "lora_B" in n]
+    if lora_b and all(not p.any() for p in lora_b):
+        return torch.zeros(len(tokens)), tokens
     with torch.inference_mode():
         args = (gen.sequences, gen.attention_mask, gen.response_mask)
         policy, _ = bundle.policy_logprobs(*args, temperature=temperature)
         reference, _ = bundle.reference_logprobs(*args, temperature=temperature)
-    return (policy - reference).float().cpu(), gen.response_mask.sum(1).float().cpu()
+    return (policy - reference).float().cpu(), tokens
 
 
 _WORD = re.compile(r"[a-z0-9']+")

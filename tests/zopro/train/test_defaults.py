@@ -19,25 +19,28 @@ DEFAULTS = {
     "dtype": "float32", "quantize": "none", "lora_r": 8, "lora_alpha": 16.0, "zo_target": "lora",
     "zo_merge_adapter": False, "device": "auto",
     "threads": 0,
-    "dataset": "default", "dataset_path": "", "judge": "heuristic", "n_eval_prompts": 32, "eval_samples": 8,
-    "eval_batch": 64, "log_judge_score": True, "max_prompts": 0,
+    "dataset": "describe", "dataset_path": "", "judge": "vader", "reward": "model", "n_eval_prompts": 256,
+    "eval_samples": 1, "eval_batch": 64, "eval_every": 3, "eval_curve_prompts": 32, "log_judge_score": True,
+    "max_prompts": 0,
     # rollout
     "k": 4, "prompts_per_step": 4, "max_new_tokens": 32, "max_prompt_len": 96, "temperature": 0.7, "kl_coef": 0.05,
     # optimisation
-    "algorithm": "zopro", "iterations": 3, "steps_per_iteration": 10, "first_order_iteration0": True,
+    "algorithm": "zopro", "iterations": 3, "steps_per_iteration": 6, "first_order_iteration0": True,
     "loss": "sequence", "clip": 0.2, "minibatches": 1, "data_shards": 0, "fo_lr": 1e-3, "fo_microbatch": 4,
     "ppo_epochs": 4,
     "zo_lr": 10.0, "zo_eps": 1e-2, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
     "d0": 1 - 1e-3, "d_schedule": "constant", "d_tau": 1.0, "zo_scale": "unit", "zo_lr_decay": "linear",
     "guide": "prev", "guide_blocks": "whole", "zo_epochs": 1, "logprob_temperature": 0.0,
     # reward model
-    "reward_lr": 1e-3, "reward_init_steps": 32, "reward_steps": 6, "reward_pairs": 96, "reward_batch": 8,
+    "reward_lr": 1e-3, "reward_init_steps": 16, "reward_steps": 4, "reward_pairs": 64, "reward_batch": 8,
     "reward_soft_labels": True, "reward_merge_alpha": 0.5,
     # run
     "seed": 0, "checkpoint_every": 1, "snapshot_every": 2,
 }
 
-SMOKE = dict(model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
+ASSISTANT = dict(dataset="assistant", judge="heuristic", n_eval_prompts=32, eval_samples=8, eval_every=0,
+                 steps_per_iteration=10, reward_init_steps=32, reward_steps=6, reward_pairs=96)
+SMOKE = dict(ASSISTANT, model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
              max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
              reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0)
 LLAMA = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_new_tokens=53, k=2, kl_coef=0.05,
@@ -47,6 +50,7 @@ LLAMA = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_n
              eval_samples=4, eval_batch=128, fo_microbatch=16, max_prompts=20000)
 PRESET_OVERRIDES = {
     "default": {},
+    "assistant": ASSISTANT,
     "smoke": SMOKE,
     "hh-rlhf": dict(LLAMA, dataset="hh-rlhf"),
     "tldr": dict(LLAMA, dataset="tldr"),
