@@ -6,6 +6,8 @@ numbers behind them (``report.json``) and one self-contained ``report.html`` (im
 nothing fetched). Sections:
 
 * curves from ``metrics.jsonl`` (reward-model score, judge score, KL, loss, step time), one line per run directory;
+* the held-out gold score of the in-run evaluations (``eval_curve.jsonl``, ``--eval-every``) against step, and
+  against KL(policy || reference): every run's reward–KL frontier on one plot;
 * per run, the policy and reward trajectories projected to 2D: PCA in torch on all of the run's snapshots (t-SNE
   and UMAP too when scikit-learn / umap-learn happen to be installed; they are not dependencies);
 * per run, per iteration and per layer: norm of the policy update and of the reward delta over the iteration,
@@ -27,7 +29,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +50,7 @@ class RunData:
     records: list[dict]
     snaps: list[dict]
     label: str = ""  # the folder's name, or as much of its path as tells it from the other runs (unique_labels)
+    curve: list[dict] = field(default_factory=list)  # eval_curve.jsonl: the in-run held-out evaluations
 
 
 def unique_labels(paths: list[Path]) -> list[str]:
@@ -74,7 +77,27 @@ def load_run(path) -> RunData:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{path / 'config.json'}: unreadable ({type(err).__name__})") from None
-    return RunData(path, config, read_metrics(path / "metrics.jsonl"), snapshots.listing(path), path.resolve().name)
+    return RunData(path, config, read_metrics(path / "metrics.jsonl"), snapshots.listing(path), path.resolve().name,
+                   read_curve(path / "eval_curve.jsonl"))
+
+
+def read_curve(path: Path) -> list[dict]:
+    """The in-run evaluations of ``eval_curve.jsonl`` (none for a run without ``--eval-every``); a line that is not a
+    point with a finite gold score, KL and step is refused in one line naming the file."""
+    if not path.is_file():
+        return []
+    points = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            point = json.loads(line)
+            ok = isinstance(point, dict) and all(isinstance(point.get(k), (int, float)) and math.isfinite(point[k])
+                                                 for k in ("global_step", "score", "kl"))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}:{n}: not an in-run evaluation (a global_step, score and kl)")
+        points.append(point)
+    return points
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -274,6 +297,24 @@ def plot_curves(runs: list[RunData], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_gold(runs: list[RunData], path: Path) -> Path | None:
+    """The in-run held-out gold score against step, and against KL(policy || reference) (the reward–KL frontier),
+    one line per run; None when no run has an in-run evaluation."""
+    runs = [r for r in runs if r.curve]
+    if not runs:
+        return None
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for run in runs:
+        steps, score, kl = zip(*[(p["global_step"], p["score"], p["kl"]) for p in run.curve], strict=True)
+        ax1.plot(steps, score, marker=".", label=run.label)
+        ax2.plot(kl, score, marker="o", ms=3, label=run.label)
+    ax1.set(xlabel="step", ylabel="gold score (held-out subset)", title="in-run evaluation")
+    ax2.set(xlabel="KL(policy || reference), nats per answer", title="reward–KL frontier")
+    ax1.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_trajectories(traj: dict, path: Path, extra: dict | None = None) -> Path | None:
     panels = [(f"{part} PCA", t["coords"], t) for part, t in traj.items()]
     panels += [(name, coords, traj["policy"]) for name, coords in (extra or {}).items()]
@@ -443,6 +484,7 @@ def build_report(runs: list[RunData], out: Path) -> Path:
     for run, label in zip(runs, unique_labels([r.path for r in runs])):
         run.label = label
     curves = plot_curves(runs, out / "curves.png")
+    gold = plot_gold(runs, out / "gold.png")
     sections, results = [], []
     for k, run in enumerate(runs):
         result = analyse(run)
@@ -454,13 +496,16 @@ def build_report(runs: list[RunData], out: Path) -> Path:
         for t in traj.values():
             del t["_points"]
         result["embeddings"] = extra
+        result["curve"] = run.curve
         sections.append(_run_section(k, run, result, images))
         results.append(result)
     (out / "report.json").write_text(json.dumps({"runs": results}, indent=1), encoding="utf-8")
     names = ", ".join(html.escape(r.label) for r in runs)
     page = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>zopro report: {names}</title>"
             f"<style>{CSS}</style></head><body>\n<h1>zopro report: {names}</h1>\n<h2>Curves</h2>"
-            f"{_img(curves, 'curves')}\n" + "\n".join(sections) + "\n</body></html>\n")
+            f"{_img(curves, 'curves')}\n<h2>Held-out gold score</h2>" +
+            (_img(gold, "gold") if gold else '<p class="note">No in-run evaluation: the runs ran without '
+             "--eval-every.</p>") + "\n" + "\n".join(sections) + "\n</body></html>\n")
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -268,3 +268,20 @@ def test_runs_with_the_same_folder_name_get_labels_that_tell_them_apart(tmp_path
     paths = [tmp_path / "seed0" / "full", tmp_path / "seed1" / "full", tmp_path / "seed1" / "iter1"]
     assert visualize.unique_labels(paths) == ["seed0/full", "seed1/full", "iter1"]
     assert visualize.unique_labels([tmp_path / "a" / "run"]) == ["run"]
+
+
+def test_the_report_overlays_the_runs_gold_curves_and_frontiers(tmp_path, capsys):
+    for name, reward in (("judge", "judge"), ("model", "model")):
+        run(_smoke(tmp_path, name, eval_every=1, eval_curve_prompts=2, reward=reward), progress=False)
+    assert visualize.main([str(tmp_path / "judge"), str(tmp_path / "model"), "--out", str(tmp_path / "rep")]) == 0
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())["runs"]
+    for r, name in zip(report, ("judge", "model"), strict=True):
+        written = [json.loads(line) for line in (tmp_path / name / "eval_curve.jsonl").read_text().splitlines()]
+        assert r["curve"] == written and [p["global_step"] for p in written] == [0, 1, 2, 3, 4]
+    assert (tmp_path / "rep" / "gold.png").read_bytes()[:4] == b"\x89PNG"
+    assert "<h2>Held-out gold score</h2><p><img alt=\"gold\"" in (tmp_path / "rep" / "report.html").read_text()
+    with open(tmp_path / "model" / "eval_curve.jsonl", "a") as f:
+        f.write('{"global_step": 5, "score": NaN, "kl": 0.1}\n')
+    assert visualize.main([str(tmp_path / "model"), "--out", str(tmp_path / "rep2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval_curve.jsonl:6: not an in-run evaluation" in err
