@@ -141,7 +141,8 @@ class RunLock:
     kernel releases it, so a killed run never leaves a stale lock). Locking the directory rather than a lock file
     inside it means taking the lock writes nothing, and a refused run leaves the directory exactly as it was."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, created: tuple[Path, ...] = ()):
+        self.created = created  # the folders make_and_lock created, deepest first
         self.fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,10 +156,40 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
+    def remove_created(self) -> None:
+        """Remove the folders :func:`make_and_lock` created, where they are still empty (a run refused before its
+        first write leaves no trace)."""
+        _remove_empty(self.created)
+
 
 def lock(run_dir: Path) -> RunLock:
     """Take ``run_dir``'s exclusive lock, or raise ValueError at once if another run holds it."""
     return RunLock(Path(run_dir))
+
+
+def make_and_lock(run_dir: Path) -> RunLock:
+    """Create ``run_dir`` (and missing parents) and take its lock; the lock remembers what it created, so that a run
+    refused before writing can remove it again (:meth:`RunLock.remove_created`)."""
+    run_dir = Path(run_dir)
+    created = tuple(p for p in (run_dir, *run_dir.parents) if not p.exists())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror or err})") from None
+    try:
+        return RunLock(run_dir, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders) -> None:
+    """rmdir each of ``folders`` in turn, stopping at the first that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds, derive_seed
-from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
+from zopro.train import checkpoint, distributed, memory, preflight, quant_target, snapshots
 from zopro.train.config import (
     RESUME_OVERRIDES,
     TrainConfig,
@@ -355,7 +355,9 @@ def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
 def _open_run_dir(cfg: TrainConfig, resume: bool):
     """Check ``cfg.output_dir`` and take its lock. Returns ``(cfg, lock, loaded checkpoint or None)``; ``cfg`` is the
     run's saved config on resume. Raises ValueError, before anything is written, for a directory that is a file,
-    holds another run, is in use, or whose files are damaged; nothing is created unless the run can start."""
+    holds another run, is in use, or whose files are damaged, and for settings this machine cannot run
+    (:mod:`zopro.train.preflight`); nothing is created unless those checks pass (the run's own loads may still fail:
+    :func:`_start` removes the folders again)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out}: exists and is not a directory")
@@ -367,11 +369,8 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
             _check_model_reference(name, f"--judge {cfg.judge}")
         if cfg.reward_model:
             _check_model_reference(cfg.reward_model, "--reward-model")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
-    lock = checkpoint.lock(out)
+        preflight.check(cfg, resolve_device(cfg))
+    lock = checkpoint.make_and_lock(out)
     try:
         config_path = out / "config.json"
         metrics_path = out / "metrics.jsonl"
@@ -406,6 +405,7 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
                              "refusing to restart over them (restore the file, or start a new run elsewhere)")
         if loaded is not None:
             _check_metrics(metrics_path, loaded)
+        preflight.check(cfg, resolve_device(cfg))  # the threads may have changed, or the machine
         return cfg, lock, loaded
     except BaseException:
         lock.close()
@@ -428,19 +428,36 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
         if lock is not None:
             cleanup.callback(lock.close)
         out = Path(cfg.output_dir)
-        if loaded is None and ranks.writes:
-            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         for line in loaded.skipped if loaded and ranks.writes else ():
             print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = Run(cfg, out, ranks)
+        state = _start(cfg, out, ranks, fresh=loaded is None, lock=lock)
         if loaded is not None:
             state.restore(loaded)
             ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
         else:
             state.reward_init()
         return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+
+
+def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, lock) -> Run:
+    """The run's objects (:class:`Run` loads the prompts, the models and the judge), then, for a new run, its
+    ``config.json``: the first byte a run writes comes after every load, so a run refused by one leaves the directory
+    as it was (the folders ``_open_run_dir`` created, and the empty metrics file ``Run`` opens, removed again)."""
+    metrics = out / "metrics.jsonl"
+    had_metrics = metrics.exists()
+    try:
+        state = Run(cfg, out, ranks)
+        if fresh and ranks.writes:
+            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        return state
+    except BaseException:
+        if fresh and ranks.writes and lock is not None and not (out / "config.json").exists():
+            if not had_metrics and metrics.is_file() and metrics.stat().st_size == 0:
+                metrics.unlink()
+            lock.remove_created()
+        raise
 
 
 def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):

@@ -248,3 +248,72 @@ def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tm
     assert "no such directory" in capsys.readouterr().err and not missing.exists()
     assert main(["--preset", "smoke", "--judge", "llm:missing/x", "--output-dir", str(missing)]) == 2
     assert "--judge llm:missing/x: cannot load 'missing/x'" in capsys.readouterr().err and not missing.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: every input checked before the first byte is written
+_BAD_ROWS = {  # a --dataset file with one bad row of each kind load_local refuses
+    "not_an_object.jsonl": b'{"prompt": "a"}\n["a list"]\n',
+    "no_prompt.jsonl": b'{"prompt": "a"}\n{"chosen": "x", "rejected": "y"}\n',
+    "prompt_not_text.jsonl": b'{"prompt": "a"}\n{"prompt": 3}\n',
+    "half_a_pair.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "chosen": "x"}\n',
+    "score_not_a_number.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "score": "high"}\n',
+    "bad_json.jsonl": b'{"prompt": "a"}\n{"prompt": \n',
+    "not_a_list.json": b'{"prompt": "a"}',
+    "latin1.jsonl": '{"prompt": "caf\u00e9"}\n'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_ROWS))
+def test_a_bad_dataset_row_is_refused_before_the_run_directory_exists(tmp_path, capsys, name):
+    bad = tmp_path / name
+    bad.write_bytes(_BAD_ROWS[name])
+    out = tmp_path / "new" / "run"
+    assert main(["--preset", "smoke", "--threads", "1", "--dataset", str(bad), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()  # the run made both folders: both are gone again
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-eval-prompts", "1000000000"], "not more than --n-eval-prompts 1000000000"),
+    (["--lora-r", "1000000000"], "--lora-r 1000000000: the 2 LoRA adapters alone need at least"),
+    (["--k", "1000000000"], "--k 1000000000: a rollout of"),
+    (["--eval-samples", "1000000000"], "--eval-samples 1000000000: an evaluation call of"),
+    (["--threads", "1" + "0" * 29], "--threads 1" + "0" * 29 + ": more than"),
+])
+def test_a_size_the_machine_cannot_hold_is_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert list(out.iterdir()) == []
+
+
+def test_threads_from_a_config_file_are_checked_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"threads": 1e29}')
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--config", str(config), "--output-dir", str(out)]) == 2
+    assert f"--threads {int(1e29)}: more than" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_resume_with_too_many_threads_changes_nothing(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out), "--threads", "100000000"]) == 2
+    assert "--threads 100000000: more than" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_run_refused_at_load_leaves_no_file(tmp_path, capsys):
+    # a base that cannot be loaded is found when the run loads it, still before config.json is written
+    out = tmp_path / "run"
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(Exception):  # noqa: B017,PT011 (transformers' own error: the point is what is left behind)
+        run(dataclasses.replace(_cfg(out), model=str(broken)), progress=False)
+    assert not out.exists()
