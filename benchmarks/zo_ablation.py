@@ -66,7 +66,7 @@ def _write_config(cfg: TrainConfig) -> None:
 def iteration0(cfg: TrainConfig) -> Path:
     """The run directory of ``cfg`` checkpointed after the last step of iteration 0 (reused when already there)."""
     out = Path(cfg.output_dir)
-    done = out / "iteration0.done"
+    done = out.with_name(out.name + ".done")  # beside the run: a run directory holds only the run's own files
     if done.is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)

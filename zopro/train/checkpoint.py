@@ -193,6 +193,49 @@ def _remove_empty(folders) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What a run directory may hold
+# Every entry a run writes, and what a kill can leave of one: an atomic file's "<name>.tmp", a checkpoint's
+# ".ckpt-….tmp", a published folder's ".<name>.tmp" / ".<name>.old" (atomic_publish_dir), save_adapters' scratch
+# ".adapters.tmp" and the plot's "reward_curve.tmp.png". A run refuses a directory holding anything else: it would
+# write over, or remove, files that are not its own.
+_FILES = r"config\.json|metrics\.jsonl|LATEST|summary\.md|summary\.json|eval_samples\.jsonl|" \
+         r"(policy|reward)_adapter\.safetensors|base_quantised\.pt|zo_log_iter\d+\.pt"
+_FOLDERS = r"snapshots|policy|reward|base"
+RUN_ENTRY = re.compile(rf"({_FILES})(\.tmp)?|{_NAME.pattern}|\.{_NAME.pattern}\.tmp|({_FOLDERS})|"
+                       rf"\.({_FOLDERS}|adapters)\.(tmp|old)|reward_curve(\.tmp)?\.png")
+# what a new run may find (and write over): what a run killed before its config.json was published leaves
+_START_LEFTOVERS = ("metrics.jsonl", "config.json.tmp")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that no zopro run writes (:data:`RUN_ENTRY`), sorted."""
+    return sorted(p.name for p in Path(run_dir).iterdir() if not RUN_ENTRY.fullmatch(p.name))
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory must be empty, or hold only what a start killed before its config.json left (an empty
+    ``metrics.jsonl``); ValueError otherwise, before anything is written."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "config.json").exists() or has_checkpoints(run_dir) or (metrics.is_file() and
+                                                                        metrics.stat().st_size > 0):
+        raise ValueError(f"--output-dir {run_dir} already holds a run: pass --resume to continue it or pick "
+                         "another dir")
+    other = sorted(p.name for p in run_dir.iterdir() if p.name not in _START_LEFTOVERS or p.is_dir())
+    if other:
+        raise ValueError(f"--output-dir {run_dir}: not empty and holds no zopro run ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); pick a new or empty directory")
+
+
+def check_run_entries(run_dir: Path) -> None:
+    """Every entry of the run directory ``run_dir`` is one a run writes; ValueError naming the first that is not."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise ValueError(f"--output-dir {run_dir}: holds {run_dir / foreign[0]}, which no zopro run writes; move it "
+                         "away (a run writes over and removes its own files, never anyone else's)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, object],
          meta: dict, previous: str | None = None) -> str:

@@ -376,12 +376,11 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
         metrics_path = out / "metrics.jsonl"
         has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
         if not resume:
-            if config_path.exists() or has_metrics or checkpoint.has_checkpoints(out):
-                raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick "
-                                 "another dir")
+            checkpoint.check_new_run_dir(out)
             return cfg, lock, None
         if not config_path.is_file():
             raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
+        checkpoint.check_run_entries(out)
         saved = load_saved(config_path)
         if "eval_samples" not in saved:
             raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "

@@ -317,3 +317,41 @@ def test_a_run_refused_at_load_leaves_no_file(tmp_path, capsys):
     with pytest.raises(Exception):  # noqa: B017,PT011 (transformers' own error: the point is what is left behind)
         run(dataclasses.replace(_cfg(out), model=str(broken)), progress=False)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: a folder that is not a run is refused, never cleaned
+def _foreign(tmp_path) -> Path:
+    """Someone's folder with entries named like a run's outputs."""
+    out = tmp_path / "mine"
+    for name in ("policy", "reward", "base"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text(f"my own {name}")
+    (out / "summary.md").write_text("my summary")
+    return out
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, capsys):
+    out = _foreign(tmp_path)
+    before = _snapshot(out)
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty and holds no zopro run" in err and len(err.splitlines()) == 1, err
+    assert main(["--resume", "--threads", "1", "--output-dir", str(out)]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_run_with_a_foreign_file_is_not_resumed(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "ckpt-mine").mkdir()  # a name the checkpoint cleaner would once have removed
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "which no zopro run writes" in err and "ckpt-mine" in err and len(err.splitlines()) == 1, err
+    assert _snapshot(out) == before and (out / "ckpt-mine").is_dir()
+
+
+def test_every_entry_of_a_finished_run_is_a_run_entry(finished):
+    assert checkpoint.foreign_entries(finished) == []
