@@ -291,6 +291,18 @@ def has_checkpoints(run_dir: Path) -> bool:
     return (run_dir / LATEST).exists() or any(run_dir.glob("ckpt-*"))
 
 
+def unpointed_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoint directories of ``run_dir`` that a run without ``LATEST`` must not start over: all of them,
+    except a lone first checkpoint (``ckpt-000001-000000-train``, step 0), which is what a kill leaves between
+    publishing the first checkpoint and the first pointer (starting over loses nothing then). Empty when ``LATEST``
+    exists."""
+    run_dir = Path(run_dir)
+    if (run_dir / LATEST).exists():
+        return []
+    names = sorted(p.name for p in run_dir.glob("ckpt-*") if _NAME.fullmatch(p.name))
+    return [] if names == ["ckpt-000001-000000-train"] else names
+
+
 def load(run_dir: Path, *, fallback: bool = True, unverified_legacy: bool = False) -> Loaded | None:
     """The newest verified checkpoint named by ``LATEST`` (with ``fallback``, the previous one when the newest is
     damaged), or None when the run has no ``LATEST``. Raises ValueError naming the damaged file otherwise.

@@ -402,6 +402,11 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
         if loaded is None and has_metrics:
             raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out / 'metrics.jsonl'} holds a run's lines; "
                              "refusing to restart over them (restore the file, or start a new run elsewhere)")
+        unpointed = checkpoint.unpointed_checkpoints(out)
+        if unpointed:  # a restart would delete them
+            raise ValueError(f"{out / checkpoint.LATEST}: missing, but the directory holds checkpoints "
+                             f"({', '.join(unpointed)}); refusing to restart over them (restore LATEST naming the "
+                             "newest and its fallback, or start a new run elsewhere)")
         if loaded is not None:
             _check_metrics(metrics_path, loaded)
         preflight.check(cfg, resolve_device(cfg))  # the threads may have changed, or the machine

@@ -215,8 +215,21 @@ def _config_edited(out):
     return "config.json: --zo-lr: expected a number"
 
 
+def _latest_and_metrics_lost(out):  # issue 31: two valid checkpoints were once deleted by a silent restart
+    (out / "LATEST").unlink()
+    (out / "metrics.jsonl").unlink()
+    return "LATEST: missing, but the directory holds checkpoints"
+
+
+def _latest_lost_metrics_emptied(out):
+    (out / "LATEST").unlink()
+    (out / "metrics.jsonl").write_bytes(b"")
+    return "LATEST: missing, but the directory holds checkpoints"
+
+
 @pytest.mark.parametrize("damage", [_both_checkpoints, _latest_outside, _latest_lost, _no_checkpoint_dirs,
-                                    _everything_but_metrics_lost,
+                                    _everything_but_metrics_lost, _latest_and_metrics_lost,
+                                    _latest_lost_metrics_emptied,
                                     _manifest_lost, _metrics_truncated, _metrics_edited, _config_edited])
 def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finished, tmp_path, capsys, damage):
     out = _copy(finished, tmp_path)
