@@ -291,6 +291,16 @@ def has_checkpoints(run_dir: Path) -> bool:
     return (run_dir / LATEST).exists() or any(run_dir.glob("ckpt-*"))
 
 
+def remove_stale(run_dir: Path) -> None:
+    """Remove the checkpoint directories ``LATEST`` does not name, and stray temporary ones: what a kill between
+    moving the pointer and removing the older checkpoints leaves (:func:`save`). For a resume, after every check."""
+    run_dir = Path(run_dir)
+    keep = set(_read_pointer(run_dir / LATEST))
+    for old in sorted(run_dir.glob("ckpt-*")) + sorted(run_dir.glob(".ckpt-*.tmp")):
+        if old.name not in keep and (_NAME.fullmatch(old.name) or old.name.startswith(".")) and old.is_dir():
+            shutil.rmtree(old)
+
+
 def unpointed_checkpoints(run_dir: Path) -> list[str]:
     """The checkpoint directories of ``run_dir`` that a run without ``LATEST`` must not start over: all of them,
     except a lone first checkpoint (``ckpt-000001-000000-train``, step 0), which is what a kill leaves between

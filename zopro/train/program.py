@@ -438,6 +438,8 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
             torch.set_num_threads(cfg.threads)
         state = _start(cfg, out, ranks, fresh=loaded is None, lock=lock)
         if loaded is not None:
+            if ranks.writes:
+                checkpoint.remove_stale(out)
             state.restore(loaded)
             ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
         else:

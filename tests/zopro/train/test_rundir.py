@@ -368,3 +368,14 @@ def test_a_run_with_a_foreign_file_is_not_resumed(finished, tmp_path, capsys):
 
 def test_every_entry_of_a_finished_run_is_a_run_entry(finished):
     assert checkpoint.foreign_entries(finished) == []
+
+
+def test_a_resume_removes_checkpoints_a_kill_left_behind(finished, tmp_path):
+    # killed just after LATEST moved to 'done', before the older checkpoints were removed
+    out = _copy(finished, tmp_path)
+    names = (out / "LATEST").read_text().split()
+    shutil.copytree(out / names[1], out / "ckpt-000001-000002-train")
+    (out / ".ckpt-000009-000002-train.tmp").mkdir()
+    run(_cfg(out), resume=True, progress=False)
+    assert sorted(p.name for p in out.glob("*ckpt-*")) == sorted(names)
+    assert _outputs(out) == _outputs(finished)
