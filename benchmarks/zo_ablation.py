@@ -59,8 +59,8 @@ def parse_arm(text: str) -> tuple[str, dict]:
 
 
 def _write_config(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    # with the copies its checkpoints hold: a resume refuses a config.json edited behind the run's back
+    checkpoint.rewrite_config(Path(cfg.output_dir), json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def iteration0(cfg: TrainConfig) -> Path:

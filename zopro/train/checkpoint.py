@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from zopro.train.config import TrainConfig, load_saved, validate
+from zopro.train.config import TrainConfig, flag, load_saved, validate
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
 
 
@@ -255,6 +256,8 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     for key, obj in objects.items():
         torch.save(obj, tmp / f"{key}.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if (run_dir / CONFIG).is_file():  # the run's settings as they were: a resume refuses an edited config.json
+        shutil.copyfile(run_dir / CONFIG, tmp / CONFIG)
     sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
@@ -385,6 +388,45 @@ def _verify(ckpt: Path, manifest: Path) -> None:
             raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
 
 
+def check_config(run_dir: Path, loaded: Loaded) -> None:
+    """``run_dir``'s ``config.json`` must be byte for byte the copy its checkpoint ``loaded`` holds (the settings the
+    run was made with; a checkpoint stores only part of them, so an edited field would change the run silently).
+    ValueError naming the changed fields otherwise. Checkpoints written before they held a copy are not checked."""
+    run_dir = Path(run_dir)
+    kept = run_dir / loaded.name / CONFIG
+    if not kept.is_file():
+        return
+    now = (run_dir / CONFIG).read_bytes()
+    if now == kept.read_bytes():
+        return
+    try:
+        old, new = json.loads(kept.read_bytes()), json.loads(now)
+        changed = [f"{flag(k)} {new.get(k, '(none)')!r}, checkpoint: {old.get(k, '(none)')!r}"
+                   for k in sorted(set(old) | set(new)) if k not in old or k not in new or old[k] != new[k]]
+    except (ValueError, AttributeError):
+        changed = []
+    raise ValueError(f"{run_dir / CONFIG}: differs from the copy in checkpoint {loaded.name} "
+                     f"({'; '.join(changed) or 'its bytes only'}); restore it: a run keeps the settings it began with")
+
+
+def rewrite_config(run_dir: Path, text: str) -> None:
+    """Give the run in ``run_dir`` other settings on purpose: ``text`` as its ``config.json`` and as the copy in each
+    checkpoint ``LATEST`` names (each verified first, its manifest updated), so that a resume takes them as the run's
+    own. For tools that fork a run (``benchmarks.zo_ablation``'s arms continue one shared iteration 0); a kill
+    half way leaves a checkpoint that fails its check, never one that passes with the wrong settings."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / CONFIG, text)
+    for name in _read_pointer(run_dir / LATEST) if (run_dir / LATEST).exists() else ():
+        ckpt = run_dir / name
+        if not (ckpt / CONFIG).is_file():
+            continue
+        _verify(ckpt, ckpt / MANIFEST)
+        sums = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
+        atomic_write_text(ckpt / CONFIG, text)
+        sums[CONFIG] = _sha256(ckpt / CONFIG)
+        atomic_write_text(ckpt / MANIFEST, json.dumps({"files": sums}, indent=1))
+
+
 def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     """``(typed config, final checkpoint)`` of the finished run in ``run_dir``: the config checked as flags are, the
     checkpoint in phase 'done' (never an earlier one). ValueError naming the file otherwise."""
@@ -398,4 +440,5 @@ def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     loaded = load(run_dir, fallback=False, unverified_legacy=unverified_legacy)
     if loaded is None or loaded.meta["phase"] != "done":
         raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    check_config(run_dir, loaded)
     return cfg, loaded

@@ -397,6 +397,8 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
                              f"{'; '.join(changed)} (only {allowed} may change on resume)")
         cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
         loaded = checkpoint.load(out)
+        if loaded is not None:
+            checkpoint.check_config(out, loaded)
         # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses
         # nothing; with metrics it would silently append a new run to an old one's lines
         if loaded is None and has_metrics:

@@ -227,7 +227,25 @@ def _latest_lost_metrics_emptied(out):
     return "LATEST: missing, but the directory holds checkpoints"
 
 
-@pytest.mark.parametrize("damage", [_both_checkpoints, _latest_outside, _latest_lost, _no_checkpoint_dirs,
+def _config_field(name, value):
+    def edit(out):  # a valid setting a resume would otherwise take silently (the checkpoint does not store it)
+        saved = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**saved, name: value}, indent=1))
+        return "config.json: differs from the copy in checkpoint ckpt-"
+    edit.__name__ = f"_config_{name}_edited"
+    return edit
+
+
+def _config_bit_flipped(out):
+    text = (out / "config.json").read_bytes()
+    at = text.index(b'"seed": 1') + len(b'"seed": ')
+    (out / "config.json").write_bytes(text[:at] + bytes([text[at] ^ 1]) + text[at + 1:])  # seed 1 -> 0
+    return "(--seed 0, checkpoint: 1)"
+
+
+@pytest.mark.parametrize("damage", [_config_field("steps_per_iteration", 2), _config_field("zo_lr", 11.0),
+                                    _config_bit_flipped, _both_checkpoints, _latest_outside, _latest_lost,
+                                    _no_checkpoint_dirs,
                                     _everything_but_metrics_lost, _latest_and_metrics_lost,
                                     _latest_lost_metrics_emptied,
                                     _manifest_lost, _metrics_truncated, _metrics_edited, _config_edited])
@@ -379,3 +397,11 @@ def test_a_resume_removes_checkpoints_a_kill_left_behind(finished, tmp_path):
     run(_cfg(out), resume=True, progress=False)
     assert sorted(p.name for p in out.glob("*ckpt-*")) == sorted(names)
     assert _outputs(out) == _outputs(finished)
+
+
+def test_an_edited_config_is_refused_by_evaluate_too(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    message = _config_field("zo_lr", 11.0)(out)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--eval-samples", "1"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
