@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from zopro.train.config import TrainConfig, flag, load_saved, validate
@@ -65,26 +66,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header), published
-    atomically."""
-    _atomic_file(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                                             metadata=metadata))
+    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header, with the
+    SHA-256 of both under ``DIGEST_KEY``: :func:`load_tensors` checks it), published atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(cpu, metadata or {})}
+    _atomic_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``."""
+    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``. Then its
+    SHA-256 in ``<path>.sha256`` (``sha256sum -c`` reads it; :func:`torch_load` checks it)."""
+    path = Path(path)
     _atomic_file(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
 
 
 def atomic_publish_dir(tmp: Path, final: Path) -> None:
     """Publish ``tmp``, a directory the caller has filled completely, as ``final``, replacing an earlier ``final``.
 
-    Its files are fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier
-    one is removed. A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent
-    (the caller rewrites it on resume), never half written; the next call removes a stray aside folder."""
+    A ``manifest.json`` of its files' SHA-256 sums is added (:func:`verify_folder` checks it), its files are
+    fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier one is removed.
+    A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent (the caller
+    rewrites it on resume), never half written; the next call removes a stray aside folder."""
     tmp, final = Path(tmp), Path(final)
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
+    write_folder_manifest(tmp)
     fsync_tree(tmp)
     if final.exists():
         os.replace(final, aside)
@@ -133,6 +140,98 @@ def sha256_prefix(path: Path, n_bytes: int) -> str:
             digest.update(block)
             n_bytes -= len(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output checksums: every output file is written with its SHA-256 (safetensors files in their own header, other
+# files in a "<name>.sha256" beside them, a published folder in its manifest.json), and the tools that read a run's
+# outputs check it. A run whose checkpoints show it was made before outputs carried sums is read unchecked.
+DIGEST_KEY = "zopro_sha256"
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of a safetensors file's contents: its metadata, then each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_tensors(path: Path, *, unchecked_legacy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file written by :func:`atomic_save_tensors`, its SHA-256 checked.
+    ValueError naming the file when it is unreadable, damaged, or carries no sum (unless ``unchecked_legacy``: a
+    file of a run made before outputs carried sums)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no mapping)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise ValueError(f"{path}: unreadable ({_first_line(err)})") from None
+    expected = metadata.pop(DIGEST_KEY, None)
+    if expected is None and not unchecked_legacy:
+        raise ValueError(f"{path}: carries no checksum ('{DIGEST_KEY}' missing from its header; this run's zopro "
+                         "writes one)")
+    if expected is not None and _tensors_digest(tensors, metadata) != expected:
+        raise ValueError(f"{path}: damaged (its contents do not match the SHA-256 in its header)")
+    return tensors, metadata
+
+
+def _sidecar(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def torch_load(path: Path, *, unchecked_legacy: bool = False):
+    """:func:`safe_torch_load` of a file written by :func:`atomic_torch_save`, its ``.sha256`` checked first."""
+    path, sidecar = Path(path), _sidecar(path)
+    if sidecar.is_file() or not unchecked_legacy:
+        try:
+            expected = sidecar.read_text(encoding="utf-8").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as err:
+            raise ValueError(f"{sidecar}: missing or damaged ({_first_line(err)})") from None
+        if not path.is_file() or _sha256(path) != expected:
+            raise ValueError(f"{path}: damaged or missing (its SHA-256 does not match {sidecar})")
+    return safe_torch_load(path)
+
+
+def write_folder_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: the SHA-256 of every file below ``folder`` (paths relative to it)."""
+    folder = Path(folder)
+    sums = {f.relative_to(folder).as_posix(): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
+
+
+def verify_folder(folder: Path, *, unchecked_legacy: bool = False) -> None:
+    """Every file below ``folder`` listed in its ``manifest.json`` with its SHA-256, none missing, none added;
+    ValueError naming the first that is not (a folder without a manifest passes only with ``unchecked_legacy``)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if unchecked_legacy and not manifest.exists():
+        return
+    try:
+        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        if not isinstance(sums, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir()} - {MANIFEST}
+    if present != set(sums):
+        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
+        raise ValueError(f"{folder / (extra or missing)[0]}: {'not listed in' if extra else 'missing, but listed in'} "
+                         f"{manifest}")
+    for name, expected in sorted(sums.items()):
+        if (folder / name).is_symlink() or _sha256(folder / name) != expected:
+            raise ValueError(f"{folder / name}: damaged (its SHA-256 does not match {manifest})")
+
+
+def made_before_output_checksums(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` proves it was made before outputs carried checksums: it has checkpoints and
+    none holds a copy of ``config.json`` (which every checkpoint has held since). A run without checkpoints proves
+    nothing, so its outputs are checked."""
+    ckpts = [p for p in Path(run_dir).glob("ckpt-*") if _NAME.fullmatch(p.name) and p.is_dir()]
+    return bool(ckpts) and not any((p / CONFIG).is_file() for p in ckpts)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,8 +299,8 @@ def _remove_empty(folders) -> None:
 # ".adapters.tmp" and the plot's "reward_curve.tmp.png". A run refuses a directory holding anything else: it would
 # write over, or remove, files that are not its own.
 _FILES = r"config\.json|metrics\.jsonl|LATEST|summary\.md|summary\.json|eval_samples\.jsonl|" \
-         r"(policy|reward)_adapter\.safetensors|base_quantised\.pt|zo_log_iter\d+\.pt"
-_FOLDERS = r"snapshots|policy|reward|base"
+         r"(policy|reward)_adapter\.safetensors|(base_quantised|zo_log_iter\d+)\.pt(\.sha256)?"
+_FOLDERS = r"snapshots|policy|reward|base|report"  # report: python -m zopro.train.visualize's default --out
 RUN_ENTRY = re.compile(rf"({_FILES})(\.tmp)?|{_NAME.pattern}|\.{_NAME.pattern}\.tmp|({_FOLDERS})|"
                        rf"\.({_FOLDERS}|adapters)\.(tmp|old)|reward_curve(\.tmp)?\.png")
 # what a new run may find (and write over): what a run killed before its config.json was published leaves
@@ -354,12 +453,17 @@ def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, 
     if ckpt.is_symlink() or not ckpt.is_dir():
         raise ValueError(f"{ckpt}: missing or not a directory of this run")
     manifest = ckpt / MANIFEST
-    if not (unverified_legacy and not manifest.exists()):
+    legacy = unverified_legacy and not manifest.exists()
+    if not legacy:
         _verify(ckpt, manifest)
     try:
         meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{ckpt / 'meta.json'}: unreadable ({_first_line(err)})") from None
+    # the zopro that wrote manifests also wrote 'metrics_sha256' (and later a config copy): such a checkpoint
+    # without its manifest is a damaged one, never a legacy one
+    if legacy and (not isinstance(meta, dict) or "metrics_sha256" in meta or (ckpt / CONFIG).exists()):
+        raise ValueError(f"{manifest}: missing (its meta.json shows a zopro that writes manifests made it)")
     tensors = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         try:

@@ -4,12 +4,14 @@ transformers.
 Reads the run's standard PEFT folder ``RUN_DIR/policy`` (written when the run finished), loads the base the way the
 run did (the smoke preset's tiny base from ``RUN_DIR/base``; a GGUF base dequantised to the run's ``--dtype``),
 merges the LoRA weights into it (``merge_and_unload``) and writes ``OUT`` in ``save_pretrained`` format
-(``config.json``, ``model.safetensors``, ``generation_config.json``) with the run's tokenizer, so that
+(``config.json``, ``model.safetensors``, ``generation_config.json``; zopro's ``manifest.json`` of their SHA-256
+sums) with the run's tokenizer, so that
 ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` load it without zopro or peft.
 
 Every check runs before anything is written: one line on stderr and exit status 2 when ``RUN_DIR`` is not a finished
-run, lacks its ``policy`` folder, was trained on a bitsandbytes-quantised base, or ``OUT`` exists and is not an empty
-directory. ``OUT`` is written whole under a temporary name beside it and renamed into place.
+run, lacks its ``policy`` folder, its ``policy`` or ``base`` folder fails its manifest's checksums, was trained on a
+bitsandbytes-quantised base, or ``OUT`` exists and is not an empty directory. ``OUT`` is written whole under a
+temporary name beside it and renamed into place.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ def _finished_config(run_dir: Path) -> TrainConfig:
                          "into quantised weights would change the model, so --merged is for unquantised runs only")
     if cfg.model == "tiny" and not (run_dir / "base" / "config.json").is_file():
         raise ValueError(f"{run_dir / 'base'}: missing (the smoke preset's base is saved there when the run finishes)")
+    # the folders are read only as their manifests vouch for them (unchecked for a run made before they had one)
+    legacy = checkpoint.made_before_output_checksums(run_dir)
+    for folder in ("policy", "base") if cfg.model == "tiny" else ("policy",):
+        checkpoint.verify_folder(run_dir / folder, unchecked_legacy=legacy)
     return cfg
 
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from zopro.train import checkpoint, main, program, run
 from zopro.train.config import preset
@@ -259,14 +261,36 @@ def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finishe
     assert _snapshot(out) == before
 
 
+def _as_before_checksums(out: Path) -> Path:
+    """The newest checkpoint as a zopro before checksums wrote it: no manifest, no config copy, no metrics sum."""
+    newest = _newest(out)
+    for name in (checkpoint.MANIFEST, checkpoint.CONFIG):
+        (newest / name).unlink()
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["metrics_sha256"]
+    (newest / "meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "LATEST").write_text(newest.name + "\n")
+    return newest
+
+
 def test_runs_made_before_checksums_load_only_for_reading(finished, tmp_path):
     out = _copy(finished, tmp_path)
-    newest = _newest(out)
-    (newest / checkpoint.MANIFEST).unlink()
-    (out / "LATEST").write_text(newest.name + "\n")  # as an older zopro wrote them
+    _as_before_checksums(out)
     with pytest.raises(ValueError, match="manifest.json: missing or damaged"):
         checkpoint.load(out)  # what --resume uses
     assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.train.evaluate uses
+
+
+def test_a_checkpoint_that_lost_its_manifest_is_no_legacy_one(finished, tmp_path, capsys):
+    # issue 31: weights changed and the manifest removed; meta.json (metrics_sha256) shows a zopro with manifests
+    out = _copy(finished, tmp_path)
+    newest = _newest(out)
+    _flip_a_bit(newest / "trainable.safetensors")
+    (newest / checkpoint.MANIFEST).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--eval-samples", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{newest / checkpoint.MANIFEST}: missing" in err, err
 
 
 def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):
@@ -405,3 +429,65 @@ def test_an_edited_config_is_refused_by_evaluate_too(finished, tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main([str(out), "--eval-samples", "1"])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: the outputs carry checksums, and the tools that read them check them
+def _export(out, tmp_path, capsys):
+    from zopro.train.export import main as export_main
+
+    code = export_main([str(out), "--merged", str(tmp_path / "merged")])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("damage", ["flip", "no_manifest", "extra_file"])
+def test_export_refuses_a_policy_or_base_folder_that_fails_its_checksum(finished, tmp_path, capsys, damage):
+    out = _copy(finished, tmp_path)
+    target = out / "policy" / "adapter_model.safetensors"
+    if damage == "flip":
+        _flip_a_bit(target)
+    elif damage == "no_manifest":
+        target = out / "policy" / checkpoint.MANIFEST
+        target.unlink()
+    else:
+        target = out / "base" / "pytorch_model.bin"
+        target.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 2 and str(target) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "pwned").exists()
+
+
+def _visualize(out, tmp_path, capsys):
+    from zopro.train import visualize
+
+    code = visualize.main([str(out), "--out", str(tmp_path / "report")])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_visualize_refuses_a_damaged_snapshot_or_one_without_its_header(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    snap = sorted((out / "snapshots").iterdir())[-1]
+    original = snap.read_bytes()
+    _flip_a_bit(snap)
+    code, err = _visualize(out, tmp_path, capsys)
+    assert code == 2 and f"{snap}: damaged" in err and len(err.splitlines()) == 1, err
+    snap.write_bytes(original)
+    tensors, meta = checkpoint.load_tensors(snap)
+    checkpoint.atomic_save_tensors(snap, tensors, {k: v for k, v in meta.items() if k != "kind"})
+    code, err = _visualize(out, tmp_path, capsys)
+    assert code == 2 and f"{snap}: not a snapshot of this run (no 'kind'" in err and len(err.splitlines()) == 1, err
+
+
+def test_flat_outputs_carry_checksums_their_readers_check(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    adapter = out / "policy_adapter.safetensors"
+    tensors, _ = checkpoint.load_tensors(adapter)
+    assert tensors.keys() == load_file(str(finished / "policy_adapter.safetensors")).keys()
+    _flip_a_bit(adapter)
+    with pytest.raises(ValueError, match=f"{adapter}: damaged"):
+        checkpoint.load_tensors(adapter)
+    log = out / "zo_log_iter1.pt"  # every atomic_torch_save output (base_quantised.pt too) has a .sha256
+    assert checkpoint.torch_load(log).keys() == torch.load(log, weights_only=True).keys()
+    _flip_a_bit(log)
+    with pytest.raises(ValueError, match=f"{log}: damaged"):
+        checkpoint.torch_load(log)
