@@ -13,6 +13,8 @@ one-line ``ValueError`` naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -53,16 +55,47 @@ def _fsync_file(path: Path) -> None:
 
 
 def _atomic_file(path: Path, write) -> None:
-    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write."""
+    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write. A
+    write that fails (a full disk) removes its ``tmp``, and ``path`` stays as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    _fsync_file(tmp)
-    _publish(tmp, path)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        _publish(tmp, path)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# The file-system errors a run reports in one line (exit 3) instead of a traceback: the run directory stays as its
+# last complete write left it, so a --resume once the cause is fixed continues exactly
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def disk_error(err: OSError, where) -> str | None:
+    """``"<file>: <reason>"`` for a file-system error of :data:`DISK_ERRORS` (``where`` when the error names no
+    file); None for any other error."""
+    why = DISK_ERRORS.get(err.errno)
+    return None if why is None else f"{err.filename or where}: {why}"
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Give an OSError raised inside the file name ``path`` when it has none (``write`` and ``fsync`` name none)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with _naming(path):
+        _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -70,14 +103,16 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     SHA-256 of both under ``DIGEST_KEY``: :func:`load_tensors` checks it), published atomically."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(cpu, metadata or {})}
-    _atomic_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+    with _naming(path):
+        _atomic_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj) -> None:
     """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``. Then its
     SHA-256 in ``<path>.sha256`` (``sha256sum -c`` reads it; :func:`torch_load` checks it)."""
     path = Path(path)
-    _atomic_file(path, lambda tmp: torch.save(obj, tmp))
+    with _naming(path):
+        _atomic_file(path, lambda tmp: torch.save(obj, tmp))
     atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
 
 
@@ -91,11 +126,12 @@ def atomic_publish_dir(tmp: Path, final: Path) -> None:
     tmp, final = Path(tmp), Path(final)
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
-    write_folder_manifest(tmp)
-    fsync_tree(tmp)
-    if final.exists():
-        os.replace(final, aside)
-    _publish(tmp, final)
+    with _naming(final):
+        write_folder_manifest(tmp)
+        fsync_tree(tmp)
+        if final.exists():
+            os.replace(final, aside)
+        _publish(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -114,6 +150,11 @@ def safe_torch_load(path: Path):
             return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
         raise ValueError(f"{path}: not a safe torch file (refused to load: {_first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    """``"<error type>: <first sentence of its message>"``: an error in one line."""
+    return _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:
@@ -349,6 +390,21 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     assert _NAME.fullmatch(final.name), final.name
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _naming(final):
+            _write_checkpoint(run_dir, tmp, final, tensors, objects, meta)
+    except Exception:  # a full disk: the space back, the run as its last checkpoint left it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
+    for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
+        if old.name not in (final.name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return final.name
+
+
+def _write_checkpoint(run_dir: Path, tmp: Path, final: Path, tensors, objects, meta) -> None:
+    """:func:`save`'s files into ``tmp``, with the run's config copy and the manifest, published as ``final``."""
     tmp.mkdir(parents=True)
     for key, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{key}.safetensors"))
@@ -362,11 +418,6 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     for f in tmp.iterdir():
         _fsync_file(f)
     _publish(tmp, final)
-    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
-    for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
-        if old.name not in (final.name, previous):
-            shutil.rmtree(old, ignore_errors=True)
-    return final.name
 
 
 @dataclass

@@ -551,6 +551,7 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
         cfg, resume = from_args(argv)
         run(cfg, resume)
@@ -559,5 +560,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except distributed.RankLost as err:  # another rank of the job died: one line on each survivor
         print(f"error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # a full disk or a read-only mount: the directory holds the last complete write
+        line = checkpoint.disk_error(err, cfg.output_dir if cfg is not None else "--output-dir")
+        if line is None:
+            raise
+        print(f"error: {line} (the run directory holds its last complete checkpoint: fix this, then --resume "
+              "continues the run exactly)", file=sys.stderr)
         return 3
     return 0

@@ -2,8 +2,10 @@
 named and refused (or the previous checkpoint used), all before anything is written."""
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -491,3 +493,69 @@ def test_flat_outputs_carry_checksums_their_readers_check(finished, tmp_path):
     _flip_a_bit(log)
     with pytest.raises(ValueError, match=f"{log}: damaged"):
         checkpoint.torch_load(log)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: a full disk, a read-only mount or a refused payload is one line, never a traceback
+def _failing_writes(monkeypatch, code, when=lambda path: True):
+    real = checkpoint._atomic_file
+
+    def failing(path, write):
+        if when(Path(path)):
+            raise OSError(code, os.strerror(code))  # as a write() reports it: no file name
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic_file", failing)
+
+
+def _error_line(err: str) -> str:
+    """The one error line of a stderr that may also hold progress bars; no traceback."""
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return next(line for line in err.splitlines() if "error:" in line)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_resume_is_exact(finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    latest = []
+    _failing_writes(monkeypatch, errno.ENOSPC, lambda path: path.name == "LATEST" and len(latest.append(1) or latest)
+                    == 3)  # the third checkpoint's pointer
+    assert main(["--preset", "smoke", "--threads", "1", "--iterations", "2", "--steps-per-iteration", "1", "--seed",
+                 "1", "--output-dir", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert f"error: {out / 'LATEST'}: no space left on the device" in _error_line(err)
+    monkeypatch.undo()
+    run(_cfg(out), resume=True, progress=False)
+    assert _outputs(out) == _outputs(finished)
+
+
+def test_a_read_only_finished_run_resumes_in_one_line(finished, tmp_path, monkeypatch, capsys):
+    out = _copy(finished, tmp_path)
+    _failing_writes(monkeypatch, errno.EROFS)
+    assert main(["--resume", "--output-dir", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert f"error: {out / 'eval_samples.jsonl'}: read-only file system" in _error_line(err)
+    monkeypatch.undo()
+    run(_cfg(out), resume=True, progress=False)
+    assert _outputs(out) == _outputs(finished)
+
+
+def test_export_refuses_a_pickle_its_manifest_vouches_for_in_one_line(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    (out / "base" / "model.safetensors").unlink()
+    (out / "base" / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    checkpoint.write_folder_manifest(out / "base")  # sums are no signature: whoever can write can re-sum
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 2 and f"{out / 'base'}: refused to load" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "merged").exists()
+
+
+def test_export_on_a_full_disk_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    out = _copy(finished, tmp_path)
+
+    def full(tmp, final):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "atomic_publish_dir", full)
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 3 and f"error: {tmp_path / 'merged'}: no space left on the device" in _error_line(err)
+    assert not (tmp_path / "merged").exists()
