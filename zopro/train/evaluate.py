@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from zopro.train.evaluation import probe_guide, reevaluate
+from zopro.train.preflight import check_threads
 
 
 def main(argv=None) -> list[dict]:
@@ -38,6 +39,10 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.probe_guide and not all(math.isfinite(a) for a in args.probe_guide):
         parser.error(f"--probe-guide distances must be finite, got {args.probe_guide}")
+    try:
+        check_threads(args.threads)
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe_guide:

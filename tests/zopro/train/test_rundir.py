@@ -559,3 +559,9 @@ def test_export_on_a_full_disk_is_one_line(finished, tmp_path, monkeypatch, caps
     code, err = _export(out, tmp_path, capsys)
     assert code == 3 and f"error: {tmp_path / 'merged'}: no space left on the device" in _error_line(err)
     assert not (tmp_path / "merged").exists()
+
+
+def test_evaluate_refuses_a_thread_count_the_machine_cannot_start(finished, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(finished), "--threads", "1" + "0" * 29])
+    assert exit_info.value.code == 2 and "--threads 1" + "0" * 29 + ": more than" in capsys.readouterr().err
