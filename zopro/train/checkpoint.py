@@ -477,6 +477,9 @@ def load(run_dir: Path, *, fallback: bool = True, unverified_legacy: bool = Fals
     if not pointer.exists():
         return None
     names = _read_pointer(pointer)
+    if unverified_legacy and any((p / MANIFEST).exists() or (p / CONFIG).exists()
+                                 for p in run_dir.glob("ckpt-*") if _NAME.fullmatch(p.name)):
+        unverified_legacy = False  # a run with any checksummed checkpoint is no legacy run: every one is checked
     skipped = []
     for name in names if fallback else names[:1]:
         try:

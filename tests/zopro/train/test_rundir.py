@@ -264,8 +264,12 @@ def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finishe
 
 
 def _as_before_checksums(out: Path) -> Path:
-    """The newest checkpoint as a zopro before checksums wrote it: no manifest, no config copy, no metrics sum."""
+    """The newest checkpoint as a zopro before checksums wrote it (no manifest, no config copy, no metrics sum), and
+    no other checkpoint."""
     newest = _newest(out)
+    for other in out.glob("ckpt-*"):
+        if other != newest:
+            shutil.rmtree(other)
     for name in (checkpoint.MANIFEST, checkpoint.CONFIG):
         (newest / name).unlink()
     meta = json.loads((newest / "meta.json").read_text())
