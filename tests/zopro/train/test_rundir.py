@@ -569,3 +569,10 @@ def test_evaluate_refuses_a_thread_count_the_machine_cannot_start(finished, caps
     with pytest.raises(SystemExit) as exit_info:
         evaluate_main([str(finished), "--threads", "1" + "0" * 29])
     assert exit_info.value.code == 2 and "--threads 1" + "0" * 29 + ": more than" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_sample_count_the_machine_cannot_hold(finished, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(finished), "--eval-samples", "1000000000"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--eval-samples 1000000000: an evaluation call of" in err, err
