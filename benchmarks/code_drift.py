@@ -24,7 +24,6 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from benchmarks.conftest import RESULTS_DIR, environment
 from zokernels.quant import NF4Weight
@@ -51,8 +50,9 @@ def drift(run_dir: Path) -> dict:
     space = code_space(bundle)
     before = {n: w.dequantize().float() for n, w in space.weights.items()}
     codes_before = {n: w.codes.clone() for n, w in space.weights.items()}
-    space.load_state_(torch.load(run_dir / "base_quantised.pt", weights_only=True))
-    adapter = load_file(str(run_dir / "policy_adapter.safetensors"))
+    legacy = checkpoint.made_before_output_checksums(run_dir)  # outputs checked against their SHA-256 sums
+    space.load_state_(checkpoint.torch_load(run_dir / "base_quantised.pt", unchecked_legacy=legacy))
+    adapter, _ = checkpoint.load_tensors(run_dir / "policy_adapter.safetensors", unchecked_legacy=legacy)
     scaling = cfg.lora_alpha / cfg.lora_r
     dot = dw2 = g2 = 0.0
     changed = total = 0

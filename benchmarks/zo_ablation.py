@@ -59,14 +59,14 @@ def parse_arm(text: str) -> tuple[str, dict]:
 
 
 def _write_config(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    # with the copies its checkpoints hold: a resume refuses a config.json edited behind the run's back
+    checkpoint.rewrite_config(Path(cfg.output_dir), json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def iteration0(cfg: TrainConfig) -> Path:
     """The run directory of ``cfg`` checkpointed after the last step of iteration 0 (reused when already there)."""
     out = Path(cfg.output_dir)
-    done = out / "iteration0.done"
+    done = out.with_name(out.name + ".done")  # beside the run: a run directory holds only the run's own files
     if done.is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)

@@ -9,10 +9,17 @@ directory. Loading verifies every file's sum and falls back to the previous chec
 Every file is read safely: tensors with safetensors, other objects (optimiser states) with
 ``torch.load(weights_only=True)``, which refuses any pickle that would run code. Every damaged-file case raises a
 one-line ``ValueError`` naming the file.
+
+Around the checkpoints (issue 31): each holds a copy of the run's ``config.json`` (a resume refuses an edited one);
+every other output carries its SHA-256 too (:func:`load_tensors`, :func:`torch_load`, :func:`verify_folder` check
+it); a run directory may hold only the entries a run writes (:data:`RUN_ENTRY`); and a full disk or read-only mount
+is reported in one line naming the file (:func:`disk_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,12 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from zopro.train.config import TrainConfig, load_saved, validate
+from zopro.train.config import TrainConfig, flag, load_saved, validate
 
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
 
 
@@ -51,43 +60,83 @@ def _fsync_file(path: Path) -> None:
 
 
 def _atomic_file(path: Path, write) -> None:
-    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write."""
+    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write. A
+    write that fails (a full disk) removes its ``tmp``, and ``path`` stays as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    _fsync_file(tmp)
-    _publish(tmp, path)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        _publish(tmp, path)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# The file-system errors a run reports in one line (exit 3) instead of a traceback: the run directory stays as its
+# last complete write left it, so a --resume once the cause is fixed continues exactly
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def disk_error(err: OSError, where) -> str | None:
+    """``"<file>: <reason>"`` for a file-system error of :data:`DISK_ERRORS` (``where`` when the error names no
+    file); None for any other error."""
+    why = DISK_ERRORS.get(err.errno)
+    return None if why is None else f"{err.filename or where}: {why}"
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Give an OSError raised inside the file name ``path`` when it has none (``write`` and ``fsync`` name none)."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with _naming(path):
+        _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header), published
-    atomically."""
-    _atomic_file(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                                             metadata=metadata))
+    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header, with the
+    SHA-256 of both under ``DIGEST_KEY``: :func:`load_tensors` checks it), published atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(cpu, metadata or {})}
+    with _naming(path):
+        _atomic_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj) -> None:
-    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``."""
-    _atomic_file(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``. Then its
+    SHA-256 in ``<path>.sha256`` (``sha256sum -c`` reads it; :func:`torch_load` checks it)."""
+    path = Path(path)
+    with _naming(path):
+        _atomic_file(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
 
 
 def atomic_publish_dir(tmp: Path, final: Path) -> None:
     """Publish ``tmp``, a directory the caller has filled completely, as ``final``, replacing an earlier ``final``.
 
-    Its files are fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier
-    one is removed. A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent
-    (the caller rewrites it on resume), never half written; the next call removes a stray aside folder."""
+    A ``manifest.json`` of its files' SHA-256 sums is added (:func:`verify_folder` checks it), its files are
+    fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier one is removed.
+    A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent (the caller
+    rewrites it on resume), never half written; the next call removes a stray aside folder."""
     tmp, final = Path(tmp), Path(final)
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
-    fsync_tree(tmp)
-    if final.exists():
-        os.replace(final, aside)
-    _publish(tmp, final)
+    with _naming(final):
+        write_folder_manifest(tmp)
+        fsync_tree(tmp)
+        if final.exists():
+            os.replace(final, aside)
+        _publish(tmp, final)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -106,6 +155,11 @@ def safe_torch_load(path: Path):
             return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
         raise ValueError(f"{path}: not a safe torch file (refused to load: {_first_line(err)})") from None
+
+
+def first_line(err: BaseException) -> str:
+    """``"<error type>: <first sentence of its message>"``: an error in one line."""
+    return _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:
@@ -135,13 +189,106 @@ def sha256_prefix(path: Path, n_bytes: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Output checksums: every output file is written with its SHA-256 (safetensors files in their own header, other
+# files in a "<name>.sha256" beside them, a published folder in its manifest.json), and the tools that read a run's
+# outputs check it. A run whose checkpoints show it was made before outputs carried sums is read unchecked.
+DIGEST_KEY = "zopro_sha256"
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of a safetensors file's contents: its metadata, then each tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_tensors(path: Path, *, unchecked_legacy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file written by :func:`atomic_save_tensors`, its SHA-256 checked.
+    ValueError naming the file when it is unreadable, damaged, or carries no sum (unless ``unchecked_legacy``: a
+    file of a run made before outputs carried sums)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no mapping)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise ValueError(f"{path}: unreadable ({_first_line(err)})") from None
+    expected = metadata.pop(DIGEST_KEY, None)
+    if expected is None and not unchecked_legacy:
+        raise ValueError(f"{path}: carries no checksum ('{DIGEST_KEY}' missing from its header; this run's zopro "
+                         "writes one)")
+    if expected is not None and _tensors_digest(tensors, metadata) != expected:
+        raise ValueError(f"{path}: damaged (its contents do not match the SHA-256 in its header)")
+    return tensors, metadata
+
+
+def _sidecar(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def torch_load(path: Path, *, unchecked_legacy: bool = False):
+    """:func:`safe_torch_load` of a file written by :func:`atomic_torch_save`, its ``.sha256`` checked first."""
+    path, sidecar = Path(path), _sidecar(path)
+    if sidecar.is_file() or not unchecked_legacy:
+        try:
+            expected = sidecar.read_text(encoding="utf-8").split()[0]
+        except (OSError, UnicodeDecodeError, IndexError) as err:
+            raise ValueError(f"{sidecar}: missing or damaged ({_first_line(err)})") from None
+        if not path.is_file() or _sha256(path) != expected:
+            raise ValueError(f"{path}: damaged or missing (its SHA-256 does not match {sidecar})")
+    return safe_torch_load(path)
+
+
+def write_folder_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: the SHA-256 of every file below ``folder`` (paths relative to it)."""
+    folder = Path(folder)
+    sums = {f.relative_to(folder).as_posix(): _sha256(f) for f in sorted(folder.rglob("*"))
+            if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
+
+
+def verify_folder(folder: Path, *, unchecked_legacy: bool = False) -> None:
+    """Every file below ``folder`` listed in its ``manifest.json`` with its SHA-256, none missing, none added;
+    ValueError naming the first that is not (a folder without a manifest passes only with ``unchecked_legacy``)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if unchecked_legacy and not manifest.exists():
+        return
+    try:
+        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        if not isinstance(sums, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir()} - {MANIFEST}
+    if present != set(sums):
+        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
+        raise ValueError(f"{folder / (extra or missing)[0]}: {'not listed in' if extra else 'missing, but listed in'} "
+                         f"{manifest}")
+    for name, expected in sorted(sums.items()):
+        if (folder / name).is_symlink() or _sha256(folder / name) != expected:
+            raise ValueError(f"{folder / name}: damaged (its SHA-256 does not match {manifest})")
+
+
+def made_before_output_checksums(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` proves it was made before outputs carried checksums: it has checkpoints and
+    none holds a copy of ``config.json`` (which every checkpoint has held since). A run without checkpoints proves
+    nothing, so its outputs are checked."""
+    ckpts = [p for p in Path(run_dir).glob("ckpt-*") if _NAME.fullmatch(p.name) and p.is_dir()]
+    return bool(ckpts) and not any((p / CONFIG).is_file() for p in ckpts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The lock
 class RunLock:
     """An exclusive ``flock`` on the run directory itself, held until :meth:`close` (or the process ends: the
     kernel releases it, so a killed run never leaves a stale lock). Locking the directory rather than a lock file
     inside it means taking the lock writes nothing, and a refused run leaves the directory exactly as it was."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, created: tuple[Path, ...] = ()):
+        self.created = created  # the folders make_and_lock created, deepest first
         self.fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,10 +302,83 @@ class RunLock:
             os.close(self.fd)
             self.fd = None
 
+    def remove_created(self) -> None:
+        """Remove the folders :func:`make_and_lock` created, where they are still empty (a run refused before its
+        first write leaves no trace)."""
+        _remove_empty(self.created)
+
 
 def lock(run_dir: Path) -> RunLock:
     """Take ``run_dir``'s exclusive lock, or raise ValueError at once if another run holds it."""
     return RunLock(Path(run_dir))
+
+
+def make_and_lock(run_dir: Path) -> RunLock:
+    """Create ``run_dir`` (and missing parents) and take its lock; the lock remembers what it created, so that a run
+    refused before writing can remove it again (:meth:`RunLock.remove_created`)."""
+    run_dir = Path(run_dir)
+    created = tuple(p for p in (run_dir, *run_dir.parents) if not p.exists())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror or err})") from None
+    try:
+        return RunLock(run_dir, created)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(folders) -> None:
+    """rmdir each of ``folders`` in turn, stopping at the first that is not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a run directory may hold
+# Every entry a run writes, and what a kill can leave of one: an atomic file's "<name>.tmp", a checkpoint's
+# ".ckpt-….tmp", a published folder's ".<name>.tmp" / ".<name>.old" (atomic_publish_dir), save_adapters' scratch
+# ".adapters.tmp" and the plot's "reward_curve.tmp.png". A run refuses a directory holding anything else: it would
+# write over, or remove, files that are not its own.
+_FILES = r"config\.json|metrics\.jsonl|LATEST|summary\.md|summary\.json|eval_samples\.jsonl|eval_curve\.jsonl|" \
+         r"(policy|reward)_adapter\.safetensors|(base_quantised|zo_log_iter\d+)\.pt(\.sha256)?"
+_FOLDERS = r"snapshots|policy|reward|base|report"  # report: python -m zopro.train.visualize's default --out
+RUN_ENTRY = re.compile(rf"({_FILES})(\.tmp)?|{_NAME.pattern}|\.{_NAME.pattern}\.tmp|({_FOLDERS})|"
+                       rf"\.({_FOLDERS}|adapters)\.(tmp|old)|reward_curve(\.tmp)?\.png")
+# what a new run may find (and write over): what a run killed before its config.json was published leaves
+_START_LEFTOVERS = ("metrics.jsonl", "config.json.tmp")
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` that no zopro run writes (:data:`RUN_ENTRY`), sorted."""
+    return sorted(p.name for p in Path(run_dir).iterdir() if not RUN_ENTRY.fullmatch(p.name))
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory must be empty, or hold only what a start killed before its config.json left (an empty
+    ``metrics.jsonl``); ValueError otherwise, before anything is written."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "config.json").exists() or has_checkpoints(run_dir) or (metrics.is_file() and
+                                                                        metrics.stat().st_size > 0):
+        raise ValueError(f"--output-dir {run_dir} already holds a run: pass --resume to continue it or pick "
+                         "another dir")
+    other = sorted(p.name for p in run_dir.iterdir() if p.name not in _START_LEFTOVERS or p.is_dir())
+    if other:
+        raise ValueError(f"--output-dir {run_dir}: not empty and holds no zopro run ({', '.join(other[:3])}"
+                         f"{', ...' if len(other) > 3 else ''}); pick a new or empty directory")
+
+
+def check_run_entries(run_dir: Path) -> None:
+    """Every entry of the run directory ``run_dir`` is one a run writes; ValueError naming the first that is not."""
+    foreign = foreign_entries(run_dir)
+    if foreign:
+        raise ValueError(f"--output-dir {run_dir}: holds {run_dir / foreign[0]}, which no zopro run writes; move it "
+                         "away (a run writes over and removes its own files, never anyone else's)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -175,22 +395,34 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     assert _NAME.fullmatch(final.name), final.name
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _naming(final):
+            _write_checkpoint(run_dir, tmp, final, tensors, objects, meta)
+    except Exception:  # a full disk: the space back, the run as its last checkpoint left it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
+    for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
+        if old.name not in (final.name, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return final.name
+
+
+def _write_checkpoint(run_dir: Path, tmp: Path, final: Path, tensors, objects, meta) -> None:
+    """:func:`save`'s files into ``tmp``, with the run's config copy and the manifest, published as ``final``."""
     tmp.mkdir(parents=True)
     for key, group in tensors.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{key}.safetensors"))
     for key, obj in objects.items():
         torch.save(obj, tmp / f"{key}.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    if (run_dir / CONFIG).is_file():  # the run's settings as they were: a resume refuses an edited config.json
+        shutil.copyfile(run_dir / CONFIG, tmp / CONFIG)
     sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
         _fsync_file(f)
     _publish(tmp, final)
-    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
-    for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
-        if old.name not in (final.name, previous):
-            shutil.rmtree(old, ignore_errors=True)
-    return final.name
 
 
 @dataclass
@@ -217,6 +449,28 @@ def has_checkpoints(run_dir: Path) -> bool:
     return (run_dir / LATEST).exists() or any(run_dir.glob("ckpt-*"))
 
 
+def remove_stale(run_dir: Path) -> None:
+    """Remove the checkpoint directories ``LATEST`` does not name, and stray temporary ones: what a kill between
+    moving the pointer and removing the older checkpoints leaves (:func:`save`). For a resume, after every check."""
+    run_dir = Path(run_dir)
+    keep = set(_read_pointer(run_dir / LATEST))
+    for old in sorted(run_dir.glob("ckpt-*")) + sorted(run_dir.glob(".ckpt-*.tmp")):
+        if old.name not in keep and (_NAME.fullmatch(old.name) or old.name.startswith(".")) and old.is_dir():
+            shutil.rmtree(old)
+
+
+def unpointed_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoint directories of ``run_dir`` that a run without ``LATEST`` must not start over: all of them,
+    except a lone first checkpoint (``ckpt-000001-000000-train``, step 0), which is what a kill leaves between
+    publishing the first checkpoint and the first pointer (starting over loses nothing then). Empty when ``LATEST``
+    exists."""
+    run_dir = Path(run_dir)
+    if (run_dir / LATEST).exists():
+        return []
+    names = sorted(p.name for p in run_dir.glob("ckpt-*") if _NAME.fullmatch(p.name))
+    return [] if names == ["ckpt-000001-000000-train"] else names
+
+
 def load(run_dir: Path, *, fallback: bool = True, unverified_legacy: bool = False) -> Loaded | None:
     """The newest verified checkpoint named by ``LATEST`` (with ``fallback``, the previous one when the newest is
     damaged), or None when the run has no ``LATEST``. Raises ValueError naming the damaged file otherwise.
@@ -228,6 +482,9 @@ def load(run_dir: Path, *, fallback: bool = True, unverified_legacy: bool = Fals
     if not pointer.exists():
         return None
     names = _read_pointer(pointer)
+    if unverified_legacy and any((p / MANIFEST).exists() or (p / CONFIG).exists()
+                                 for p in run_dir.glob("ckpt-*") if _NAME.fullmatch(p.name)):
+        unverified_legacy = False  # a run with any checksummed checkpoint is no legacy run: every one is checked
     skipped = []
     for name in names if fallback else names[:1]:
         try:
@@ -255,12 +512,17 @@ def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, 
     if ckpt.is_symlink() or not ckpt.is_dir():
         raise ValueError(f"{ckpt}: missing or not a directory of this run")
     manifest = ckpt / MANIFEST
-    if not (unverified_legacy and not manifest.exists()):
+    legacy = unverified_legacy and not manifest.exists()
+    if not legacy:
         _verify(ckpt, manifest)
     try:
         meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ValueError(f"{ckpt / 'meta.json'}: unreadable ({_first_line(err)})") from None
+    # the zopro that wrote manifests also wrote 'metrics_sha256' (and later a config copy): such a checkpoint
+    # without its manifest is a damaged one, never a legacy one
+    if legacy and (not isinstance(meta, dict) or "metrics_sha256" in meta or (ckpt / CONFIG).exists()):
+        raise ValueError(f"{manifest}: missing (its meta.json shows a zopro that writes manifests made it)")
     tensors = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         try:
@@ -289,6 +551,45 @@ def _verify(ckpt: Path, manifest: Path) -> None:
             raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
 
 
+def check_config(run_dir: Path, loaded: Loaded) -> None:
+    """``run_dir``'s ``config.json`` must be byte for byte the copy its checkpoint ``loaded`` holds (the settings the
+    run was made with; a checkpoint stores only part of them, so an edited field would change the run silently).
+    ValueError naming the changed fields otherwise. Checkpoints written before they held a copy are not checked."""
+    run_dir = Path(run_dir)
+    kept = run_dir / loaded.name / CONFIG
+    if not kept.is_file():
+        return
+    now = (run_dir / CONFIG).read_bytes()
+    if now == kept.read_bytes():
+        return
+    try:
+        old, new = json.loads(kept.read_bytes()), json.loads(now)
+        changed = [f"{flag(k)} {new.get(k, '(none)')!r}, checkpoint: {old.get(k, '(none)')!r}"
+                   for k in sorted(set(old) | set(new)) if k not in old or k not in new or old[k] != new[k]]
+    except (ValueError, AttributeError):
+        changed = []
+    raise ValueError(f"{run_dir / CONFIG}: differs from the copy in checkpoint {loaded.name} "
+                     f"({'; '.join(changed) or 'its bytes only'}); restore it: a run keeps the settings it began with")
+
+
+def rewrite_config(run_dir: Path, text: str) -> None:
+    """Give the run in ``run_dir`` other settings on purpose: ``text`` as its ``config.json`` and as the copy in each
+    checkpoint ``LATEST`` names (each verified first, its manifest updated), so that a resume takes them as the run's
+    own. For tools that fork a run (``benchmarks.zo_ablation``'s arms continue one shared iteration 0); a kill
+    half way leaves a checkpoint that fails its check, never one that passes with the wrong settings."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / CONFIG, text)
+    for name in _read_pointer(run_dir / LATEST) if (run_dir / LATEST).exists() else ():
+        ckpt = run_dir / name
+        if not (ckpt / CONFIG).is_file():
+            continue
+        _verify(ckpt, ckpt / MANIFEST)
+        sums = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
+        atomic_write_text(ckpt / CONFIG, text)
+        sums[CONFIG] = _sha256(ckpt / CONFIG)
+        atomic_write_text(ckpt / MANIFEST, json.dumps({"files": sums}, indent=1))
+
+
 def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     """``(typed config, final checkpoint)`` of the finished run in ``run_dir``: the config checked as flags are, the
     checkpoint in phase 'done' (never an earlier one). ValueError naming the file otherwise."""
@@ -302,4 +603,5 @@ def load_finished(run_dir: Path, *, unverified_legacy: bool = False):
     loaded = load(run_dir, fallback=False, unverified_legacy=unverified_legacy)
     if loaded is None or loaded.meta["phase"] != "done":
         raise ValueError(f"{run_dir}: not a finished run (no checkpoint in phase 'done')")
+    check_config(run_dir, loaded)
     return cfg, loaded

@@ -15,12 +15,15 @@ guide carries reward before ZO steps are spent on it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 
+from zopro.train import checkpoint, preflight
 from zopro.train.evaluation import probe_guide, reevaluate
+from zopro.train.loading import resolve_device
 
 
 def main(argv=None) -> list[dict]:
@@ -38,6 +41,10 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.probe_guide and not all(math.isfinite(a) for a in args.probe_guide):
         parser.error(f"--probe-guide distances must be finite, got {args.probe_guide}")
+    try:
+        preflight.check_threads(args.threads)
+    except ValueError as err:
+        parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe_guide:
@@ -46,6 +53,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     for run_dir in args.runs:
         try:
+            _check_fits(run_dir, args.eval_samples, args.device)
             r = reevaluate(run_dir, args.eval_samples, args.device)
         except ValueError as err:
             parser.error(str(err))
@@ -53,6 +61,14 @@ def main(argv=None) -> list[dict]:
               f"| {r['change']:+.4f}{_se(r)} |", flush=True)
         rows.append(r)
     return rows
+
+
+def _check_fits(run_dir: Path, eval_samples: int, device: str | None) -> None:
+    """The run's evaluation with ``eval_samples`` samples a prompt fits ``device`` (``zopro.train.preflight``'s
+    lower bound of one generate call); ValueError naming the setting otherwise, before any model is loaded."""
+    saved, _ = checkpoint.load_finished(run_dir, unverified_legacy=True)
+    cfg = dataclasses.replace(saved, eval_samples=eval_samples, device=device or saved.device)
+    preflight.check_memory(cfg, resolve_device(cfg), *preflight.prompt_counts(cfg))
 
 
 def _se(row) -> str:
@@ -64,6 +80,7 @@ def _print_probe(parser, args) -> list[dict]:
     rows = []
     for run_dir in args.runs:
         try:
+            _check_fits(run_dir, args.eval_samples, args.device)
             found = probe_guide(run_dir, args.probe_guide, args.eval_samples, args.device)
         except ValueError as err:
             parser.error(str(err))

@@ -4,17 +4,21 @@ transformers.
 Reads the run's standard PEFT folder ``RUN_DIR/policy`` (written when the run finished), loads the base the way the
 run did (the smoke preset's tiny base from ``RUN_DIR/base``; a GGUF base dequantised to the run's ``--dtype``),
 merges the LoRA weights into it (``merge_and_unload``) and writes ``OUT`` in ``save_pretrained`` format
-(``config.json``, ``model.safetensors``, ``generation_config.json``) with the run's tokenizer, so that
+(``config.json``, ``model.safetensors``, ``generation_config.json``; zopro's ``manifest.json`` of their SHA-256
+sums) with the run's tokenizer, so that
 ``AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer.from_pretrained(OUT)`` load it without zopro or peft.
 
-Every check runs before anything is written: one line on stderr and exit status 2 when ``RUN_DIR`` is not a finished
-run, lacks its ``policy`` folder, was trained on a bitsandbytes-quantised base, or ``OUT`` exists and is not an empty
-directory. ``OUT`` is written whole under a temporary name beside it and renamed into place.
+Every check runs before anything is written: one line on stderr and exit status 2 when a file it loads is refused
+(a pickle ``weights_only`` rejects), when ``RUN_DIR`` is not a finished
+run, lacks its ``policy`` folder, its ``policy`` or ``base`` folder fails its manifest's checksums, was trained on a
+bitsandbytes-quantised base, or ``OUT`` exists and is not an empty directory; exit status 3 for a full disk or a
+read-only mount. ``OUT`` is written whole under a temporary name beside it and renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -38,6 +42,10 @@ def _finished_config(run_dir: Path) -> TrainConfig:
                          "into quantised weights would change the model, so --merged is for unquantised runs only")
     if cfg.model == "tiny" and not (run_dir / "base" / "config.json").is_file():
         raise ValueError(f"{run_dir / 'base'}: missing (the smoke preset's base is saved there when the run finishes)")
+    # the folders are read only as their manifests vouch for them (unchecked for a run made before they had one)
+    legacy = checkpoint.made_before_output_checksums(run_dir)
+    for folder in ("policy", "base") if cfg.model == "tiny" else ("policy",):
+        checkpoint.verify_folder(run_dir / folder, unchecked_legacy=legacy)
     return cfg
 
 
@@ -59,6 +67,18 @@ def _base(cfg: TrainConfig, run_dir: Path):
     return load_base(cfg.model, gguf_file=cfg.gguf_file or None, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _refusals(source):
+    """A load from ``source`` that fails (a pickle ``weights_only`` refuses, a damaged file) as one ValueError line
+    naming it; file-system errors pass on as they are."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 (transformers, peft, torch and safetensors raise their own types)
+        if isinstance(err, OSError) and checkpoint.disk_error(err, source) is not None:
+            raise
+        raise ValueError(f"{source}: refused to load ({checkpoint.first_line(err)})") from None
+
+
 def export_merged(run_dir: Path, out: Path) -> Path:
     """Write the merged policy of the finished run in ``run_dir`` to ``out`` (see the module docstring)."""
     from peft import PeftModel
@@ -71,8 +91,9 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     try:
         cfg = _finished_config(run_dir)
         _check_out(out)
-        base, tokenizer = _base(cfg, run_dir)
-        with models._peft_wrapping():
+        with _refusals(run_dir / "base" if cfg.model == "tiny" else cfg.model):
+            base, tokenizer = _base(cfg, run_dir)
+        with _refusals(run_dir / "policy"), models._peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -97,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # what the user passed is wrong: one line, nothing written
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a read-only mount: one line (OUT is published whole or not at all)
+        line = checkpoint.disk_error(err, args.merged)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 3
     print(f"merged model: {out}")
     return 0
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds, derive_seed
-from zopro.train import checkpoint, distributed, memory, quant_target, snapshots
+from zopro.train import checkpoint, distributed, memory, preflight, quant_target, snapshots
 from zopro.train.config import (
     RESUME_OVERRIDES,
     TrainConfig,
@@ -427,7 +427,9 @@ def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
 def _open_run_dir(cfg: TrainConfig, resume: bool):
     """Check ``cfg.output_dir`` and take its lock. Returns ``(cfg, lock, loaded checkpoint or None)``; ``cfg`` is the
     run's saved config on resume. Raises ValueError, before anything is written, for a directory that is a file,
-    holds another run, is in use, or whose files are damaged; nothing is created unless the run can start."""
+    holds another run, is in use, or whose files are damaged, and for settings this machine cannot run
+    (:mod:`zopro.train.preflight`); nothing is created unless those checks pass (the run's own loads may still fail:
+    :func:`_start` removes the folders again)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output-dir {out}: exists and is not a directory")
@@ -439,22 +441,18 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
             _check_model_reference(name, f"--judge {cfg.judge}")
         if cfg.reward_model:
             _check_model_reference(cfg.reward_model, "--reward-model")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"--output-dir {out}: cannot create it ({err.strerror or err})") from None
-    lock = checkpoint.lock(out)
+        preflight.check(cfg, resolve_device(cfg))
+    lock = checkpoint.make_and_lock(out)
     try:
         config_path = out / "config.json"
         metrics_path = out / "metrics.jsonl"
         has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
         if not resume:
-            if config_path.exists() or has_metrics or checkpoint.has_checkpoints(out):
-                raise ValueError(f"--output-dir {out} already holds a run: pass --resume to continue it or pick "
-                                 "another dir")
+            checkpoint.check_new_run_dir(out)
             return cfg, lock, None
         if not config_path.is_file():
             raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
+        checkpoint.check_run_entries(out)
         saved = load_saved(config_path)
         if "eval_samples" not in saved:
             raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "
@@ -471,13 +469,21 @@ def _open_run_dir(cfg: TrainConfig, resume: bool):
                              f"{'; '.join(changed)} (only {allowed} may change on resume)")
         cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
         loaded = checkpoint.load(out)
+        if loaded is not None:
+            checkpoint.check_config(out, loaded)
         # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses
         # nothing; with metrics it would silently append a new run to an old one's lines
         if loaded is None and has_metrics:
             raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out / 'metrics.jsonl'} holds a run's lines; "
                              "refusing to restart over them (restore the file, or start a new run elsewhere)")
+        unpointed = checkpoint.unpointed_checkpoints(out)
+        if unpointed:  # a restart would delete them
+            raise ValueError(f"{out / checkpoint.LATEST}: missing, but the directory holds checkpoints "
+                             f"({', '.join(unpointed)}); refusing to restart over them (restore LATEST naming the "
+                             "newest and its fallback, or start a new run elsewhere)")
         if loaded is not None:
             _check_metrics(metrics_path, loaded)
+        preflight.check(cfg, resolve_device(cfg))  # the threads may have changed, or the machine
         return cfg, lock, loaded
     except BaseException:
         lock.close()
@@ -501,19 +507,38 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
         if lock is not None:
             cleanup.callback(lock.close)
         out = Path(cfg.output_dir)
-        if loaded is None and ranks.writes:
-            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         for line in loaded.skipped if loaded and ranks.writes else ():
             print(f"warning: {line}; resuming from the previous checkpoint, {loaded.name}", file=sys.stderr)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        state = Run(cfg, out, ranks, show=progress)
+        state = _start(cfg, out, ranks, fresh=loaded is None, lock=lock, show=progress)
         if loaded is not None:
+            if ranks.writes:
+                checkpoint.remove_stale(out)
             state.restore(loaded)
             ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
         else:
             state.reward_init()
         return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+
+
+def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, lock, show: bool) -> Run:
+    """The run's objects (:class:`Run` loads the prompts, the models and the judge), then, for a new run, its
+    ``config.json``: the first byte a run writes comes after every load, so a run refused by one leaves the directory
+    as it was (the folders ``_open_run_dir`` created, and the empty metrics file ``Run`` opens, removed again)."""
+    metrics = out / "metrics.jsonl"
+    had_metrics = metrics.exists()
+    try:
+        state = Run(cfg, out, ranks, show=show)
+        if fresh and ranks.writes:
+            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+        return state
+    except BaseException:
+        if fresh and ranks.writes and lock is not None and not (out / "config.json").exists():
+            if not had_metrics and metrics.is_file() and metrics.stat().st_size == 0:
+                metrics.unlink()
+            lock.remove_created()
+        raise
 
 
 def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):
@@ -601,6 +626,7 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
 
 
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
         cfg, resume = from_args(argv)
         run(cfg, resume)
@@ -609,5 +635,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except distributed.RankLost as err:  # another rank of the job died: one line on each survivor
         print(f"error: {err}", file=sys.stderr)
+        return 3
+    except OSError as err:  # a full disk or a read-only mount: the directory holds the last complete write
+        line = checkpoint.disk_error(err, cfg.output_dir if cfg is not None else "--output-dir")
+        if line is None:
+            raise
+        print(f"error: {line} (the run directory holds its last complete checkpoint: fix this, then --resume "
+              "continues the run exactly)", file=sys.stderr)
         return 3
     return 0

@@ -66,20 +66,28 @@ def prune_after(run_dir: Path, global_step: int) -> None:
             f.unlink()
 
 
+_HEADER = ("global_step", "iteration", "step", "mode", "kind")
+
+
 def listing(run_dir: Path) -> list[dict]:
-    """The run's snapshots in step order: their metadata (numbers as ints) plus ``path``; reads no tensors."""
+    """The run's snapshots in step order: their metadata (numbers as ints) plus ``path``. Each file is read whole
+    and its SHA-256 checked (:func:`zopro.train.checkpoint.load_tensors`; unchecked only for a run that shows it was
+    made before snapshots carried one); ValueError naming the first damaged file."""
     out = []
     folder = Path(run_dir) / FOLDER
+    legacy = checkpoint.made_before_output_checksums(run_dir)
     for f in sorted(folder.glob("snap-*.safetensors")) if folder.is_dir() else ():
         if not _FILE.fullmatch(f.name):
             continue
+        _, info = checkpoint.load_tensors(f, unchecked_legacy=legacy)
+        missing = [k for k in _HEADER if k not in info]
         try:
-            with safe_open(str(f), framework="pt") as handle:
-                info = dict(handle.metadata() or {})
-        except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
-            raise ValueError(f"{f}: unreadable snapshot ({type(err).__name__})") from None
-        for key in ("global_step", "iteration", "step"):
-            info[key] = int(info[key])
+            if missing:
+                raise ValueError(f"no {missing[0]!r} in its header")
+            for key in ("global_step", "iteration", "step"):
+                info[key] = int(info[key])
+        except ValueError as err:
+            raise ValueError(f"{f}: not a snapshot of this run ({err})") from None
         out.append({**info, "path": f})
     return sorted(out, key=lambda s: s["global_step"])
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from zopro.train import snapshots
+from zopro.train import checkpoint, snapshots
 
 METRIC_CURVES = (("reward", "reward-model score"), ("judge_score", "judge score"), ("kl", "KL to reference"),
                  ("loss", "surrogate loss"), ("step_time", "step time (s)"))
@@ -523,7 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = build_report(runs, Path(args.out) if args.out else Path(args.run_dirs[0]) / "report")
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
+    try:
+        path = build_report(runs, out)
+    except OSError as err:  # a full disk or a read-only mount: one line
+        line = checkpoint.disk_error(err, out)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 3
     print(f"report: {path}")
     return 0
 

@@ -79,7 +79,8 @@ def test_only_the_bitsandbytes_cpu_kernel_messages_are_dropped(caplog):
 def test_the_run_directory_holds_standard_peft_folders(finished):
     out, _ = finished
     for name in ("policy", "reward"):
-        assert sorted(p.name for p in (out / name).iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in (out / name).iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  checkpoint.MANIFEST]  # zopro's SHA-256 sums
         config = json.loads((out / name / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str((out / "base").resolve())
         assert config["task_type"] == {"policy": "CAUSAL_LM", "reward": "SEQ_CLS"}[name]
@@ -222,6 +223,7 @@ def _folders(out: Path) -> dict:
         config = json.loads(folders[name]["adapter_config.json"])
         config.pop("base_model_name_or_path")
         folders[name]["adapter_config.json"] = config
+        folders[name].pop(checkpoint.MANIFEST)  # holds the config's sum: the other files' bytes decide it
     return folders
 
 

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("bitsandbytes", reason="--zo-target codes needs bitsandbytes")
 
-from zopro.train import main, run  # noqa: E402
+from zopro.train import checkpoint, main, run  # noqa: E402
 from zopro.train.config import preset  # noqa: E402
 
 
@@ -154,7 +154,7 @@ def test_codes_arm_resumes_from_an_iteration0_checkpoint_of_a_lora_run(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False, stop_after_steps=cfg.steps_per_iteration - 1)  # inside iteration 0
     config = json.loads((tmp_path / "shared" / "config.json").read_text())
-    (tmp_path / "shared" / "config.json").write_text(json.dumps({**config, "zo_target": "codes"}))
+    checkpoint.rewrite_config(tmp_path / "shared", json.dumps({**config, "zo_target": "codes"}))
     run(dataclasses.replace(cfg, zo_target="codes"), resume=True, progress=False)
     moved = torch.load(tmp_path / "shared" / "base_quantised.pt")
     start = _initial_codes(_cfg(tmp_path, tiny_dir, "shared", "nf4"))
@@ -164,7 +164,7 @@ def test_codes_arm_resumes_from_an_iteration0_checkpoint_of_a_lora_run(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         run(late, progress=False, stop_after_steps=late.steps_per_iteration + 1)  # inside iteration 1
     config = json.loads((tmp_path / "late" / "config.json").read_text())
-    (tmp_path / "late" / "config.json").write_text(json.dumps({**config, "zo_target": "codes"}))
+    checkpoint.rewrite_config(tmp_path / "late", json.dumps({**config, "zo_target": "codes"}))
     with pytest.raises(ValueError, match="no quantised base to restore"):
         run(dataclasses.replace(late, zo_target="codes"), resume=True, progress=False)
 

@@ -2,8 +2,10 @@
 named and refused (or the previous checkpoint used), all before anything is written."""
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -11,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from zopro.train import checkpoint, main, program, run
 from zopro.train.config import preset
@@ -215,8 +219,39 @@ def _config_edited(out):
     return "config.json: --zo-lr: expected a number"
 
 
-@pytest.mark.parametrize("damage", [_both_checkpoints, _latest_outside, _latest_lost, _no_checkpoint_dirs,
-                                    _everything_but_metrics_lost,
+def _latest_and_metrics_lost(out):  # issue 31: two valid checkpoints were once deleted by a silent restart
+    (out / "LATEST").unlink()
+    (out / "metrics.jsonl").unlink()
+    return "LATEST: missing, but the directory holds checkpoints"
+
+
+def _latest_lost_metrics_emptied(out):
+    (out / "LATEST").unlink()
+    (out / "metrics.jsonl").write_bytes(b"")
+    return "LATEST: missing, but the directory holds checkpoints"
+
+
+def _config_field(name, value):
+    def edit(out):  # a valid setting a resume would otherwise take silently (the checkpoint does not store it)
+        saved = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**saved, name: value}, indent=1))
+        return "config.json: differs from the copy in checkpoint ckpt-"
+    edit.__name__ = f"_config_{name}_edited"
+    return edit
+
+
+def _config_bit_flipped(out):
+    text = (out / "config.json").read_bytes()
+    at = text.index(b'"seed": 1') + len(b'"seed": ')
+    (out / "config.json").write_bytes(text[:at] + bytes([text[at] ^ 1]) + text[at + 1:])  # seed 1 -> 0
+    return "(--seed 0, checkpoint: 1)"
+
+
+@pytest.mark.parametrize("damage", [_config_field("steps_per_iteration", 2), _config_field("zo_lr", 11.0),
+                                    _config_bit_flipped, _both_checkpoints, _latest_outside, _latest_lost,
+                                    _no_checkpoint_dirs,
+                                    _everything_but_metrics_lost, _latest_and_metrics_lost,
+                                    _latest_lost_metrics_emptied,
                                     _manifest_lost, _metrics_truncated, _metrics_edited, _config_edited])
 def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finished, tmp_path, capsys, damage):
     out = _copy(finished, tmp_path)
@@ -228,14 +263,40 @@ def test_a_damaged_run_directory_is_named_in_one_line_and_left_unchanged(finishe
     assert _snapshot(out) == before
 
 
+def _as_before_checksums(out: Path) -> Path:
+    """The newest checkpoint as a zopro before checksums wrote it (no manifest, no config copy, no metrics sum), and
+    no other checkpoint."""
+    newest = _newest(out)
+    for other in out.glob("ckpt-*"):
+        if other != newest:
+            shutil.rmtree(other)
+    for name in (checkpoint.MANIFEST, checkpoint.CONFIG):
+        (newest / name).unlink()
+    meta = json.loads((newest / "meta.json").read_text())
+    del meta["metrics_sha256"]
+    (newest / "meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "LATEST").write_text(newest.name + "\n")
+    return newest
+
+
 def test_runs_made_before_checksums_load_only_for_reading(finished, tmp_path):
     out = _copy(finished, tmp_path)
-    newest = _newest(out)
-    (newest / checkpoint.MANIFEST).unlink()
-    (out / "LATEST").write_text(newest.name + "\n")  # as an older zopro wrote them
+    _as_before_checksums(out)
     with pytest.raises(ValueError, match="manifest.json: missing or damaged"):
         checkpoint.load(out)  # what --resume uses
     assert checkpoint.load(out, unverified_legacy=True).meta["phase"] == "done"  # what zopro.train.evaluate uses
+
+
+def test_a_checkpoint_that_lost_its_manifest_is_no_legacy_one(finished, tmp_path, capsys):
+    # issue 31: weights changed and the manifest removed; meta.json (metrics_sha256) shows a zopro with manifests
+    out = _copy(finished, tmp_path)
+    newest = _newest(out)
+    _flip_a_bit(newest / "trainable.safetensors")
+    (newest / checkpoint.MANIFEST).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--eval-samples", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{newest / checkpoint.MANIFEST}: missing" in err, err
 
 
 def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tmp_path, capsys):
@@ -248,3 +309,270 @@ def test_output_dir_that_is_a_file_and_resume_of_a_missing_dir_change_nothing(tm
     assert "no such directory" in capsys.readouterr().err and not missing.exists()
     assert main(["--preset", "smoke", "--judge", "llm:missing/x", "--output-dir", str(missing)]) == 2
     assert "--judge llm:missing/x: cannot load 'missing/x'" in capsys.readouterr().err and not missing.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: every input checked before the first byte is written
+_BAD_ROWS = {  # a --dataset file with one bad row of each kind load_local refuses
+    "not_an_object.jsonl": b'{"prompt": "a"}\n["a list"]\n',
+    "no_prompt.jsonl": b'{"prompt": "a"}\n{"chosen": "x", "rejected": "y"}\n',
+    "prompt_not_text.jsonl": b'{"prompt": "a"}\n{"prompt": 3}\n',
+    "half_a_pair.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "chosen": "x"}\n',
+    "score_not_a_number.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "score": "high"}\n',
+    "bad_json.jsonl": b'{"prompt": "a"}\n{"prompt": \n',
+    "not_a_list.json": b'{"prompt": "a"}',
+    "latin1.jsonl": '{"prompt": "caf\u00e9"}\n'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_ROWS))
+def test_a_bad_dataset_row_is_refused_before_the_run_directory_exists(tmp_path, capsys, name):
+    bad = tmp_path / name
+    bad.write_bytes(_BAD_ROWS[name])
+    out = tmp_path / "new" / "run"
+    assert main(["--preset", "smoke", "--threads", "1", "--dataset", str(bad), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()  # the run made both folders: both are gone again
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n-eval-prompts", "1000000000"], "not more than --n-eval-prompts 1000000000"),
+    (["--lora-r", "1000000000"], "--lora-r 1000000000: the 2 LoRA adapters alone need at least"),
+    (["--k", "1000000000"], "--k 1000000000: a rollout of"),
+    (["--eval-samples", "1000000000"], "--eval-samples 1000000000: an evaluation call of"),
+    (["--threads", "1" + "0" * 29], "--threads 1" + "0" * 29 + ": more than"),
+])
+def test_a_size_the_machine_cannot_hold_is_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert list(out.iterdir()) == []
+
+
+def test_threads_from_a_config_file_are_checked_before_anything_is_written(tmp_path, capsys):
+    config = tmp_path / "c.json"
+    config.write_text('{"threads": 1e29}')
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--config", str(config), "--output-dir", str(out)]) == 2
+    assert f"--threads {int(1e29)}: more than" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_resume_with_too_many_threads_changes_nothing(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out), "--threads", "100000000"]) == 2
+    assert "--threads 100000000: more than" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_run_refused_at_load_leaves_no_file(tmp_path, capsys):
+    # a base that cannot be loaded is found when the run loads it, still before config.json is written
+    out = tmp_path / "run"
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(Exception):  # noqa: B017,PT011 (transformers' own error: the point is what is left behind)
+        run(dataclasses.replace(_cfg(out), model=str(broken)), progress=False)
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: a folder that is not a run is refused, never cleaned
+def _foreign(tmp_path) -> Path:
+    """Someone's folder with entries named like a run's outputs."""
+    out = tmp_path / "mine"
+    for name in ("policy", "reward", "base"):
+        (out / name).mkdir(parents=True)
+        (out / name / "notes.txt").write_text(f"my own {name}")
+    (out / "summary.md").write_text("my summary")
+    return out
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_alone(tmp_path, capsys):
+    out = _foreign(tmp_path)
+    before = _snapshot(out)
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not empty and holds no zopro run" in err and len(err.splitlines()) == 1, err
+    assert main(["--resume", "--threads", "1", "--output-dir", str(out)]) == 2
+    assert "no run to resume" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+
+def test_a_run_with_a_foreign_file_is_not_resumed(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "ckpt-mine").mkdir()  # a name the checkpoint cleaner would once have removed
+    before = _snapshot(out)
+    assert main(["--resume", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "which no zopro run writes" in err and "ckpt-mine" in err and len(err.splitlines()) == 1, err
+    assert _snapshot(out) == before and (out / "ckpt-mine").is_dir()
+
+
+def test_every_entry_of_a_finished_run_is_a_run_entry(finished):
+    assert checkpoint.foreign_entries(finished) == []
+
+
+def test_a_resume_removes_checkpoints_a_kill_left_behind(finished, tmp_path):
+    # killed just after LATEST moved to 'done', before the older checkpoints were removed
+    out = _copy(finished, tmp_path)
+    names = (out / "LATEST").read_text().split()
+    shutil.copytree(out / names[1], out / "ckpt-000001-000002-train")
+    (out / ".ckpt-000009-000002-train.tmp").mkdir()
+    run(_cfg(out), resume=True, progress=False)
+    assert sorted(p.name for p in out.glob("*ckpt-*")) == sorted(names)
+    assert _outputs(out) == _outputs(finished)
+
+
+def test_an_edited_config_is_refused_by_evaluate_too(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    message = _config_field("zo_lr", 11.0)(out)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(out), "--eval-samples", "1"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: the outputs carry checksums, and the tools that read them check them
+def _export(out, tmp_path, capsys):
+    from zopro.train.export import main as export_main
+
+    code = export_main([str(out), "--merged", str(tmp_path / "merged")])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize("damage", ["flip", "no_manifest", "extra_file"])
+def test_export_refuses_a_policy_or_base_folder_that_fails_its_checksum(finished, tmp_path, capsys, damage):
+    out = _copy(finished, tmp_path)
+    target = out / "policy" / "adapter_model.safetensors"
+    if damage == "flip":
+        _flip_a_bit(target)
+    elif damage == "no_manifest":
+        target = out / "policy" / checkpoint.MANIFEST
+        target.unlink()
+    else:
+        target = out / "base" / "pytorch_model.bin"
+        target.write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 2 and str(target) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "pwned").exists()
+
+
+def _visualize(out, tmp_path, capsys):
+    from zopro.train import visualize
+
+    code = visualize.main([str(out), "--out", str(tmp_path / "report")])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_visualize_refuses_a_damaged_snapshot_or_one_without_its_header(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    snap = sorted((out / "snapshots").iterdir())[-1]
+    original = snap.read_bytes()
+    _flip_a_bit(snap)
+    code, err = _visualize(out, tmp_path, capsys)
+    assert code == 2 and f"{snap}: damaged" in err and len(err.splitlines()) == 1, err
+    snap.write_bytes(original)
+    tensors, meta = checkpoint.load_tensors(snap)
+    checkpoint.atomic_save_tensors(snap, tensors, {k: v for k, v in meta.items() if k != "kind"})
+    code, err = _visualize(out, tmp_path, capsys)
+    assert code == 2 and f"{snap}: not a snapshot of this run (no 'kind'" in err and len(err.splitlines()) == 1, err
+
+
+def test_flat_outputs_carry_checksums_their_readers_check(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    adapter = out / "policy_adapter.safetensors"
+    tensors, _ = checkpoint.load_tensors(adapter)
+    assert tensors.keys() == load_file(str(finished / "policy_adapter.safetensors")).keys()
+    _flip_a_bit(adapter)
+    with pytest.raises(ValueError, match=f"{adapter}: damaged"):
+        checkpoint.load_tensors(adapter)
+    log = out / "zo_log_iter1.pt"  # every atomic_torch_save output (base_quantised.pt too) has a .sha256
+    assert checkpoint.torch_load(log).keys() == torch.load(log, weights_only=True).keys()
+    _flip_a_bit(log)
+    with pytest.raises(ValueError, match=f"{log}: damaged"):
+        checkpoint.torch_load(log)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 31: a full disk, a read-only mount or a refused payload is one line, never a traceback
+def _failing_writes(monkeypatch, code, when=lambda path: True):
+    real = checkpoint._atomic_file
+
+    def failing(path, write):
+        if when(Path(path)):
+            raise OSError(code, os.strerror(code))  # as a write() reports it: no file name
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint, "_atomic_file", failing)
+
+
+def _error_line(err: str) -> str:
+    """The one error line of a stderr that may also hold progress bars; no traceback."""
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return next(line for line in err.splitlines() if "error:" in line)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_resume_is_exact(finished, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    latest = []
+    _failing_writes(monkeypatch, errno.ENOSPC, lambda path: path.name == "LATEST" and len(latest.append(1) or latest)
+                    == 3)  # the third checkpoint's pointer
+    assert main(["--preset", "smoke", "--threads", "1", "--iterations", "2", "--steps-per-iteration", "1", "--seed",
+                 "1", "--output-dir", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert f"error: {out / 'LATEST'}: no space left on the device" in _error_line(err)
+    monkeypatch.undo()
+    run(_cfg(out), resume=True, progress=False)
+    assert _outputs(out) == _outputs(finished)
+
+
+def test_a_read_only_finished_run_resumes_in_one_line(finished, tmp_path, monkeypatch, capsys):
+    out = _copy(finished, tmp_path)
+    _failing_writes(monkeypatch, errno.EROFS)
+    assert main(["--resume", "--output-dir", str(out)]) == 3
+    err = capsys.readouterr().err.strip()
+    assert f"error: {out / 'eval_samples.jsonl'}: read-only file system" in _error_line(err)
+    monkeypatch.undo()
+    run(_cfg(out), resume=True, progress=False)
+    assert _outputs(out) == _outputs(finished)
+
+
+def test_export_refuses_a_pickle_its_manifest_vouches_for_in_one_line(finished, tmp_path, capsys):
+    out = _copy(finished, tmp_path)
+    (out / "base" / "model.safetensors").unlink()
+    (out / "base" / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
+    checkpoint.write_folder_manifest(out / "base")  # sums are no signature: whoever can write can re-sum
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 2 and f"{out / 'base'}: refused to load" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "merged").exists()
+
+
+def test_export_on_a_full_disk_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    out = _copy(finished, tmp_path)
+
+    def full(tmp, final):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint, "atomic_publish_dir", full)
+    code, err = _export(out, tmp_path, capsys)
+    assert code == 3 and f"error: {tmp_path / 'merged'}: no space left on the device" in _error_line(err)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_evaluate_refuses_a_thread_count_the_machine_cannot_start(finished, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(finished), "--threads", "1" + "0" * 29])
+    assert exit_info.value.code == 2 and "--threads 1" + "0" * 29 + ": more than" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_sample_count_the_machine_cannot_hold(finished, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(finished), "--eval-samples", "1000000000"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--eval-samples 1000000000: an evaluation call of" in err, err
