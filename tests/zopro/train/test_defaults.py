@@ -1,8 +1,9 @@
-"""Pinned defaults: the training config's default and preset values, and the README's statements of them.
+"""Pinned defaults: the training config's default and preset values, and the README's and docs' statements of them.
 
 A default is part of the interface: a run's results depend on it and the README quotes it. The literal tables below
-are the expected values; changing a default means changing it in ``zopro/config.py``, here, and (where it is
-documented) in the README, deliberately, in the same commit.
+are the expected values; changing a default means changing it in ``zopro/train/config.py``, here, and (where it is
+documented) in README.md and docs/default-job.md, deliberately, in the same commit. docs/cli.md is generated from the
+config (tests/test_docs.py).
 """
 
 import dataclasses
@@ -12,7 +13,7 @@ import pytest
 
 from zopro.train.config import PRESETS, TrainConfig, preset
 
-README = Path(__file__).resolve().parents[3] / "README.md"
+ROOT = Path(__file__).resolve().parents[3]
 
 DEFAULTS = {
     "preset": "default", "output_dir": "runs/zopro", "model": "smollm2", "gguf_file": "", "reward_model": "",
@@ -72,45 +73,77 @@ def test_every_preset_is_pinned():
 
 
 def _sci(x: float) -> str:
-    """A learning rate as the README writes it: 1e-3, not 0.001."""
+    """A learning rate as the docs write it: 1e-3, not 0.001."""
     return f"{x:.0e}".replace("e-0", "e-")
 
 
-def _readme() -> str:
-    return " ".join(README.read_text(encoding="utf-8").split())  # sentences wrap across lines
+def _times(n: int) -> str:
+    return "once each" if n == 1 else f"{n} times each"
+
+
+def _missing(statements: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The statements not found in each page (sentences wrap across lines: whitespace is collapsed)."""
+    found = {}
+    for page, wanted in statements.items():
+        text = " ".join((ROOT / page).read_text(encoding="utf-8").split())
+        found[page] = [s for s in wanted if s not in text]
+    return {page: m for page, m in found.items() if m}
 
 
 def test_the_readme_states_the_defaults_it_documents():
     d = TrainConfig()
-    statements = [
-        # "What the default job does"
-        f"two LoRA adapters (r {d.lora_r}, all linear layers)",
-        f"Trains the reward adapter (Bradley–Terry, {d.reward_init_steps} steps) on {d.reward_pairs} pairs",
-        f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)})",
-        f"with the {d.loss}-level PPO-clip surrogate, its gradient accumulated over chunks of {d.fo_microbatch} rows",
-        f"iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
-        f"(merged with the previous one, alpha {d.reward_merge_alpha:g}). {d.steps_per_iteration} steps an iteration.",
-        f"judge's mean score on {d.n_eval_prompts} held-out prompts before and after training: {d.eval_samples} "
-        "sampled answers a prompt",
-        # the command line section: MeZO's learning rate against the default
-        f"at the default {d.zo_lr:g}, sized for guided directions, it diverges",
-        # the preset table
-        f"the heuristic judge, {d.iterations} iterations",
-        # the run directory (issue 15)
-        f"a snapshot every {d.snapshot_every} steps (`--snapshot-every`)",
-    ]
-    readme = _readme()
-    missing = [s for s in statements if s not in readme]
+    statements = {
+        "README.md": [  # "What the default job shows"
+            f"`--judge {d.judge}`",
+            f"from {d.reward_pairs} pairs of the base policy's answers labelled by VADER (Bradley–Terry, "
+            f"{d.reward_init_steps} steps): the paper's loop (`--reward {d.reward}`)",
+            f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)}) "
+            f"on LoRA r {d.lora_r} adapters",
+            f"Iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
+            f"{d.steps_per_iteration} steps an iteration, {d.iterations * d.steps_per_iteration} in all",
+            f"answer the {d.n_eval_prompts} held-out prompts {_times(d.eval_samples)}",
+            f"every {d.eval_every} steps, {d.eval_curve_prompts} held-out prompts",
+        ],
+        "docs/default-job.md": [  # "What the job does"
+            f"two LoRA adapters (r {d.lora_r}, all linear layers)",
+            f"Trains the reward adapter (Bradley–Terry, {d.reward_init_steps} steps of {d.reward_batch} pairs) on "
+            f"{d.reward_pairs} pairs",
+            f"on the {d.n_eval_prompts} held-out prompts ({d.eval_samples} sampled answer",
+            f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)})",
+            f"with the {d.loss}-level PPO-clip surrogate, its gradient accumulated over chunks of {d.fo_microbatch} "
+            "rows",
+            f"activations of {d.fo_microbatch} rows held instead of {d.k * d.prompts_per_step}",
+            f"Iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
+            f"d = {d.d0:g}, the lr decaying {d.zo_lr_decay}ly over the iteration",
+            f"{d.steps_per_iteration} steps an iteration",
+            f"Every {d.eval_every} steps (`--eval-every`), the policy answers {d.eval_curve_prompts} held-out prompts",
+            f"refined with {d.reward_steps} Bradley–Terry steps",
+            f"at most {d.reward_pairs}: with {d.steps_per_iteration} steps of {d.prompts_per_step} prompts, at most "
+            f"{d.steps_per_iteration * d.prompts_per_step}) and merged with the previous one (alpha "
+            f"{d.reward_merge_alpha:g})",
+            f"VADER, {d.iterations} iterations of {d.steps_per_iteration} steps",
+            # MeZO's learning rate against the default
+            f"at the default {d.zo_lr:g}, sized for guided directions, it diverges",
+        ],
+        "docs/visual-report.md": [f"one file every `--snapshot-every` steps (default {d.snapshot_every})"],
+    }
+    missing = _missing(statements)
     assert not missing, missing
 
 
 def test_the_readme_states_the_presets_it_documents():
-    smoke, llama = preset("smoke"), preset("hh-rlhf")
-    statements = [
-        f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps",
-        f"(LoRA r {llama.lora_r}, alpha {llama.lora_alpha:g}, {llama.max_new_tokens} new tokens, batch "
-        f"{llama.prompts_per_step}, k {llama.k}, KL {llama.kl_coef:g}, temperature {llama.temperature:g})",
-    ]
-    readme = _readme()
-    missing = [s for s in statements if s not in readme]
+    smoke, llama, assistant = preset("smoke"), preset("hh-rlhf"), preset("assistant")
+    statements = {
+        "README.md": [f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps"],
+        "docs/default-job.md": [
+            f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps, the "
+            f"{smoke.judge} judge",
+            f"(`--dataset {assistant.dataset}`), the {assistant.judge} judge, {assistant.steps_per_iteration} steps an "
+            f"iteration, {assistant.n_eval_prompts} held-out prompts × {assistant.eval_samples} answers, "
+            f"{assistant.reward_pairs} judged pairs",
+            f"(LoRA r {llama.lora_r}, alpha {llama.lora_alpha:g}, {llama.max_new_tokens} new tokens, batch "
+            f"{llama.prompts_per_step}, k {llama.k}, KL {llama.kl_coef:g}, temperature {llama.temperature:g})",
+        ],
+    }
+    missing = _missing(statements)
     assert not missing, missing
