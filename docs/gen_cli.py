@@ -43,25 +43,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 # Descriptions of the fields defined without a help text (checked against the code by hand; a field that gains a help
 # text in config.py must leave this table: tests/test_docs.py checks it).
-FALLBACK_HELP = {
-    "lora_r": "LoRA rank of the policy and reward adapters (on every linear layer of the base)",
-    "lora_alpha": "LoRA alpha of both adapters (the adapter's scaling is alpha / r)",
-    "prompts_per_step": "training prompts sampled per step, each answered --k times",
-    "max_new_tokens": "most tokens generated per answer (rollouts, judged pairs, evaluations)",
-    "max_prompt_len": "most prompt tokens kept (a longer prompt keeps its last tokens)",
-    "temperature": "sampling temperature of rollouts, judged pairs and evaluations",
-    "kl_coef": "weight of the KL(policy || reference) penalty in the reward the policy maximises",
-    "iterations": "iterations of policy training; the reward model is refined between them",
-    "steps_per_iteration": "policy steps per iteration (one rollout each)",
-    "clip": "PPO-clip range of the surrogate's probability ratio",
-    "weight_decay": "decoupled weight decay of the ZO steps, on matrices only (decided by shape, not by name)",
-    "d0": "mixing weight d of guide and noise at the start of --d-schedule (1: the guide alone)",
-    "reward_lr": "AdamW learning rate of the reward adapter and score head (Bradley–Terry steps)",
-    "reward_init_steps": "Bradley–Terry steps of the first reward model, before iteration 0",
-    "reward_steps": "Bradley–Terry steps of each refinement between iterations",
-    "reward_batch": "preference pairs per Bradley–Terry step",
-    "seed": "the run's seed: every random number of the run is derived from it (zopro.seeds.RunSeeds)",
-}
+FALLBACK_HELP: dict[str, str] = {}
 
 INTRO = """\
 # Command line

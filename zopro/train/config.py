@@ -38,8 +38,10 @@ class TrainConfig:
         "help": "external reward model (sequence classifier id/path); empty: a LoRA adapter on the shared base"})
     dtype: str = field(default="float32", metadata={"help": "base weights: float32, bfloat16 or float16"})
     quantize: str = field(default="none", metadata={"help": "load the base through bitsandbytes: none, nf4, int8"})
-    lora_r: int = 8
-    lora_alpha: float = 16.0
+    lora_r: int = field(default=8, metadata={
+        "help": 'LoRA rank of the policy and reward adapters (on every linear layer of the base)'})
+    lora_alpha: float = field(default=16.0, metadata={
+        "help": "LoRA alpha of both adapters (the adapter's scaling is alpha / r)"})
     zo_target: str = field(default="lora", metadata={
         "help": "what ZO iterations move: lora (the policy adapter), scales (the quantised base's NF4 absmax / "
                 "nested absmax or int8 row scales) or codes (the base's NF4 / int8 codes); both guided by the policy "
@@ -61,13 +63,15 @@ class TrainConfig:
     reward: str = field(default="model", metadata={
         "help": "what the policy optimises: model (a reward model learned from judge-labelled pairs, the paper's "
                 "loop; the judge only labels pairs and evaluates) or judge (the judge's score itself)"})
-    n_eval_prompts: int = field(default=256, metadata={"help": "held-out prompts of the final evaluation"})
+    n_eval_prompts: int = field(default=256, metadata={
+        "help": "held-out prompts of the final evaluation (the describe task holds out 256: at most that many, "
+                "evenly spaced over them)"})
     # One answer to each of 256 held-out prompts: as many answers as the assistant job's 8 x 32, spread over 8x the
     # prompts, which is what a paired standard error over prompts needs. 64 rows a generate call: 8 x 32 rows took
     # 46 s, against 56 s at 32 rows or all 256 at once (SmolLM2-135M, 2 CPU cores).
     eval_samples: int = field(default=1, metadata={
-        "help": "sampled completions per held-out prompt; the score is their mean (one sample is too noisy to "
-                "tell a run's effect from sampling)"})
+        "help": "sampled completions per held-out prompt; the prompt's score is their mean (more samples, less "
+                "sampling noise in each prompt's value; more prompts do the same for the mean)"})
     eval_batch: int = field(default=64, metadata={
         "help": "rows per generate call in the held-out evaluation (at least one prompt's samples); the samples "
                 "depend on it, as on the seed"})
@@ -81,22 +85,28 @@ class TrainConfig:
     max_prompts: int = field(default=0, metadata={"help": "cap on training prompts (0: all)"})
     # rollout
     k: int = field(default=4, metadata={"help": "completions per prompt (RLOO needs >= 2)"})
-    prompts_per_step: int = 4
-    max_new_tokens: int = 32
-    max_prompt_len: int = 96
-    temperature: float = 0.7
-    kl_coef: float = 0.05
+    prompts_per_step: int = field(default=4, metadata={
+        "help": 'training prompts sampled per step, each answered --k times'})
+    max_new_tokens: int = field(default=32, metadata={
+        "help": 'most tokens generated per answer (rollouts, judged pairs, evaluations)'})
+    max_prompt_len: int = field(default=96, metadata={
+        "help": 'most prompt tokens kept (a longer prompt keeps its last tokens)'})
+    temperature: float = field(default=0.7, metadata={
+        "help": 'sampling temperature of rollouts, judged pairs and evaluations'})
+    kl_coef: float = field(default=0.05, metadata={
+        "help": 'weight of the KL(policy || reference) penalty in the reward the policy maximises'})
     # optimisation
     algorithm: str = field(default="zopro", metadata={
         "help": "zopro (ZO-RLOO after a first-order iteration 0); rloo or ppo: first-order baselines in every "
                 "iteration (ppo: value adapter + head, GAE); MeZO: zopro with --sampler isotropic "
                 "--first-order-iteration0 false"})
-    iterations: int = 3
-    steps_per_iteration: int = 6
+    iterations: int = field(default=3, metadata={
+        "help": 'iterations of policy training; the reward model is refined between them'})
+    steps_per_iteration: int = field(default=6, metadata={"help": 'policy steps per iteration (one rollout each)'})
     first_order_iteration0: bool = field(default=True, metadata={
         "help": "iteration 0 with backprop (RLOO + AdamW); false: isotropic ZO, first-order free"})
     loss: str = field(default="sequence", metadata={"help": "PPO-clip surrogate: sequence (paper) or token"})
-    clip: float = 0.2
+    clip: float = field(default=0.2, metadata={"help": "PPO-clip range of the surrogate's probability ratio"})
     minibatches: int = field(default=1, metadata={"help": "ZO steps per rollout, run back to back (2 passes each)"})
     data_shards: int = field(default=0, metadata={
         "help": "cut each step's prompts into this many shards, each sampled from its own seed (data-parallel: a "
@@ -106,24 +116,26 @@ class TrainConfig:
         "help": "first-order RLOO: accumulate the gradient over chunks of this many rows (0: the whole rollout at "
                 "once); less activation memory, same gradient"})
     ppo_epochs: int = field(default=4, metadata={"help": "--algorithm ppo: epochs over each rollout (TRL: 4)"})
-    # With --zo-scale unit a ZO step moves zo_lr * g along a unit direction. On the default job g along the previous
-    # update measured ~0.05 a step, with signs that flip (RESULTS.md section 4), and iteration 0 moved the adapter
-    # ~4 in L2: lr 10 lets 20 decaying steps move ~1-5 when the signs agree, a random walk of ~1 when they do not.
-    # Chosen from those two measurements, not tuned on the held-out prompts.
+    # With --zo-scale unit a ZO step moves zo_lr * g along a unit direction. On the assistant job g along the
+    # previous update measured ~0.05 a step, with signs that flip (RESULTS.md section 4), and iteration 0 moved the
+    # adapter ~4 in L2: lr 10 lets 20 decaying steps move ~1-5 when the signs agree, a random walk of ~1 when they do
+    # not. Chosen from those two measurements, not tuned on the held-out prompts.
     zo_lr: float = field(default=10.0, metadata={
         "help": "ZO learning rate; with --zo-scale unit a step moves zo_lr * g in weight space (g: the projected "
                 "gradient along the unit direction)"})
     # A distance in weight space under --zo-scale unit: 1e-2 makes L(+eps) - L(-eps) ~1e-3 at g ~ 0.05, far above
     # the ~1e-5 rounding of a float32 loss summed over a rollout's log-probs; its curvature bias is eps^2-small.
     zo_eps: float = field(default=1e-2, metadata={"help": "ZO perturbation size (a distance with --zo-scale unit)"})
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={
+        "help": 'decoupled weight decay of the ZO steps, on matrices only (decided by shape, not by name)'})
     sampler: str = field(default="targeted", metadata={"help": "targeted, rank_guided or isotropic"})
     noise: str = field(default="gaussian", metadata={"help": "gaussian or rademacher"})
     rank: int = field(default=4, metadata={"help": "guide rank for rank_guided"})
-    d0: float = 1 - 1e-3
+    d0: float = field(default=1 - 1e-3, metadata={
+        "help": 'mixing weight d of guide and noise at the start of --d-schedule (1: the guide alone)'})
     # constant: on a known quadratic with the noise of a real rollout, d = 1 kept 75-100 % of what the guide offers,
     # linear 64-97 %, exp (tau 1) 5-27 % (benchmarks/controlled.py, RESULTS.md); noise pays only below a guide
-    # cosine of ~sqrt(steps / D), ~0.003 for the default job's 20 ZO steps over its 2.4M LoRA weights
+    # cosine of ~sqrt(steps / D), ~0.003 for the assistant job's 20 ZO steps over its 2.4M LoRA weights
     d_schedule: str = field(default="constant", metadata={
         "help": "mixing weight d of guide and noise: constant (d0), linear (d0 down to 0 over the iteration's ZO "
                 "updates, the authors' default) or exp (d0 * exp(-t / tau), the paper's)"})
@@ -149,18 +161,23 @@ class TrainConfig:
         "help": "temperature of the log-probs in the PPO ratio, the KL and the losses; 0: the sampling "
                 "--temperature (the importance ratio of the policy that sampled, as the authors and TRL)"})
     # reward model
-    reward_lr: float = 1e-3
-    reward_init_steps: int = 16
-    reward_steps: int = 4
-    reward_pairs: int = field(default=64, metadata={"help": "judged pairs per reward refinement"})
-    reward_batch: int = 8
+    reward_lr: float = field(default=1e-3, metadata={
+        "help": 'AdamW learning rate of the reward adapter and score head (Bradley–Terry steps)'})
+    reward_init_steps: int = field(default=16, metadata={
+        "help": 'Bradley–Terry steps of the first reward model, before iteration 0'})
+    reward_steps: int = field(default=4, metadata={"help": 'Bradley–Terry steps of each refinement between iterations'})
+    reward_pairs: int = field(default=64, metadata={
+        "help": "judged pairs of the first reward model; a refinement judges one pair per prompt the iteration "
+                "trained on, at most this many"})
+    reward_batch: int = field(default=8, metadata={"help": 'preference pairs per Bradley–Terry step'})
     reward_soft_labels: bool = field(default=True, metadata={
         "help": "train on the judge's probability of each judged pair (false: on its 0/1 decision)"})
     reward_merge_alpha: float = field(default=0.5, metadata={"help": "merge with the previous reward adapter (1: off)"})
     # run
-    seed: int = 0
+    seed: int = field(default=0, metadata={
+        "help": "the run's seed: every random number of the run is derived from it (zopro.seeds.RunSeeds)"})
     checkpoint_every: int = field(default=1, metadata={"help": "steps between checkpoints"})
-    # issue 15: 2 gives the default job 5 points an iteration (~0.2 GB of snapshots, README "Visualising a run")
+    # 2 gives the default job 3 points an iteration (~0.14 GB of snapshots, docs/visual-report.md)
     snapshot_every: int = field(default=2, metadata={
         "help": "steps between policy-adapter snapshots for python -m zopro.train.visualize; every iteration boundary "
                 "gets one too, with the reward adapter (0: no snapshots at all)"})

@@ -34,8 +34,8 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def load_prompts(cfg: TrainConfig):
-    """(train records, eval records) for the configured dataset. The describe task's split is fixed: its first
-    ``--n-eval-prompts`` held-out prompts, evenly spaced over the 256, are the evaluation's."""
+    """(train records, eval records) for the configured dataset. The describe task's split is fixed: the evaluation
+    takes ``--n-eval-prompts`` of its 256 held-out prompts, evenly spaced over them (all 256 by default)."""
     if cfg.dataset == "describe":
         train, held_out = data.load_describe()
         held_out = evenly_spaced(held_out, cfg.n_eval_prompts)
