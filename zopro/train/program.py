@@ -80,6 +80,7 @@ class Run:
         # --reward judge: the rollouts are scored by the judge itself instead of the learned reward model
         self.score_fn = self.judge.score if cfg.reward == "judge" else None
         self.curve_prompts = evenly_spaced([r.prompt for r in self.eval_records], cfg.eval_curve_prompts)
+        self._passes_seen = 0  # the bundle's token_passes already added to progress.token_passes
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
         self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'
@@ -99,7 +100,6 @@ class Run:
         if not self.ranks.writes:
             return
         progress = self.progress
-        progress.token_passes = self.bundle.token_passes
         progress.metrics_bytes = self.metrics.size()
         # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
         progress.metrics_sha256 = checkpoint.sha256_prefix(self.metrics.path, progress.metrics_bytes)
@@ -120,7 +120,6 @@ class Run:
         """Continue from a verified checkpoint (``checkpoint.load``); the metrics file is cut back to its lines."""
         self.state, live = RunState.from_checkpoint(loaded)
         self.bundle.load_trainable_state_(live.trainable)
-        self.bundle.token_passes = self.progress.token_passes
         if self.code_space is not None:
             if "base_quantised" in live.objects:
                 self.code_space.load_state_(live.objects["base_quantised"])
@@ -204,6 +203,14 @@ class Run:
         self.bundle.token_passes = passes
         return result
 
+    def count_passes(self) -> int:
+        """The forward token-passes of the policy's training so far, every rank's (a collective: every rank calls it
+        at the same points), kept in the checkpoint's progress."""
+        local = self.bundle.token_passes - self._passes_seen
+        self._passes_seen = self.bundle.token_passes
+        self.progress.token_passes += sum(self.ranks.gather_json(local, "the step's token-passes"))
+        return self.progress.token_passes
+
     def curve_point(self) -> None:
         """The in-run evaluation (``--eval-every``): one answer to each of ``--eval-curve-prompts`` held-out prompts,
         sampled with the evaluation's seeds, so every point and every run with the same ``--seed`` draws alike."""
@@ -211,10 +218,11 @@ class Run:
             return
         result = self.held_out(self.curve_prompts, f"in-run evaluation at step {self.progress.global_step}",
                                samples=1)
+        passes = self.count_passes()
         if not self.ranks.writes:
             return
         point = {"global_step": self.progress.global_step, "iteration": self.progress.iteration,
-                 "token_passes": self.bundle.token_passes,
+                 "token_passes": passes,
                  "train_seconds": sum(r["step_time"] for r in self.metrics.read()), **summarise(result)}
         self.progress.curve.append(point)
         write_curve(self.out, self.progress.curve)
@@ -272,7 +280,7 @@ class Run:
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,
                   "grad": update.grad, "lr": update.lr, "eps": update.eps, "skipped": update.skipped,
                   "step_time": time.perf_counter() - t0, "peak_rollout": peak_rollout, "peak_update": peak_update,
-                  "token_passes": self.bundle.token_passes,
+                  "token_passes": self.count_passes(),
                   **probe.stats()}
         if saturated is not None:  # codes pushed past the code book's ends in this step (int8 probes: undo inexact)
             record |= {f"saturated_{k}": v - saturated[k] for k, v in self.code_space.saturated.items()}

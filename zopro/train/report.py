@@ -21,10 +21,12 @@ class Phases:
         if not self.show:
             yield
             return
-        print(f"{what} ...", file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"{what} ...", file=sys.stderr)  # above the training's progress bar, not inside it
         start = time.perf_counter()
         yield
-        print(f"{what}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        tqdm.write(f"{what}: done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
 
 class MetricsLog:
