@@ -20,7 +20,7 @@ DEFAULTS = {
     "dtype": "float32", "quantize": "none", "lora_r": 8, "lora_alpha": 16.0, "zo_target": "lora",
     "zo_merge_adapter": False, "device": "auto",
     "threads": 0,
-    "dataset": "describe", "dataset_path": "", "judge": "vader", "reward": "model", "n_eval_prompts": 256,
+    "dataset": "describe", "dataset_path": "", "judge": "vader", "reward": "judge", "n_eval_prompts": 256,
     "eval_samples": 1, "eval_batch": 64, "eval_every": 3, "eval_curve_prompts": 32, "log_judge_score": True,
     "max_prompts": 0,
     # rollout
@@ -39,14 +39,16 @@ DEFAULTS = {
     "seed": 0, "checkpoint_every": 1, "snapshot_every": 2,
 }
 
-ASSISTANT = dict(dataset="assistant", judge="heuristic", n_eval_prompts=32, eval_samples=8, eval_every=0,
+ASSISTANT = dict(dataset="assistant", judge="heuristic", reward="model", n_eval_prompts=32, eval_samples=8,
+                 eval_every=0,
                  steps_per_iteration=10, reward_init_steps=32, reward_steps=6, reward_pairs=96)
 SMOKE = dict(ASSISTANT, model="tiny", iterations=2, steps_per_iteration=2, prompts_per_step=2, k=2, max_new_tokens=6,
              max_prompt_len=48, n_eval_prompts=2, eval_samples=2, max_prompts=16, reward_init_steps=2, reward_steps=2,
              reward_pairs=2, reward_batch=2, lora_r=2, lora_alpha=4.0)
 LLAMA = dict(model="meta-llama/Llama-3.2-1B", lora_r=64, lora_alpha=128.0, max_new_tokens=53, k=2, kl_coef=0.05,
              temperature=0.7, fo_lr=5e-5, prompts_per_step=32, max_prompt_len=512,
-             dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct", iterations=4, steps_per_iteration=50,
+             dtype="bfloat16", judge="llm:meta-llama/Llama-3.1-8B-Instruct", reward="model", iterations=4,
+             steps_per_iteration=50,
              reward_pairs=256, reward_init_steps=200, reward_batch=16, reward_steps=50, n_eval_prompts=128,
              eval_samples=4, eval_batch=128, fo_microbatch=16, max_prompts=20000)
 PRESET_OVERRIDES = {
@@ -95,8 +97,9 @@ def test_the_readme_states_the_defaults_it_documents():
     statements = {
         "README.md": [  # "What the default job shows"
             f"`--judge {d.judge}`",
-            f"from {d.reward_pairs} pairs of the base policy's answers labelled by VADER (Bradley–Terry, "
-            f"{d.reward_init_steps} steps): the paper's loop (`--reward {d.reward}`)",
+            f"The policy optimises the judge's score of its own answers (`--reward {d.reward}`)",
+            f"learns the judge from {d.reward_pairs} pairs of the base policy's answers labelled by VADER "
+            f"(Bradley–Terry, {d.reward_init_steps} steps)",
             f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)}) "
             f"on LoRA r {d.lora_r} adapters",
             f"Iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
@@ -106,7 +109,8 @@ def test_the_readme_states_the_defaults_it_documents():
         ],
         "docs/default-job.md": [  # "What the job does"
             f"two LoRA adapters (r {d.lora_r}, all linear layers)",
-            f"Trains the reward adapter (Bradley–Terry, {d.reward_init_steps} steps of {d.reward_batch} pairs) on "
+            f"The rollouts are scored by the judge itself (`--reward {d.reward}`",
+            f"trains the reward adapter (Bradley–Terry, {d.reward_init_steps} steps of {d.reward_batch} pairs) on "
             f"{d.reward_pairs} pairs",
             f"on the {d.n_eval_prompts} held-out prompts ({d.eval_samples} sampled answer",
             f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)})",
