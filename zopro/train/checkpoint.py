@@ -256,12 +256,7 @@ def verify_folder(folder: Path, *, unchecked_legacy: bool = False) -> None:
     manifest = folder / MANIFEST
     if unchecked_legacy and not manifest.exists():
         return
-    try:
-        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        if not isinstance(sums, dict):
-            raise TypeError("'files' is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    sums = _manifest_sums(manifest)
     present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir()} - {MANIFEST}
     if present != set(sums):
         extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
@@ -533,14 +528,20 @@ def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, 
     return meta, tensors, objects
 
 
-def _verify(ckpt: Path, manifest: Path) -> None:
-    """Every file of ``ckpt`` listed in its manifest, none missing, each with its recorded SHA-256."""
+def _manifest_sums(manifest: Path) -> dict:
+    """The ``files`` mapping (name -> SHA-256) of a manifest; one-line ValueError naming it when it is unreadable."""
     try:
         sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
         if not isinstance(sums, dict):
             raise TypeError("'files' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
+    return sums
+
+
+def _verify(ckpt: Path, manifest: Path) -> None:
+    """Every file of ``ckpt`` listed in its manifest, none missing, each with its recorded SHA-256."""
+    sums = _manifest_sums(manifest)
     present = {f.name for f in ckpt.iterdir()} - {MANIFEST}
     if present != set(sums):
         extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
