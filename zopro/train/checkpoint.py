@@ -98,6 +98,41 @@ def _naming(path: Path):
         raise
 
 
+@contextlib.contextmanager
+def scratch_folder(path: Path):
+    """A fresh scratch folder at ``path`` for a writer that fills it (``save_pretrained``), removed again when the
+    writing fails; safetensors' I/O failures come out as the ``OSError`` they are (:func:`_save_file`)."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    except SafetensorError as err:
+        shutil.rmtree(path, ignore_errors=True)
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, its I/O failures raised as the ``OSError`` they are: safetensors reports a full
+    disk as ``SafetensorError("... (os error 28)")``, which no ``except OSError`` sees."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with _naming(path):
         _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
@@ -109,7 +144,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(cpu, metadata or {})}
     with _naming(path):
-        _atomic_file(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
+        _atomic_file(path, lambda tmp: _save_file(cpu, tmp, metadata=metadata))
 
 
 def atomic_torch_save(path: Path, obj) -> None:
@@ -316,6 +351,8 @@ def make_and_lock(run_dir: Path) -> RunLock:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
+        if err.errno in DISK_ERRORS:  # the machine (a read-only mount, a full disk): exit 3, as for any write
+            raise OSError(err.errno, err.strerror, str(run_dir)) from None
         raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror or err})") from None
     try:
         return RunLock(run_dir, created)
@@ -370,10 +407,26 @@ def check_new_run_dir(run_dir: Path) -> None:
 
 def check_run_entries(run_dir: Path) -> None:
     """Every entry of the run directory ``run_dir`` is one a run writes; ValueError naming the first that is not."""
-    foreign = foreign_entries(run_dir)
+    foreign = foreign_entries(run_dir) + _foreign_in_outputs(run_dir)
     if foreign:
         raise ValueError(f"--output-dir {run_dir}: holds {run_dir / foreign[0]}, which no zopro run writes; move it "
                          "away (a run writes over and removes its own files, never anyone else's)")
+
+
+def _foreign_in_outputs(run_dir: Path) -> list[str]:
+    """The files inside the published folders (``policy/``, ``reward/``, ``base/``, which a resume replaces whole)
+    that their manifest does not list; a folder without a readable manifest (a run from before manifests) is not
+    looked into."""
+    extra = []
+    for name in ("policy", "reward", "base"):
+        folder = Path(run_dir) / name
+        try:
+            listed = set(_manifest_sums(folder / MANIFEST))
+        except ValueError:
+            continue
+        extra += sorted(f"{name}/{f.relative_to(folder).as_posix()}" for f in folder.rglob("*")
+                        if not f.is_dir() and f.name != MANIFEST and f.relative_to(folder).as_posix() not in listed)
+    return extra
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -407,7 +460,7 @@ def _write_checkpoint(run_dir: Path, tmp: Path, final: Path, tensors, objects, m
     """:func:`save`'s files into ``tmp``, with the run's config copy and the manifest, published as ``final``."""
     tmp.mkdir(parents=True)
     for key, group in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{key}.safetensors"))
+        _save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{key}.safetensors")
     for key, obj in objects.items():
         torch.save(obj, tmp / f"{key}.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")

@@ -146,6 +146,8 @@ def _record_from_row(row: Any, where: str) -> PromptRecord:
     for name, value in fields.items():
         if not isinstance(value, str):
             raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")  # noqa: TRY004
+    if not fields["prompt"].strip():
+        raise ValueError(f"{where}: field 'prompt' is empty")
     has_chosen, has_rejected = "chosen" in fields, "rejected" in fields
     if has_chosen != has_rejected:
         missing = "rejected" if has_chosen else "chosen"

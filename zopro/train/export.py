@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -95,11 +94,10 @@ def export_merged(run_dir: Path, out: Path) -> Path:
             base, tokenizer = _base(cfg, run_dir)
         with _refusals(run_dir / "policy"), models._peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
-        tmp = out.with_name(f".{out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-        checkpoint.atomic_publish_dir(tmp, out)
+        with checkpoint.scratch_folder(out.with_name(f".{out.name}.tmp")) as tmp:  # removed if a write fails
+            merged.save_pretrained(tmp)  # safetensors
+            tokenizer.save_pretrained(tmp)
+            checkpoint.atomic_publish_dir(tmp, out)
         return out
     finally:
         if lock is not None:

@@ -147,7 +147,8 @@ class FunctionJudge(_ScoreJudge):
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
             try:
                 value = self.fn(p, c)
-            except Exception as err:  # noqa: BLE001 (a user's scorer: whatever it raises is reported in one line)
+            except (Exception, SystemExit) as err:  # noqa: BLE001 (a user's scorer: reported in one line; a
+                # SystemExit would end an unfinished run with its exit status, and only Ctrl-C should stop a run)
                 raise ValueError(f"{self.name} raised {type(err).__name__} on completion {i} ({c[:40]!r}): "
                                  f"{err}") from None
             if isinstance(value, Tensor) and value.numel() == 1:

@@ -238,6 +238,7 @@ class Run:
                                     if self.bundle.shares_parameter_space else {})}
         self.updater = self._updater(it)
         self._snapshot("iteration")  # before the checkpoint that moves past it
+        self.count_passes()  # the reward model's passes before it: a resume from this checkpoint must not lose them
         self.save()
 
     def step_prompts(self, it: int, step: int) -> list[str]:
@@ -388,10 +389,9 @@ def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None)
                          ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
             checkpoint.atomic_save_tensors(out / f"{name}.safetensors", params)
-    scratch = out / ".adapters.tmp"
-    shutil.rmtree(scratch, ignore_errors=True)
-    for name in bundle.save_pretrained(scratch, base_model_name_or_path):
-        checkpoint.atomic_publish_dir(scratch / name, out / name)
+    with checkpoint.scratch_folder(out / ".adapters.tmp") as scratch:
+        for name in bundle.save_pretrained(scratch, base_model_name_or_path):
+            checkpoint.atomic_publish_dir(scratch / name, out / name)
     shutil.rmtree(scratch)
 
 

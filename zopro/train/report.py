@@ -79,7 +79,7 @@ def summary_table(records: list[dict], evaluation: dict) -> str:
                      f"{evaluation['samples']} samples): before {evaluation['before']:.4f} -> after "
                      f"{evaluation['after']:.4f} ({evaluation['change']:+.4f}{spread})")
     held_out = evaluation.get("held_out") or {}
-    if "kl" in held_out:
+    if all(f"{name}_change" in held_out for name in ("kl", "tokens", "repeat_3")):  # runs from before: no KL
         def change(name, fmt):
             se = held_out.get(f"{name}_change_se")
             return f"{held_out[name]:{fmt}} ({held_out[f'{name}_change']:+{fmt}}" + \

@@ -269,3 +269,11 @@ def test_default_prompts():
     assert len(set(prompts)) == len(prompts)
     assert all(p.strip() == p and 10 <= len(p) <= 200 for p in prompts)
     assert not any(r.has_pair or r.reference is not None for r in records)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n "])
+def test_a_blank_prompt_is_a_bad_row(tmp_path, prompt):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"prompt": prompt}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl record 1: field 'prompt' is empty"):
+        data.load_local(path)

@@ -219,3 +219,24 @@ def test_a_saved_config_without_the_new_settings_resumes_as_it_ran(tmp_path):
     path.write_text(json.dumps(saved))
     loaded = load_saved(path)
     assert {n: loaded[n] for n in LEGACY} == {"reward": "model", "eval_every": 0, "eval_curve_prompts": 32}
+
+
+def test_token_passes_resume_exactly_from_an_iteration_boundary(tmp_path):
+    # smoke: the reward model's passes come before iteration 0 and between iterations; a resume from the checkpoint
+    # at an iteration's start must count them as the uninterrupted run did
+    cfg = _smoke(tmp_path)
+    run(cfg, progress=False)
+    killed = dataclasses.replace(cfg, output_dir=str(tmp_path / "killed"))
+    with pytest.raises(KeyboardInterrupt):
+        run(killed, stop_after_steps=2, progress=False)  # LATEST: iteration 1's start, after a refinement
+    run(killed, resume=True, progress=False)
+    passes = [[r["token_passes"] for r in _metrics(tmp_path / name)] for name in ("run", "killed")]
+    assert passes[0] == passes[1] and passes[0] == sorted(passes[0])
+
+
+def test_a_scorer_that_exits_is_one_line_not_a_silent_exit():
+    def leaves(prompt, completion):
+        raise SystemExit(0)
+
+    with pytest.raises(ValueError, match="raised SystemExit on completion 0"):
+        FunctionJudge(leaves, name="--judge python:m:leaves").score(["p"], ["a"])

@@ -576,3 +576,62 @@ def test_evaluate_refuses_a_sample_count_the_machine_cannot_hold(finished, capsy
         evaluate_main([str(finished), "--eval-samples", "1000000000"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "--eval-samples 1000000000: an evaluation call of" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Found by the adversarial test of the merged fixes
+def test_a_resume_refuses_a_file_added_inside_a_published_folder(finished, tmp_path, capsys):
+    for folder in ("policy", "reward", "base"):
+        out = _copy(finished, tmp_path, folder)
+        (out / folder / "mine.txt").write_text("notes")
+        assert main(["--output-dir", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"holds {out / folder / 'mine.txt'}, which no zopro run writes" in err and err.count("\n") == 1
+        assert (out / folder / "mine.txt").read_text() == "notes"
+
+
+def test_a_full_disk_inside_safetensors_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as caught:
+        checkpoint.atomic_save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("a.safetensors.tmp")
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+    with pytest.raises(OSError) as caught, checkpoint.scratch_folder(tmp_path / ".out.tmp") as scratch:
+        scratch.mkdir()  # as save_pretrained makes it
+        (scratch / "part").write_text("half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert caught.value.errno == errno.ENOSPC and not (tmp_path / ".out.tmp").exists()
+
+
+def test_a_run_full_of_disk_in_a_safetensors_write_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    real = checkpoint.save_file
+
+    def full_at_the_checkpoint(tensors, filename, metadata=None):
+        if "ckpt-" in str(filename):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_at_the_checkpoint)
+    out = tmp_path / "run"
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out)]) == 3
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(errors) == 1
+    assert "no space left on the device" in errors[0] and "trainable.safetensors" in errors[0]
+
+
+def test_a_read_only_parent_is_the_machine_exit_3(tmp_path, monkeypatch, capsys):
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(tmp_path / "new")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "read-only file system" in err[0]

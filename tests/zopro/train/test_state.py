@@ -12,6 +12,8 @@ from zopro.train.state import LiveState, Progress, RunState
 # meta.json's keys in the order every earlier run wrote them (the initial dict, then metrics_sha256 at the first save)
 LEGACY_META_KEYS = ["phase", "iteration", "step", "global_step", "evaluation", "metrics_bytes", "reward_losses",
                     "skipped", "metrics_sha256"]
+# keys added since, after the legacy ones: the in-run evaluations and the training's forward token-passes
+META_KEYS = LEGACY_META_KEYS + ["curve", "token_passes"]
 
 
 def _tensors(*names, value=1.0):
@@ -19,7 +21,10 @@ def _tensors(*names, value=1.0):
 
 
 def test_meta_keys_and_order_are_the_legacy_ones():
-    assert list(Progress().to_meta()) == LEGACY_META_KEYS
+    assert list(Progress().to_meta()) == META_KEYS
+    legacy = {k: v for k, v in Progress(phase="train", global_step=3).to_meta().items() if k in LEGACY_META_KEYS}
+    old = Progress.from_meta(legacy)  # a checkpoint written before the new keys
+    assert old.curve == [] and old.token_passes == 0 and old.global_step == 3
 
 
 def test_round_trip_through_a_checkpoint(tmp_path):
@@ -33,7 +38,7 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / name).iterdir()) == [
         "guides_delta.safetensors", "guides_prev.safetensors", "iter_start.safetensors", "manifest.json", "meta.json",
         "trainable.safetensors", "value.safetensors", "zo_optimizer.pt"]
-    assert list(json.loads((tmp_path / name / "meta.json").read_text())) == LEGACY_META_KEYS
+    assert list(json.loads((tmp_path / name / "meta.json").read_text())) == META_KEYS
     back, live_back = RunState.from_checkpoint(checkpoint.load(tmp_path))
     assert back.progress == state.progress
     assert list(back.progress.evaluation) == ["b", "a"]
