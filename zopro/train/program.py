@@ -223,7 +223,9 @@ class Run:
             return
         point = {"global_step": self.progress.global_step, "iteration": self.progress.iteration,
                  "token_passes": passes,
-                 "train_seconds": sum(r["step_time"] for r in self.metrics.read()), **summarise(result)}
+                 "train_seconds": sum(r["step_time"] for r in self.metrics.read()), **summarise(result),
+                 # the same prompts and sampling seeds at every point: any two points compare prompt by prompt
+                 "score_per_prompt": result.values, "kl_per_prompt": result.kl}
         self.progress.curve.append(point)
         write_curve(self.out, self.progress.curve)
 

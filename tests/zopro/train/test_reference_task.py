@@ -199,6 +199,8 @@ def test_the_in_run_curve_has_a_point_every_n_steps_and_resumes_exactly(tmp_path
     curve = [json.loads(line) for line in (tmp_path / "run" / "eval_curve.jsonl").read_text().splitlines()]
     assert [p["global_step"] for p in curve] == [0, 1, 2, 3, 4]
     assert curve[0]["kl"] == 0.0  # the base policy is the reference: its answers' log-ratio is exactly 0
+    for p in curve:  # per prompt, so that two points' difference has a paired standard error
+        assert len(p["score_per_prompt"]) == 2 and p["score"] == pytest.approx(sum(p["score_per_prompt"]) / 2)
     passes = [p["token_passes"] for p in curve]
     assert all(b > a for a, b in zip(passes, passes[1:], strict=False))
     killed = dataclasses.replace(cfg, output_dir=str(tmp_path / "killed"))
