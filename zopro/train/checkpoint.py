@@ -99,38 +99,38 @@ def _naming(path: Path):
 
 
 @contextlib.contextmanager
-def scratch_folder(path: Path):
-    """A fresh scratch folder at ``path`` for a writer that fills it (``save_pretrained``), removed again when the
-    writing fails; safetensors' I/O failures come out as the ``OSError`` they are (:func:`_save_file`)."""
+def _safetensors_io(path: Path):
+    """safetensors' I/O failures inside, raised as the ``OSError`` they are: safetensors reports a full disk as
+    ``SafetensorError("... (os error 28)")``, which no ``except OSError`` sees."""
     from safetensors import SafetensorError
 
-    path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
     try:
-        yield path
+        yield
     except SafetensorError as err:
-        shutil.rmtree(path, ignore_errors=True)
         code = re.search(r"os error (\d+)", str(err))
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
+@contextlib.contextmanager
+def scratch_folder(path: Path):
+    """A fresh scratch folder at ``path`` for a writer that fills it (``save_pretrained``), removed again when the
+    writing fails; safetensors' I/O failures come out as OSErrors (:func:`_safetensors_io`)."""
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        with _safetensors_io(path):
+            yield path
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
 
 
 def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' ``save_file``, its I/O failures raised as the ``OSError`` they are: safetensors reports a full
-    disk as ``SafetensorError("... (os error 28)")``, which no ``except OSError`` sees."""
-    from safetensors import SafetensorError
-
-    try:
+    """safetensors' ``save_file``, a full disk raised as an OSError naming ``path``."""
+    with _safetensors_io(path):
         save_file(tensors, str(path), metadata=metadata)
-    except SafetensorError as err:
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
