@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm.auto import tqdm
 from zopro.seeds import RunSeeds
 from zopro.train import checkpoint
 from zopro.train.config import EvalConfig, eval_config
+from zopro.train.judges import words
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
 from zopro.train.rollout import repeat_each, sample_completions
 
@@ -112,26 +112,23 @@ def _answer_kl(bundle, gen, temperature: float) -> tuple[torch.Tensor, torch.Ten
     return (policy - reference).float().cpu(), tokens
 
 
-_WORD = re.compile(r"[a-z0-9']+")
-
-
 def text_stats(texts: list[list[str]]) -> dict:
     """What shows reward hacking in a set of answers (``texts[prompt][sample]``): ``distinct_2``, the distinct word
     bigrams over all bigrams of all answers (lower when the policy says the same things to every prompt), and per
     prompt ``repeat_3``, the mean share of an answer's word trigrams that repeat an earlier trigram of the same answer
     (0 below 3 words), and ``words``, the mean answer length in words."""
-    bigrams, repeat, words = [], [], []
+    bigrams, repeat, lengths = [], [], []
     for answers in texts:
         rep, n_words = [], []
         for text in answers:
-            w = _WORD.findall(text.lower())
+            w = words(text)
             bigrams += zip(w, w[1:], strict=False)
             trigrams = list(zip(w, w[1:], w[2:], strict=False))
             rep.append(1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0)
             n_words.append(len(w))
         repeat.append(statistics.fmean(rep) if rep else 0.0)
-        words.append(statistics.fmean(n_words) if n_words else 0.0)
-    return {"distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0, "repeat_3": repeat, "words": words}
+        lengths.append(statistics.fmean(n_words) if n_words else 0.0)
+    return {"distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0, "repeat_3": repeat, "words": lengths}
 
 
 def summarise(held_out: HeldOut, base: HeldOut | None = None) -> dict:

@@ -409,14 +409,16 @@ _ROLE_MARKER = re.compile(r"(?im)^\s*(human|user|assistant|system)\s*:")
 _FINAL_PUNCT = (".", "!", "?", '"', "'", ")", "*")
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
+    """The lower-cased words of ``text``: runs of ``a-z``, ``0-9`` and ``'`` (the heuristic judge's and the held-out
+    statistics' unit)."""
     return _WORD.findall(text.lower())
 
 
 def _content_words(text: str) -> set[str]:
     """Lower-cased words of 3+ characters minus stop words, with a plural "s" dropped ("rainbows" -> "rainbow")."""
     out = set()
-    for w in _words(text):
+    for w in words(text):
         if len(w) < 3 or w in _STOPWORDS:
             continue
         if len(w) > 3 and w.endswith("s") and not w.endswith("ss"):
@@ -487,8 +489,8 @@ class HeuristicJudge(_ScoreJudge):
 
     def features(self, prompt: str, completion: str) -> dict[str, float] | None:
         """The six feature values of the class docstring, or None for a completion with no word."""
-        words = _words(completion)
-        n = len(words)
+        tokens = words(completion)
+        n = len(tokens)
         if n == 0:
             return None
         prompt_content = _content_words(prompt)
@@ -499,7 +501,7 @@ class HeuristicJudge(_ScoreJudge):
             length = self.max_words / n
         else:
             length = 1.0
-        trigrams = list(zip(words, words[1:], words[2:], strict=False))
+        trigrams = list(zip(tokens, tokens[1:], tokens[2:], strict=False))
         repeat = 1.0 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
         return {
             "topic": topic,
