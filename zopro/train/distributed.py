@@ -4,10 +4,14 @@ ZO is the easiest optimiser to distribute: every rank perturbs with the same see
 step's rows, and only a few floats per row cross the network. The rules, in the order a step meets them:
 
 * **Shards.** A step's prompts (the same on every rank: one seed picks them) are cut into ``--data-shards`` equal,
-  contiguous shards (0: one per rank). Shard ``j`` is sampled with its own seed, ``derive_seed(rollout seed, j)``,
-  scored and given its RLOO advantages on its own (a prompt's group of answers never leaves its shard), and rank
-  ``r`` of ``W`` holds shards ``r*S/W .. (r+1)*S/W - 1``. A step's rows are therefore a function of the shards, not of
-  the ranks: a single process with ``--data-shards S`` computes the very rows ``S / m`` ranks compute.
+  contiguous shards (0: one per rank). Shard ``j`` is sampled with its own seed, ``derive_seed(rollout seed, j)``
+  (the rollout seed itself when there is one shard: :func:`zopro.train.rollout.shard_seed`), scored and given
+  its RLOO advantages on its own (a prompt's group of answers never leaves its shard), and rank ``r`` of ``W``
+  holds shards ``r*S/W .. (r+1)*S/W - 1``. A step's rows are therefore a function of the shards, not of the
+  ranks: a single process with ``--data-shards S`` computes the very rows ``S / m`` ranks compute.
+* **One step path.** One process is rank 0 of 1 holding one shard; the step functions
+  (:mod:`zopro.train.updaters`) take this rank's shards and the :class:`Ranks`, whose collectives do nothing in one
+  process.
 * **ZO steps.** Each closure evaluates this rank's rows of the minibatch (each shard's rows are cut into
   ``--minibatches`` chunks; minibatch ``m`` is chunk ``m`` of every shard), and all-gathers the per-row terms of the
   surrogate (sequence loss: one float per row; token loss: the row's sum and token count), then reduces them in
@@ -52,11 +56,6 @@ import torch.distributed as dist
 # there ("terminate called without an active exception", SIGABRT). Imported here, before any group, they are None.
 import torch.distributed.nn  # noqa: F401
 
-from zopro.seeds import derive_seed
-from zopro.train.losses import clipped_terms
-from zopro.train.rollout import Rollout, collect_rollout, repeat_each
-from zopro.train.updaters import ZORLOO, FirstOrderRLOO, Update, old_token_logps, surrogate
-
 
 class RankLost(RuntimeError):
     """A collective failed: another rank died, was killed or stopped answering."""
@@ -79,7 +78,7 @@ class Ranks:
 
     @property
     def sharded(self) -> bool:
-        """Whether steps take the sharded path (several shards or ranks); one shard in one process is the plain one."""
+        """Whether the job's data is cut into several shards (reward pairs are then cut the same way)."""
         return self.shards > 1 or self.world > 1
 
     @property
@@ -167,6 +166,9 @@ class Ranks:
             self._collective(what, dist.barrier)
 
 
+SOLO = Ranks()  # one process: rank 0 of 1, one data shard
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Set-up from torchrun's environment
 def _env_int(name: str, default: int) -> int:
@@ -248,80 +250,7 @@ def tear_down(ranks: Ranks) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A step's rollout, by shard
-@dataclass
-class ShardedRollout:
-    """This rank's shards of a step's rollout, and the per-row values of the whole step for its metrics line."""
-
-    local: list[Rollout]  # this rank's shards, in shard order
-    scores: torch.Tensor  # [N] every shard's rows, in shard order (all ranks)
-    rewards: torch.Tensor  # [N]
-    kl: torch.Tensor  # [N]
-    k: int
-
-    def judge_scores(self, judge, ranks: Ranks) -> torch.Tensor:
-        """The judge's score of every row of the step, each rank scoring its own rows."""
-        local = torch.cat([judge.score(repeat_each(r.prompts, r.k), r.completions).float().cpu() for r in self.local])
-        return ranks.gather_rows(local, "the judge's scores")
-
-
-def collect_shards(bundle, tokenizer, prompts: list[str], ranks: Ranks, *, seed: int, **kw) -> ShardedRollout:
-    """This rank's shards of the step's ``prompts`` (shard ``j``: sampled with ``derive_seed(seed, j)``);
-    ``kw``: :func:`~zopro.train.rollout.collect_rollout`'s other arguments."""
-    per = len(prompts) // ranks.shards
-    local = [collect_rollout(bundle, tokenizer, prompts[j * per:(j + 1) * per], seed=derive_seed(seed, j), **kw)
-             for j in ranks.local_shards]
-    rows = torch.stack([torch.cat([getattr(r, name).float().cpu() for r in local])
-                        for name in ("scores", "rewards", "kl")], dim=1)
-    scores, rewards, kl = ranks.gather_rows(rows, "the rollout's rewards").unbind(1)
-    return ShardedRollout(local, scores, rewards, kl, local[0].k)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The updates on a sharded rollout
-def _row_terms(bundle, rollout: Rollout, rows, loss: str, clip: float) -> torch.Tensor:
-    """``[n, 1]`` per-row surrogate terms (sequence loss) or ``[n, 2]`` (the row's summed token terms, its token
-    count) of ``rows`` under the current policy weights."""
-    args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
-    sums, tok = bundle.policy_logprobs(*args, temperature=rollout.logprob_temperature)
-    if loss == "sequence":
-        log_ratio, adv = sums - rollout.policy_logps[rows], rollout.advantages[rows]
-        return torch.maximum(*clipped_terms(log_ratio, adv, clip)).float().unsqueeze(1)
-    mask = rollout.response_mask[rows].bool()
-    terms = torch.maximum(*clipped_terms(tok - rollout.policy_token_logps[rows], rollout.advantages[rows, None], clip))
-    sums = torch.where(mask, terms, torch.zeros((), dtype=terms.dtype, device=terms.device)).sum(1)
-    return torch.stack([sums.float(), mask.sum(1).float()], dim=1)
-
-
-def _global_loss(rows: torch.Tensor, loss: str) -> torch.Tensor:
-    """The step's loss from every rank's per-row terms, reduced in global row order."""
-    if loss == "sequence":
-        return rows[:, 0].mean()
-    return rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)
-
-
-def zo_step(updater: ZORLOO, rollout: ShardedRollout, ranks: Ranks) -> Update:
-    """:meth:`ZORLOO.step` on a sharded rollout: every closure's loss is the whole step's, on every rank."""
-    opt, bundle = updater.optimizer, updater.bundle
-    lr, eps = opt.current_lr(), opt.eps  # those of the first step, as logged
-
-    def closure_for(m: int):
-        def closure():
-            local = torch.cat([_row_terms(bundle, r, _chunk(r, updater.minibatches, m), updater.loss, updater.clip)
-                               .cpu() for r in rollout.local])
-            return _global_loss(ranks.gather_rows(local), updater.loss)
-        return closure
-
-    results = opt.step_many([closure_for(m) for m in range(updater.minibatches)] * updater.epochs)
-    n = len(results)
-    return Update(updater.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
-                  sum(r.skipped for r in results))
-
-
-def _chunk(rollout: Rollout, chunks: int, m: int) -> torch.Tensor:
-    return torch.arange(len(rollout.sequences), device=rollout.sequences.device).chunk(chunks)[m]
-
-
+# Gradients summed over shards and ranks
 class ShardGradients:
     """The gradient of a loss summed over data shards: each shard's backward passes (after ``zero_grad``) are taken
     into per-parameter sums in shard order, then one all-reduce adds the ranks' sums and sets them as ``.grad``.
@@ -348,43 +277,6 @@ class ShardGradients:
         for acc, p in zip(self.sums, self.params, strict=True):
             p.grad = acc
         return float(self.total)
-
-
-def first_order_step(updater: FirstOrderRLOO, rollout: ShardedRollout, ranks: Ranks) -> Update:
-    """:meth:`FirstOrderRLOO.step` on a sharded rollout: the gradient of the whole step's loss, every shard's
-    accumulated on its own, summed over shards in order and over ranks by one all-reduce, then clipped at 1.0 and
-    stepped by AdamW on every rank alike."""
-    opt, bundle, loss = updater.optimizer, updater.bundle, updater.loss
-    params = [p for g in opt.param_groups for p in g["params"]]
-    per_shard = [[1] * len(r.sequences) if loss == "sequence" else r.response_mask.sum(1).tolist()
-                 for r in rollout.local]
-    count = torch.tensor([float(sum(map(sum, per_shard)))])
-    ranks.all_reduce_sum_([count], "the token count")
-    count = max(float(count), 1.0)
-    size = updater.microbatch
-    sums = ShardGradients(params)
-    for r, per_row in zip(rollout.local, per_shard, strict=True):
-        opt.zero_grad(set_to_none=True)
-        n = len(r.sequences)
-        for start in range(0, n, size or n):
-            rows = torch.arange(start, min(start + (size or n), n), device=r.sequences.device)
-            value = surrogate(bundle, r, rows, loss=loss, clip=updater.clip, old_tok=old_token_logps(r, loss),
-                              grad=True)
-            sums.backward(value * (sum(per_row[start:start + (size or n)]) / count))
-        sums.take()
-    total = sums.reduce_(ranks, "the first-order gradient")
-    norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    return Update(updater.mode, total, norm.item(), updater.lr, None, 0)
-
-
-def step(updater, rollout: ShardedRollout, ranks: Ranks) -> Update:
-    """The iteration's update on a sharded rollout."""
-    if isinstance(updater, ZORLOO):
-        return zo_step(updater, rollout, ranks)
-    if isinstance(updater, FirstOrderRLOO):
-        return first_order_step(updater, rollout, ranks)
-    raise TypeError(f"{type(updater).__name__}: no data-parallel step (check() refuses its algorithm)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ __all__ = [
     "masked_mean",
     "ppo_clip_loss_sequence",
     "ppo_clip_loss_token",
+    "ppo_clip_terms",
+    "reduce_ppo_terms",
     "rloo_advantages",
 ]
 
@@ -166,6 +168,47 @@ def ppo_clip_loss_token(
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
     _check_clip(clip)
     return masked_mean(_clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip), mask)
+
+
+def ppo_clip_terms(new_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None = None,
+                   clip: float = 0.2) -> Tensor:
+    """The PPO clipped surrogate as per-row terms, so that rows evaluated apart (data shards, ranks) reduce to the
+    loss of the whole batch with :func:`reduce_ppo_terms`.
+
+    Sequence loss (``mask`` None; ``new_logp``, ``old_logp``, ``advantages`` ``[B]``): ``[B, 1]``, each row's
+    ``max(-A * ratio, -A * clamp(ratio, 1 - clip, 1 + clip))``, whose mean is :func:`ppo_clip_loss_sequence`.
+    Token loss (``new_logp``, ``old_logp``, ``mask`` ``[B, T]``, ``advantages`` ``[B]``): ``[B, 2]``, each row's
+    sum of its masked token terms and its token count; the sum of the first column over the sum of the second is
+    :func:`ppo_clip_loss_token` (up to float summation order). float32, whatever the log-probs' type.
+    """
+    _check_tensor("new_logp", new_logp)
+    _check_clip(clip)
+    if mask is None:
+        _check_same_shape("new_logp", new_logp, old_logp=old_logp, advantages=advantages)
+        if new_logp.dim() != 1:
+            raise ValueError(f"new_logp must be 1-D [B] for the sequence loss, got shape {tuple(new_logp.shape)}")
+        return _clipped_surrogate(new_logp - old_logp, advantages, clip).float().unsqueeze(1)
+    if new_logp.dim() != 2:
+        raise ValueError(f"new_logp must be 2-D [B, T] for the token loss, got shape {tuple(new_logp.shape)}")
+    _check_same_shape("new_logp", new_logp, old_logp=old_logp, mask=mask)
+    _check_tensor("advantages", advantages)
+    if advantages.shape != new_logp.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
+    m = mask.bool()
+    terms = _clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip)
+    sums = torch.where(m, terms, torch.zeros((), dtype=terms.dtype, device=terms.device)).sum(1)
+    return torch.stack([sums.float(), m.sum(1).float()], dim=1)
+
+
+def reduce_ppo_terms(terms: Tensor) -> Tensor:
+    """The loss of a batch from its :func:`ppo_clip_terms` rows (concatenated in row order): the mean of a ``[B, 1]``
+    sequence batch, the token-weighted mean of a ``[B, 2]`` token batch (0 when it has no token)."""
+    _check_tensor("terms", terms)
+    if terms.dim() != 2 or terms.shape[1] not in (1, 2):
+        raise ValueError(f"terms must be [B, 1] or [B, 2], got shape {tuple(terms.shape)}")
+    if terms.shape[1] == 1:
+        return terms[:, 0].mean()
+    return terms[:, 0].sum() / terms[:, 1].sum().clamp(min=1)
 
 
 def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, target: Tensor | None = None) -> Tensor:

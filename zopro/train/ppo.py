@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from zopro.train.losses import clipped_terms, masked_mean
 from zopro.train.models import PolicyRewardModel, last_true_index
 from zopro.train.rollout import Rollout
-from zopro.train.updaters import FirstOrderUpdater, Update, first_order_step, old_token_logps
+from zopro.train.updaters import FirstOrderUpdater, Update, first_order_step
 
 __all__ = [
     "PPOConfig",
@@ -320,8 +320,7 @@ def rloo_step(bundle: PolicyRewardModel, rollout: Rollout, optimizer: torch.opti
         raise ValueError(f"loss must be 'sequence' or 'token', got {loss!r}")
     if not isinstance(microbatch, int) or microbatch < 0:
         raise ValueError(f"microbatch must be a non-negative int, got {microbatch!r}")
-    value, grad_norm = first_order_step(bundle, rollout, optimizer, loss=loss, clip=clip, microbatch=microbatch,
-                                        old_tok=old_token_logps(rollout, loss))
+    value, grad_norm = first_order_step(bundle, [rollout], optimizer, loss=loss, clip=clip, microbatch=microbatch)
     return {"loss": value, "grad_norm": grad_norm}
 
 
@@ -336,7 +335,9 @@ class PPOUpdater(FirstOrderUpdater):
         params = list(bundle.policy_parameters().values()) + list(value_model.trainable_parameters().values())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
 
-    def step(self, rollout: Rollout, seed: int) -> Update:
-        """One PPO update; ``seed`` orders its minibatches."""
-        stats = ppo_step(self.bundle, self.value_model, rollout, self.optimizer, self.cfg, seed=seed)
+    def step(self, rollout, ranks, seed: int) -> Update:
+        """One PPO update on the step's one shard (PPO is not data-parallel: ``distributed.check`` refuses it);
+        ``seed`` orders its minibatches."""
+        [shard] = rollout.local
+        stats = ppo_step(self.bundle, self.value_model, shard, self.optimizer, self.cfg, seed=seed)
         return Update(self.mode, stats["loss"], stats["grad_norm"], self.cfg.lr, None, 0)

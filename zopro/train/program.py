@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -52,7 +51,7 @@ from zopro.train.loading import evenly_spaced, load_judge, load_models, load_pro
 from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
 from zopro.train.report import MetricsLog, Phases, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
-from zopro.train.rollout import collect_rollout, repeat_each
+from zopro.train.rollout import collect_step
 from zopro.train.state import LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
 
@@ -252,32 +251,23 @@ class Run:
         cfg, it, step = self.cfg, self.progress.iteration, self.progress.step
         t0 = time.perf_counter()
         memory.reset_peak(self.device)
-        collect = functools.partial(distributed.collect_shards, ranks=self.ranks) if self.ranks.sharded else \
-            collect_rollout
-        rollout = collect(self.bundle, self.tokenizer, self.step_prompts(it, step), k=cfg.k,
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                          kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
-                          max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
-                          score_fn=self.score_fn)
+        rollout = collect_step(self.bundle, self.tokenizer, self.step_prompts(it, step), self.ranks, k=cfg.k,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                               kl_coef=cfg.kl_coef, seed=self.seeds.rollout(it, step),
+                               max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
+                               score_fn=self.score_fn)
         peak_rollout = memory.peak_bytes(self.device)
         memory.reset_peak(self.device)
         zo = self.updater.optimizer if isinstance(self.updater, ZORLOO) else None
         probe = snapshots.StepProbe(self.bundle.policy_parameters(), zo)
         saturated = dict(self.code_space.saturated) if self.code_space is not None else None
-        if self.ranks.sharded:
-            update = distributed.step(self.updater, rollout, self.ranks)
-        else:
-            update = self.updater.step(rollout, self.seeds.batch(it, step, 1))
+        update = self.updater.step(rollout, self.ranks, self.seeds.batch(it, step, 1))
         peak_update = memory.peak_bytes(self.device)
         judge_score = None
         if cfg.reward == "judge":  # the rollout's scores are the judge's
             judge_score = float(rollout.scores.mean())
         elif cfg.log_judge_score and hasattr(self.judge, "score"):  # the gold judge on the policy's own samples
-            if self.ranks.sharded:
-                judge_score = float(rollout.judge_scores(self.judge, self.ranks).mean())
-            else:
-                rows = repeat_each(rollout.prompts, rollout.k)
-                judge_score = float(self.judge.score(rows, rollout.completions).float().mean())
+            judge_score = float(rollout.judge_scores(self.judge, self.ranks).mean())
         record = {"iteration": it, "step": step, "global_step": self.progress.global_step, "mode": update.mode,
                   "reward": float(rollout.scores.mean()), "reward_total": float(rollout.rewards.mean()),
                   "judge_score": judge_score, "kl": float(rollout.kl.mean()), "loss": update.loss,

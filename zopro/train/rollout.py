@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from zopro.seeds import derive_seed
 from zopro.train.losses import kl_penalised_rewards, rloo_advantages
 from zopro.train.models import PolicyRewardModel
 
@@ -168,3 +169,42 @@ def collect_rollout(
         advantages=advantages.clone(),
         k=k,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A step's rollout, by data shard
+@dataclass
+class StepRollout:
+    """A training step's rollout as this process holds it: its data shards' rollouts, and the per-row values of the
+    whole step (every rank's rows, in shard order) for the metrics line. One process without ``--data-shards`` holds
+    the step's one shard."""
+
+    local: list[Rollout]  # this rank's shards, in shard order
+    scores: torch.Tensor  # [N] every shard's rows, in shard order (all ranks), CPU
+    rewards: torch.Tensor  # [N]
+    kl: torch.Tensor  # [N]
+    k: int
+
+    def judge_scores(self, judge, ranks) -> torch.Tensor:
+        """The judge's score of every row of the step, each rank scoring its own rows."""
+        local = torch.cat([judge.score(repeat_each(r.prompts, r.k), r.completions).float().cpu() for r in self.local])
+        return ranks.gather_rows(local, "the judge's scores")
+
+
+def shard_seed(seed: int, shard: int, shards: int) -> int:
+    """The sampling seed of data shard ``shard`` of ``shards``: the step's own seed when it has one shard, else
+    ``derive_seed(seed, shard)``, so a step's rows are a function of its shards, not of the ranks that hold them."""
+    return seed if shards == 1 else derive_seed(seed, shard)
+
+
+def collect_step(bundle: PolicyRewardModel, tokenizer, prompts: list[str], ranks, *, seed: int, **kw) -> StepRollout:
+    """This rank's shards of a step's ``prompts`` (``ranks``: a :class:`~zopro.train.distributed.Ranks`; shard
+    ``j`` holds the ``j``-th equal, contiguous part, sampled with :func:`shard_seed`); ``kw``:
+    :func:`collect_rollout`'s other arguments."""
+    per = len(prompts) // ranks.shards
+    local = [collect_rollout(bundle, tokenizer, prompts[j * per:(j + 1) * per], seed=shard_seed(seed, j, ranks.shards),
+                             **kw) for j in ranks.local_shards]
+    rows = torch.stack([torch.cat([getattr(r, name).float().cpu() for r in local])
+                        for name in ("scores", "rewards", "kl")], dim=1)
+    scores, rewards, kl = ranks.gather_rows(rows, "the rollout's rewards").unbind(1)
+    return StepRollout(local, scores, rewards, kl, local[0].k)

@@ -1,6 +1,11 @@
-"""The policy updates of one training step, on a :class:`~zopro.train.rollout.Rollout`: first-order RLOO (backprop
-through the policy adapter, AdamW) and ZO-RLOO (:class:`~zopro.ZOOptimizer` on the same surrogate); PPO's lives in
-:mod:`zopro.train.ppo`. Both use :func:`surrogate`, the PPO-clip loss of rollout rows under the current policy weights.
+"""The policy updates of one training step: first-order RLOO (backprop through the policy adapter, AdamW) and
+ZO-RLOO (:class:`~zopro.ZOOptimizer` on the same surrogate); PPO's lives in :mod:`zopro.train.ppo`. Both use the
+PPO-clip loss of :mod:`zopro.train.losses` on rollout rows under the current policy weights.
+
+There is one step function of each kind (:func:`first_order_step`, :func:`zo_step`). A step works on its data
+shards' rollouts (:class:`~zopro.train.rollout.StepRollout`) and a :class:`~zopro.train.distributed.Ranks`: one
+process is rank 0 of 1 holding the step's one shard, and a data-parallel job's ranks take the same path, exchanging
+per-row loss terms (ZO) or summed gradients (first order), so its result is that of one process with as many shards.
 
 The training program picks one updater per iteration (:class:`FirstOrderRLOO`, :class:`ZORLOO` or
 :class:`~zopro.train.ppo.PPOUpdater`); each steps on a rollout and returns an :class:`Update` for the metrics line,
@@ -17,7 +22,8 @@ from zopro.optim import ZOOptimizer
 from zopro.samplers import Isotropic, RankGuided, Targeted
 from zopro.seeds import RunSeeds
 from zopro.train.config import ZOConfig
-from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token
+from zopro.train.distributed import SOLO, Ranks, ShardGradients
+from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token, ppo_clip_terms, reduce_ppo_terms
 
 LOSSES = ("sequence", "token")
 
@@ -27,65 +33,88 @@ def logprob_temperature(cfg) -> float:
     return cfg.logprob_temperature or cfg.temperature
 
 
-def surrogate(bundle, rollout, rows, *, loss: str = "sequence", clip: float = 0.2, old_tok=None, grad=False):
+def surrogate(bundle, rollout, rows, *, loss: str = "sequence", clip: float = 0.2, grad=False):
     """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights, at the rollout's log-prob
     temperature (so the ratio is exactly 1 at the weights that sampled). ``loss``: ``"sequence"`` (summed log-probs,
-    the paper) or ``"token"`` (against ``old_tok``, the sampling policy's token log-probs ``[N, T]``)."""
+    the paper) or ``"token"`` (against the sampling policy's token log-probs)."""
     args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
     sums, tok = bundle.policy_logprobs(*args, grad=grad, temperature=rollout.logprob_temperature)
     if loss == "sequence":
         return ppo_clip_loss_sequence(sums, rollout.policy_logps[rows], rollout.advantages[rows], clip)
     mask = rollout.response_mask[rows]
-    return ppo_clip_loss_token(tok, old_tok[rows], rollout.advantages[rows], mask, clip)
+    return ppo_clip_loss_token(tok, rollout.policy_token_logps[rows], rollout.advantages[rows], mask, clip)
 
 
-def old_token_logps(rollout, loss: str):
-    """What the token loss compares with: the sampling policy's token log-probs (None for the sequence loss)."""
-    return rollout.policy_token_logps if loss == "token" else None
+def surrogate_terms(bundle, rollout, rows, *, loss: str = "sequence", clip: float = 0.2) -> torch.Tensor:
+    """:func:`surrogate` as per-row terms (:func:`~zopro.train.losses.ppo_clip_terms`, on the CPU), without
+    gradient: rows evaluated by several shards or ranks reduce to the whole batch's loss."""
+    args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
+    sums, tok = bundle.policy_logprobs(*args, temperature=rollout.logprob_temperature)
+    if loss == "sequence":
+        terms = ppo_clip_terms(sums, rollout.policy_logps[rows], rollout.advantages[rows], clip=clip)
+    else:
+        terms = ppo_clip_terms(tok, rollout.policy_token_logps[rows], rollout.advantages[rows],
+                               rollout.response_mask[rows], clip=clip)
+    return terms.cpu()
+
+
+def _rows(rollout, chunks: int, m: int) -> torch.Tensor:
+    """Chunk ``m`` of ``chunks`` near-equal, contiguous chunks of a rollout's rows."""
+    return torch.arange(len(rollout.sequences), device=rollout.sequences.device).chunk(chunks)[m]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# First-order RLOO
-def first_order_step(bundle, rollout, optimizer, *, loss: str = "sequence", clip: float = 0.2, microbatch: int = 0,
-                     old_tok=None) -> tuple[float, float]:
-    """One AdamW step on the surrogate of the whole rollout, its gradient accumulated over chunks of ``microbatch``
-    rows (0: one chunk), each weighted by its share of the loss's mean: the same gradient up to float summation
-    order, with activation memory for one chunk instead of the whole batch. Returns ``(loss, grad norm before
-    clipping at 1.0)``."""
-    n = len(rollout.sequences)
-    size = microbatch or n
+# The two policy steps. ``shards``: this process's data shards of the step (one rollout in one process); ``ranks``:
+# the job (:class:`~zopro.train.distributed.Ranks`; one process by default). A step's result is a function of its
+# shards, not of the ranks that hold them.
+def first_order_step(bundle, shards: list, optimizer, ranks: Ranks = SOLO, *, loss: str = "sequence",
+                     clip: float = 0.2, microbatch: int = 0) -> tuple[float, float]:
+    """One AdamW step on the surrogate of the whole step (every shard's rows, the loss's mean over all of them),
+    then clipping at 1.0. Each shard's gradient is accumulated on its own over chunks of ``microbatch`` rows (0: one
+    chunk), each weighted by its share of the loss's mean, so activation memory is one chunk's; the shards are
+    summed in order and the ranks by one all-reduce (:class:`~zopro.train.distributed.ShardGradients`). Returns
+    ``(loss, grad norm before clipping)``."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     # what the loss averages over, per row: the row itself (sequence loss) or its response tokens (token loss; an
     # empty mask makes that loss 0, see ppo_clip_loss_token). One host sync here, none per chunk.
-    per_row = [1] * n if loss == "sequence" else rollout.response_mask.sum(1).tolist()
-    count = max(sum(per_row), 1)
-    optimizer.zero_grad(set_to_none=True)
-    total = 0.0
-    for start in range(0, n, size):
-        rows = torch.arange(start, min(start + size, n), device=rollout.sequences.device)
-        value = surrogate(bundle, rollout, rows, loss=loss, clip=clip, old_tok=old_tok, grad=True)
-        value = value * (sum(per_row[start:start + size]) / count)
-        value.backward()
-        total = total + value.detach()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    per_shard = [[1] * len(r.sequences) if loss == "sequence" else r.response_mask.sum(1).tolist() for r in shards]
+    count = torch.tensor([float(sum(map(sum, per_shard)))])
+    ranks.all_reduce_sum_([count], "the token count")
+    count = max(float(count), 1.0)
+    sums = ShardGradients(params)
+    for r, per_row in zip(shards, per_shard, strict=True):
+        optimizer.zero_grad(set_to_none=True)
+        n = len(r.sequences)
+        size = microbatch or n
+        for start in range(0, n, size):
+            rows = torch.arange(start, min(start + size, n), device=r.sequences.device)
+            value = surrogate(bundle, r, rows, loss=loss, clip=clip, grad=True)
+            sums.backward(value * (sum(per_row[start:start + size]) / count))
+        sums.take()
+    total = sums.reduce_(ranks, "the first-order gradient")
     norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
-    return float(total), norm.item()  # log line values
+    return total, norm.item()  # log line values
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# ZO-RLOO
-def zo_step(bundle, rollout, optimizer, *, loss: str = "sequence", clip: float = 0.2, minibatches: int = 1,
-            epochs: int = 1, old_tok=None) -> tuple[float, float, int]:
-    """``epochs`` passes of ``minibatches`` ZO steps over the rollout, back to back (two weight passes each; every
-    step a fresh direction). The surrogate's ratio is to the weights that sampled, so its clip stops steps that move
-    a row's probability too far from them. Returns the mean loss and projected gradient and the skipped count."""
-    n = len(rollout.sequences)
-    chunks = torch.arange(n, device=rollout.sequences.device).chunk(minibatches)
-    closures = [lambda rows=rows: surrogate(bundle, rollout, rows, loss=loss, clip=clip, old_tok=old_tok)
-                for rows in chunks] * epochs
-    results = optimizer.step_many(closures)
-    return (sum(r.loss for r in results) / len(results), sum(r.grad for r in results) / len(results),
-            sum(r.skipped for r in results))
+def zo_step(bundle, shards: list, optimizer: ZOOptimizer, ranks: Ranks = SOLO, *, loss: str = "sequence",
+            clip: float = 0.2, minibatches: int = 1, epochs: int = 1) -> tuple[float, float, int]:
+    """``epochs`` passes of ``minibatches`` ZO steps over the step's rows, back to back (two weight passes each;
+    every step a fresh direction). Minibatch ``m`` is chunk ``m`` of every shard's rows; each closure all-gathers
+    the per-row terms of the ranks' rows and reduces them in global row order, so every rank holds the same loss bit
+    for bit and applies the same update (the weights stay identical without being sent). The surrogate's ratio is
+    to the weights that sampled, so its clip stops steps that move a row's probability too far from them. Returns
+    the mean loss and projected gradient and the skipped count."""
+    def closure_for(m: int):
+        def closure():
+            local = torch.cat([surrogate_terms(bundle, r, _rows(r, minibatches, m), loss=loss, clip=clip)
+                               for r in shards])
+            return reduce_ppo_terms(ranks.gather_rows(local))
+        return closure
+
+    results = optimizer.step_many([closure_for(m) for m in range(minibatches)] * epochs)
+    n = len(results)
+    return sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, sum(r.skipped for r in results)
 
 
 def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSeeds) -> ZOOptimizer:
@@ -153,10 +182,10 @@ class FirstOrderRLOO(FirstOrderUpdater):
         self.bundle, self.lr, self.loss, self.clip, self.microbatch = bundle, lr, loss, clip, microbatch
         self.optimizer = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
 
-    def step(self, rollout, seed: int) -> Update:
-        """One update on ``rollout`` (``seed`` is unused: the step draws nothing)."""
-        loss, grad = first_order_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
-                                      microbatch=self.microbatch, old_tok=old_token_logps(rollout, self.loss))
+    def step(self, rollout, ranks: Ranks, seed: int) -> Update:
+        """One update on a :class:`~zopro.train.rollout.StepRollout` (``seed`` is unused: the step draws nothing)."""
+        loss, grad = first_order_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
+                                      clip=self.clip, microbatch=self.microbatch)
         return Update(self.mode, loss, grad, self.lr, None, 0)
 
 
@@ -174,12 +203,12 @@ class ZORLOO:
     def mode(self) -> str:
         return "zo-" + self.optimizer.sampler.name
 
-    def step(self, rollout, seed: int) -> Update:
-        """The steps on ``rollout`` (``seed`` is unused: the optimiser derives its directions from its own seed)."""
+    def step(self, rollout, ranks: Ranks, seed: int) -> Update:
+        """The steps on a :class:`~zopro.train.rollout.StepRollout` (``seed`` is unused: the optimiser derives its
+        directions from its own seed)."""
         lr, eps = self.optimizer.current_lr(), self.optimizer.eps  # those of the first step, as logged
-        loss, grad, skipped = zo_step(self.bundle, rollout, self.optimizer, loss=self.loss, clip=self.clip,
-                                      minibatches=self.minibatches, epochs=self.epochs,
-                                      old_tok=old_token_logps(rollout, self.loss))
+        loss, grad, skipped = zo_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
+                                      clip=self.clip, minibatches=self.minibatches, epochs=self.epochs)
         return Update(self.mode, loss, grad, lr, eps, skipped)
 
     def iteration_log(self) -> dict | None:

@@ -105,7 +105,7 @@ def test_one_shard_per_rank_by_default_and_one_process_stays_unsharded():
     assert distributed.check(_cfg("unused", prompts_per_step=4, data_shards=4), 2) == 4
     ranks = distributed.Ranks(rank=1, world=2, shards=4)
     assert list(ranks.local_shards) == [2, 3] and not ranks.writes and ranks.sharded
-    assert not distributed.Ranks().sharded  # one process, one shard: the plain path, bit for bit the old one
+    assert not distributed.Ranks().sharded and distributed.SOLO == distributed.Ranks()  # one process, one shard
 
 
 def test_every_rank_refuses_a_bad_combination_before_writing(tmp_path, monkeypatch, capsys):

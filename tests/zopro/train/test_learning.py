@@ -77,7 +77,7 @@ def _train_first_order(bundle, seed, *, lr, steps, repeat, k):
     opt = torch.optim.AdamW(list(bundle.policy_parameters().values()), lr=lr, weight_decay=0.0)
     for step in range(steps):
         rollout = _rollout(bundle, 1000 * seed + step, PROMPTS * repeat, k)
-        first_order_step(bundle, rollout, opt, microbatch=0, **SURROGATE)
+        first_order_step(bundle, [rollout], opt, microbatch=0, **SURROGATE)
 
 
 def _train_zo(bundle, params, sampler, seed, *, lr, eps, rollouts, steps_per_rollout, repeat, k):

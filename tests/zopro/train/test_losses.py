@@ -11,6 +11,8 @@ from zopro.train.losses import (
     kl_penalised_rewards,
     ppo_clip_loss_sequence,
     ppo_clip_loss_token,
+    ppo_clip_terms,
+    reduce_ppo_terms,
     rloo_advantages,
 )
 
@@ -146,6 +148,44 @@ def test_ppo_clip_loss_token_errors():
 
 
 # --- Bradley-Terry --------------------------------------------------------------------------------------------------
+
+
+def test_ppo_clip_terms_sequence_reduce_to_the_loss_bit_for_bit_whichever_way_rows_are_split():
+    g = torch.Generator().manual_seed(0)
+    new, old, adv = (torch.randn(12, generator=g) for _ in range(3))
+    terms = ppo_clip_terms(new, old, adv, clip=0.2)
+    assert terms.shape == (12, 1) and terms.dtype == torch.float32
+    whole = ppo_clip_loss_sequence(new, old, adv, 0.2)
+    assert reduce_ppo_terms(terms).item() == whole.item()
+    parts = torch.cat([ppo_clip_terms(new[i:i + 4], old[i:i + 4], adv[i:i + 4], clip=0.2) for i in (0, 4, 8)])
+    assert torch.equal(parts, terms)  # rows computed apart are the same rows
+
+
+def test_ppo_clip_terms_token_hand_computed_and_reduce_to_the_token_loss():
+    new = torch.tensor([[0.0, math.log(2.0), 5.0], [math.log(0.5), 0.0, 0.0]], dtype=F64)
+    old = torch.zeros(2, 3, dtype=F64)
+    adv = torch.tensor([1.0, -2.0], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    terms = ppo_clip_terms(new, old, adv, mask, clip=0.2)
+    # row 0: ratios 1 and 2 (clipped to 1.2 for A > 0): max(-1, -1) + max(-2, -1.2) = -2.2 over 2 tokens (the masked
+    # 5.0 is ignored); row 1: ratio 0.5, A = -2: max(1, 2 * 0.8) = 1.6 over 1 token
+    torch.testing.assert_close(terms, torch.tensor([[-2.2, 2.0], [1.6, 1.0]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(reduce_ppo_terms(terms), ppo_clip_loss_token(new, old, adv, mask, 0.2).float(),
+                               rtol=1e-6, atol=0)
+    assert reduce_ppo_terms(ppo_clip_terms(new, old, adv, torch.zeros_like(mask), clip=0.2)).item() == 0.0
+
+
+def test_ppo_clip_terms_errors():
+    with pytest.raises(ValueError, match="1-D"):
+        ppo_clip_terms(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="2-D"):
+        ppo_clip_terms(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_clip_terms(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="clip"):
+        ppo_clip_terms(torch.zeros(3), torch.zeros(3), torch.zeros(3), clip=1.5)
+    with pytest.raises(ValueError, match="terms"):
+        reduce_ppo_terms(torch.zeros(3, 3))
 
 
 def test_bradley_terry_loss_hand_computed():

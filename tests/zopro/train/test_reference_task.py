@@ -178,7 +178,7 @@ def test_reward_model_never_lets_the_judge_score_the_training_rollouts(tmp_path,
         seen.append(kwargs.get("score_fn"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("zopro.train.program.collect_rollout", spy)
+    monkeypatch.setattr("zopro.train.rollout.collect_rollout", spy)
     run(_smoke(tmp_path, reward="model"), progress=False)
     assert len(seen) == 4 and all(fn is None for fn in seen)  # scored by the reward adapter's head
 

@@ -63,7 +63,7 @@ def test_token_surrogate_value_by_hand():
     # each row's two tokens carry half its log-ratio: token ratios sqrt(1.5), sqrt(0.5), sqrt(1.1), 1
     policy = StubPolicy([math.log(r) for r in RATIOS])
     r = _rollout()
-    value = surrogate(policy, r, torch.arange(4), loss="token", clip=CLIP, old_tok=r.policy_token_logps)
+    value = surrogate(policy, r, torch.arange(4), loss="token", clip=CLIP)
     s = [math.sqrt(x) for x in RATIOS]  # 1.2247 (clipped to 1.2), 0.7071 (clipped to 0.8), 1.0488, 1
     per_row = [max(-1.0 * s[0], -1.2), max(1.0 * s[1], 0.8), -2.0 * s[2], 0.5 * s[3]]
     assert value.item() == pytest.approx(sum(per_row) / 4, abs=1e-6)  # 2 tokens per row: the token mean
@@ -85,7 +85,7 @@ def test_first_order_step_moves_towards_the_advantage():
     # of negative ones: gradient -A_b / 4 = (-0.25, 0.25, -0.5, 0.125), norm 0.625 (< 1: not clipped); SGD lr 0.1
     policy = StubPolicy([0.0, 0.0, 0.0, 0.0])
     opt = torch.optim.SGD([policy.theta], lr=0.1)
-    loss, norm = first_order_step(policy, _rollout(), opt, **SEQUENCE)
+    loss, norm = first_order_step(policy, [_rollout()], opt, **SEQUENCE)
     assert loss == pytest.approx(-sum(ADVANTAGES) / 4, abs=1e-6)  # -mean(A) at ratio 1
     assert norm == pytest.approx(math.sqrt(0.25**2 * 2 + 0.5**2 + 0.125**2), abs=1e-6)
     torch.testing.assert_close(policy.theta.detach(), 0.1 * torch.tensor([0.25, -0.25, 0.5, -0.125]), rtol=0,
