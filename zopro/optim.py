@@ -25,6 +25,8 @@ from zopro import sharded
 from zopro.samplers import Isotropic
 from zopro.seeds import derive_seed
 
+FITNESS = ("raw", "zscore", "ranks")
+
 # The kernels take every coefficient as a float32 scalar and compute in float32, whatever the weights' type.
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -142,7 +144,14 @@ class ZOOptimizer:
             vectors): decided by shape, not by names. ``no_decay`` names further exclusions.
         sampler: :class:`~zopro.samplers.Isotropic` (default), ``Targeted`` or ``RankGuided``.
         seed: run seed; step ``t`` direction ``j`` uses ``derive_seed(seed, t, j)``.
-        q: directions averaged per step (n-SPSA).
+        q: directions per step (n-SPSA; a population of ``q`` antithetic pairs), all scored by the same closure.
+        fitness: how a step's ``2q`` losses become each direction's coefficient ``g_j``. ``"raw"``: the two-point
+            estimate ``(L+_j - L-_j) / (2 eps)``. ``"zscore"``: the losses standardised within the step,
+            ``(L+_j - L-_j) / (2 std)`` (std over all ``2q``; 0 when they are all equal). ``"ranks"``: centred ranks
+            within the step, ``(c(L+_j) - c(L-_j)) / 2`` with ``c`` in ``[-0.5, 0.5]`` (ties share their mean rank).
+            Shaped coefficients are scale-free, so ``lr`` becomes a step length in units of ``z`` (ES: Salimans et
+            al. 2017, Qiu et al. 2025). The update is ``-lr / q * sum_j g_j z_j`` in every case; the log keeps the
+            losses, from which replay recomputes the same coefficients. Two-sided only.
         one_sided: ``g = (L(w + eps z) - L(w)) / eps``; one forward for ``L(w)`` shared by the q directions.
         lr_schedule: ``f(step) -> multiplier`` of ``lr``. Every step's lr and eps are checked (finite, in range,
             within the weights' float type) before its first weight pass, all of a ``step_many``'s before any.
@@ -152,7 +161,7 @@ class ZOOptimizer:
     """
 
     def __init__(self, params, *, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, sampler=None,
-                 seed: int = 0, q: int = 1, one_sided: bool = False,
+                 seed: int = 0, q: int = 1, one_sided: bool = False, fitness: str = "raw",
                  lr_schedule: Callable[[int], float] | None = None, no_decay: Iterable[str] = ()):
         self.names, self.params = _named(params)
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
@@ -162,6 +171,10 @@ class ZOOptimizer:
             raise ValueError("eps must be positive")
         if not isinstance(q, int) or q < 1:
             raise ValueError(f"q must be a positive integer, got {q!r}")
+        if fitness not in FITNESS:
+            raise ValueError(f"fitness must be one of {', '.join(FITNESS)}, got {fitness!r}")
+        if fitness != "raw" and one_sided:
+            raise ValueError(f"fitness {fitness!r} shapes two-sided pairs: it needs one_sided=False")
         if not isinstance(seed, int) or not 0 <= seed < 2**64:
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         no_decay = set(no_decay)
@@ -170,6 +183,7 @@ class ZOOptimizer:
             raise ValueError(f"no_decay names unknown parameters: {sorted(unknown)[:5]}")
         self.lr, self.eps, self.weight_decay = float(lr), float(eps), float(weight_decay)
         self.seed, self.q, self.one_sided, self.lr_schedule = seed, q, one_sided, lr_schedule
+        self.fitness = fitness
         self.decays = torch.tensor([p.dim() >= 2 and n not in no_decay for n, p in zip(self.names, self.params)])
         # the largest finite value each parameter can store (codes: the kernels' float32 coefficient)
         self._limits = torch.tensor([min(torch.finfo(p.dtype).max, _FLOAT32_MAX) if p.dtype.is_floating_point
@@ -282,6 +296,33 @@ class ZOOptimizer:
             raise
         return seeds, grads, losses
 
+    def _coefficients(self, grads: list[float], losses: list[float]) -> list[float]:
+        """Each direction's ``g_j`` in the update (see ``fitness``): the raw two-point estimates, or the step's
+        losses shaped within the step. Host floats only, in a fixed order, so replay recomputes them bit for bit; a
+        non-finite loss makes every coefficient NaN (the update is skipped, as for a raw NaN)."""
+        if self.fitness == "raw":
+            return grads
+        if not all(math.isfinite(v) for v in losses):
+            return [math.nan] * len(grads)
+        n = len(losses)
+        if self.fitness == "zscore":
+            mean = sum(losses) / n
+            std = math.sqrt(sum((v - mean) ** 2 for v in losses) / n)
+            shaped = [(v - mean) / std if std > 0 else 0.0 for v in losses]
+        else:
+            order = sorted(range(n), key=losses.__getitem__)
+            ranks = [0.0] * n
+            i = 0
+            while i < n:  # ties share their mean rank
+                j = i
+                while j + 1 < n and losses[order[j + 1]] == losses[order[i]]:
+                    j += 1
+                for k in range(i, j + 1):
+                    ranks[order[k]] = (i + j) / 2
+                i = j + 1
+            shaped = [r / (n - 1) - 0.5 for r in ranks]
+        return [(shaped[2 * j] - shaped[2 * j + 1]) / 2 for j in range(len(grads))]
+
     def _finish(self, seeds, grads, lr, eps):
         """The pass that restores the last direction and applies the update, as ``(terms, decay)``, and whether
         the update happened; other directions' updates (q > 1) are applied here, one pass each. The update is
@@ -339,7 +380,7 @@ class ZOOptimizer:
         except BaseException:
             self._record_interruption(call, 0, losses_from, lr, eps)
             raise
-        final, ok = self._finish(seeds, grads, lr, eps)
+        final, ok = self._finish(seeds, self._coefficients(grads, losses), lr, eps)
         self._pass(*final)
         result = self._close_step(grads, losses, ok, losses_from)
         self._record(0, losses_from)
@@ -357,7 +398,7 @@ class ZOOptimizer:
                 except BaseException:
                     self._record_interruption(call, len(results), losses_from, lr, eps)
                     raise
-                pending, ok = self._finish(seeds, grads, lr, eps)
+                pending, ok = self._finish(seeds, self._coefficients(grads, losses), lr, eps)
                 results.append(self._close_step(grads, losses, ok, losses_from))
         finally:
             if pending is not None:
@@ -411,7 +452,7 @@ class ZOOptimizer:
         """Everything but the weights: resuming needs this plus the weights, or the starting weights and the log."""
         return {"step_count": self.step_count, "skipped": self.skipped, "seed": self.seed, "lr": self.lr,
                 "eps": self.eps, "weight_decay": self.weight_decay, "q": self.q, "one_sided": self.one_sided,
-                "sampler": self.sampler.state_dict(),
+                "fitness": self.fitness, "sampler": self.sampler.state_dict(),
                 "log": {"losses": torch.tensor(self.log["losses"], dtype=torch.float64),
                         "groups": torch.tensor(self.log["groups"], dtype=torch.int32),
                         "lr": list(self.log["lr"]), "eps": list(self.log["eps"]),
@@ -492,9 +533,10 @@ class ZOOptimizer:
             raise ValueError(f"state must be a dict from state_dict(), got {type(state).__name__}")
         if not required <= set(state):
             raise ValueError(f"state is missing {sorted(required - set(state))}")
-        for key in ("seed", "q", "one_sided"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"state has {key}={state[key]!r} but this optimiser has {getattr(self, key)!r}")
+        for key in ("seed", "q", "one_sided", "fitness"):
+            theirs = state.get(key, "raw")  # a state from before fitness shaping existed is raw
+            if theirs != getattr(self, key):
+                raise ValueError(f"state has {key}={theirs!r} but this optimiser has {getattr(self, key)!r}")
         step_count, skipped = state["step_count"], state["skipped"]
         if not (_is_count(step_count) and _is_count(skipped) and skipped <= step_count):
             raise ValueError(f"state has step_count={step_count!r}, skipped={skipped!r}: not valid counts")
@@ -513,7 +555,7 @@ class ZOOptimizer:
         """Re-run a recorded log from this optimiser's current (starting) weights; no closure is evaluated.
 
         Build the optimiser as the recorded one was built (same parameters in the same order, sampler and guides,
-        seed, q, one_sided, weight decay). The final weights equal the recorded run's bit for bit on the same
+        seed, q, one_sided, fitness, weight decay). The final weights equal the recorded run's bit for bit on the same
         device and implementation: every pass is re-applied in the same order with the same coefficients.
         """
         checked = self._checked_log(log)  # before the first pass: another parameter set's log changes nothing

@@ -262,7 +262,12 @@ class Targeted(Isotropic):
         return self.d0
 
     def advance(self) -> None:
+        """The next step: its schedule; of the cached coefficients only the last direction's stay, which the
+        optimiser's fused pass restores at the next step's first ``+eps z``."""
         self.t += 1
+        if len(self._cache) > 1:
+            last = next(reversed(self._cache))
+            self._cache = {last: self._cache[last]}
 
     # ---- per-seed coefficients --------------------------------------------------------------------------------
     def prepare(self, seed: int) -> None:
@@ -288,9 +293,9 @@ class Targeted(Isotropic):
             r = self._scale_ratio()
             c, a = c * r, a * r
         # z = a*prev + c*xi - c*beta*delta
-        self._cache = {k: v for k, v in self._cache.items() if k != seed}
-        if len(self._cache) >= 2:
-            self._cache.pop(next(iter(self._cache)))
+        # every direction of a step stays cached until advance(): a q-direction step applies each one's update
+        # after the last is prepared
+        self._cache.pop(seed, None)
         self._cache[seed] = (a, c, -c * beta)
 
     def block_weights(self, seed: int) -> torch.Tensor:

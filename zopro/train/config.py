@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from zopro.optim import FITNESS
+
 ALGORITHMS = ("zopro", "rloo", "ppo")
 SAMPLERS = ("targeted", "rank_guided", "isotropic")
 GUIDES = ("prev", "adam", "cumulative", "placebo")
@@ -161,6 +163,13 @@ class TrainConfig:
                 "blocks' parts of the guide (one dimension per block) and can rescale each block's part on its own"})
     zo_epochs: int = field(default=1, metadata={
         "help": "ZO steps per rollout on the same tokens (fresh directions; the PPO clip bounds how far they go)"})
+    zo_population: int = field(default=1, metadata={
+        "help": "directions per ZO step: a population of N antithetic pairs, all scored on the step's rows (2N "
+                "forward passes of the minibatch, N scalars of log; 1: the paper's single two-point direction)"})
+    zo_fitness: str = field(default="raw", metadata={
+        "help": "how a ZO step's 2N losses weight its directions: raw (two-point estimates, the paper), zscore "
+                "(standardised within the step) or ranks (centred ranks within the step); shaped fitness is "
+                "scale-free, so --zo-lr becomes a step length in units of the direction"})
     logprob_temperature: float = field(default=0.0, metadata={
         "help": "temperature of the log-probs in the PPO ratio, the KL and the losses; 0: the sampling "
                 "--temperature (the importance ratio of the policy that sampled, as the authors and TRL)"})
@@ -238,6 +247,8 @@ class ZOConfig:
     lr_decay: str
     updates: int
     blocks: str
+    population: int = 1
+    fitness: str = "raw"
 
 
 def sampling_config(cfg: TrainConfig) -> SamplingConfig:
@@ -259,7 +270,7 @@ def zo_config(cfg: TrainConfig) -> ZOConfig:
     return ZOConfig(lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=cfg.sampler, noise=cfg.noise,
                     rank=cfg.rank, d0=cfg.d0, d_schedule=cfg.d_schedule, d_tau=cfg.d_tau, scale=cfg.zo_scale,
                     lr_decay=cfg.zo_lr_decay, updates=cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs,
-                    blocks=cfg.guide_blocks)
+                    blocks=cfg.guide_blocks, population=cfg.zo_population, fitness=cfg.zo_fitness)
 
 
 def _preset_values() -> dict[str, dict]:
@@ -304,7 +315,7 @@ RANGES = {
     **dict.fromkeys(("prompts_per_step", "max_new_tokens", "eval_curve_prompts", "max_prompt_len", "iterations",
                      "steps_per_iteration",
                      "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
-                     "eval_batch", "zo_epochs"), "[1, inf)"),
+                     "eval_batch", "zo_epochs", "zo_population"), "[1, inf)"),
     **dict.fromkeys(("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature", "lora_alpha", "d_tau"), "(0, inf)"),
     **dict.fromkeys(("kl_coef", "weight_decay"), "[0, inf)"),
     "logprob_temperature": "[0, inf)",  # 0: the sampling --temperature
@@ -313,7 +324,8 @@ RANGES = {
 CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES,
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
-           "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"), "guide": GUIDES,
+           "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
+           "zo_fitness": FITNESS, "guide": GUIDES,
            "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
 # Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the

@@ -128,7 +128,8 @@ def make_quant_optimizer(bundle, space: CodeSpace, target: str, zo: ZOConfig, it
     decay as :func:`zopro.train.updaters.make_zo_optimizer`."""
     total = zo.updates
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
-    kw = dict(lr=zo.lr, eps=zo.eps, seed=seeds.zo(iteration), lr_schedule=decay)
+    kw = dict(lr=zo.lr, eps=zo.eps, seed=seeds.zo(iteration), lr_schedule=decay, q=zo.population,
+              fitness=zo.fitness)
     if iteration == 0 or zo.sampler == "isotropic" or guides is None:
         direction = Isotropic(zo.noise)
     else:

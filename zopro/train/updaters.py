@@ -132,7 +132,7 @@ def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSe
                        total_steps=total, scale=zo.scale, blocks=zo.blocks, dist=zo.noise, **extra)
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
     return ZOOptimizer(params, lr=zo.lr, eps=zo.eps, weight_decay=zo.weight_decay, sampler=sampler,
-                       seed=seeds.zo(iteration), lr_schedule=decay)
+                       seed=seeds.zo(iteration), lr_schedule=decay, q=zo.population, fitness=zo.fitness)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from transformers import LlamaForCausalLM
 from zopro import Targeted, ZOOptimizer
 from zopro.train import run
 from zopro.train.checkpoint import load as load_checkpoint
-from zopro.train.config import preset
+from zopro.train.config import preset, validate
 from zopro.train.evaluate import main as evaluate_main
 from zopro.train.guides import adam_direction, next_guide
 from zopro.train.models import PolicyRewardModel
@@ -155,6 +155,17 @@ def test_zo_epochs_take_several_steps_per_rollout(tmp_path):
     log = torch.load(tmp_path / "run" / "zo_log_iter1.pt", weights_only=True)
     assert log["step_count"] == 3 * cfg.steps_per_iteration
     assert log["sampler"]["t"] == 3 * cfg.steps_per_iteration
+
+
+def test_a_population_with_shaped_fitness_reaches_the_programs_optimiser(tmp_path):
+    cfg = dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, zo_population=3,
+                              zo_fitness="ranks", n_eval_prompts=1, eval_samples=1)
+    run(cfg, progress=False)
+    log = torch.load(tmp_path / "run" / "zo_log_iter1.pt", weights_only=True)
+    assert (log["q"], log["fitness"]) == (3, "ranks")
+    assert len(log["log"]["losses"]) == 2 * 3 * cfg.steps_per_iteration  # 2N losses a step, nothing else
+    with pytest.raises(ValueError, match="zo.fitness"):
+        validate(dataclasses.replace(cfg, zo_fitness="softmax"))
 
 
 def test_probe_guide_scores_the_policy_moved_along_the_runs_guide(tmp_path, capsys):
