@@ -11,6 +11,9 @@ needs one reduction pass then); ``advance()`` moves schedules on after each upda
   (no weight traffic); each weight pass also reads both guides.
 * :class:`RankGuided` — Targeted with both guides held as rank-k factors (``LowRank``): k*(m+n) numbers per matrix
   instead of m*n; at full rank it equals Targeted.
+* :class:`Core` — a small search space: a tensor ``B [m, n]`` moves only as ``B + U xi`` with a fixed orthonormal
+  ``U [m, k]`` and a Gaussian ``xi [k, n]`` (for a LoRA pair, the ``k x r`` core between frozen factors, as
+  LoRA-XS); k*n numbers a tensor instead of m*n, applied by a small matmul rather than inside the kernels.
 """
 
 from __future__ import annotations
@@ -423,3 +426,105 @@ class RankGuided(Targeted):
         _check_name(self, state)
         _check_same(self, {"rank": state.get("rank", self.rank)})
         super().load_state_dict(state)
+
+
+class Core:
+    """Directions in a small subspace: each tensor ``i`` with a basis ``U_i [m, k]`` (orthonormal columns) moves along
+    ``U_i @ xi_i``, ``xi_i [k, n]`` the spec's Gaussians of (seed, the tensor's stream); tensors without a basis do not
+    move. The whole direction is scaled to norm 1 (as ``scale="unit"``), so ``eps`` and a step ``lr * g`` are
+    distances in weight space whatever the number of dimensions ``sum_i k_i * n_i``.
+
+    For a LoRA pair ``(A [r, in], B [out, r])`` with ``U`` the top-``r`` left singular vectors of the base weight
+    (LoRA-XS, Balazy et al. 2024) the update is ``s * U xi A``: an ``r x r`` core between frozen factors, ``r^2``
+    numbers a module instead of ``r * (out + in)``. Directions are formed per tensor by a matmul on the parameters'
+    device (small: ``m * k * n`` multiply-adds), not inside the fused kernels; unsharded tensors only.
+    """
+
+    name = "core"
+    supports_weight_decay = True
+
+    def __init__(self, bases: Mapping[str, torch.Tensor]):
+        self.bases_src = dict(bases)
+        self._cache: dict = {}
+
+    def bind(self, names, params):
+        unknown = sorted(set(self.bases_src) - set(names))
+        if unknown:
+            raise ValueError(f"core bases name parameters the optimiser does not have: {unknown[:5]}")
+        if not self.bases_src:
+            raise ValueError("core: no basis given, so no parameter could move")
+        self.bases, self.shapes = [], []
+        for name, p in zip(names, params):
+            u = self.bases_src.get(name)
+            if u is not None:
+                if u.dim() != 2 or p.dim() != 2 or u.shape[0] != p.shape[0] or u.shape[1] > p.shape[0]:
+                    raise ValueError(f"core basis of {name!r} has shape {tuple(u.shape)}: it must be [m, k] with "
+                                     f"k <= m for a parameter [m, n], got {tuple(p.shape)}")
+                u = u.detach().to(device=p.device, dtype=torch.float32).contiguous()
+                self.shapes.append((u.shape[1], p.shape[1]))
+            else:
+                self.shapes.append(None)
+            self.bases.append(u)
+        self.dims = sum(k * n for k, n in (s for s in self.shapes if s is not None))
+        del self.bases_src
+
+    def _xi(self, seed: int, i: int, stream: int) -> torch.Tensor:
+        k, n = self.shapes[i]
+        return rng.gaussian(seed, stream, 0, k * n, device=self.bases[i].device).view(k, n)
+
+    def prepare(self, seed: int) -> None:
+        """The direction's norm and largest element (one small matmul a tensor): its scale to norm 1 and its bound."""
+        sq, largest = 0.0, 0.0
+        for i, u in enumerate(self.bases):
+            if u is not None:
+                z = u @ self._xi(seed, i, i)
+                sq += float(z.double().pow(2).sum())
+                largest = max(largest, float(z.abs().max()))
+        scale = 1.0 / math.sqrt(sq) if sq > 0 else 0.0
+        self._cache.pop(seed, None)
+        self._cache[seed] = (scale, largest * scale)
+
+    def advance(self) -> None:
+        """Keep only the last direction's numbers (the next step's first pass restores it)."""
+        if len(self._cache) > 1:
+            last = next(reversed(self._cache))
+            self._cache = {last: self._cache[last]}
+
+    def guide_share(self, t: int) -> float:
+        return 0.0
+
+    def z_bound(self, seed: int) -> float:
+        """The largest ``|z|`` element of direction ``seed``, measured by :meth:`prepare` (plus float32 rounding)."""
+        return self._cache[seed][1] * (1 + 1e-6)
+
+    def coefficients(self, seed: int):
+        raise ValueError("core directions cannot move quantised codes: use them on float parameters")
+
+    def direction(self, seed: int, i: int, stream: int) -> torch.Tensor | None:
+        """Tensor ``i``'s part of direction ``seed`` (float32, norm-1 scaled), or None where it has no basis."""
+        if self.bases[i] is None:
+            return None
+        return (self.bases[i] @ self._xi(seed, i, stream)) * self._cache[seed][0]
+
+    def apply(self, params, streams, terms, decay: torch.Tensor, offsets=None) -> None:
+        """``w = decay*w + sum_k coef_k * z(seed_k)`` per tensor, in float32, rounded once to the weight's type."""
+        if offsets is not None:
+            raise ValueError("core directions take whole tensors, not DTensor shards")
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                d = float(decay[i])
+                if self.bases[i] is None:
+                    if d != 1.0:
+                        p.copy_(p.float() * d)
+                    continue
+                acc = p.float() * d if d != 1.0 else p.float()
+                for seed, coef in terms:
+                    acc = acc + float(coef[i]) * self.direction(seed, i, streams[i])
+                p.copy_(acc)
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "dims": self.dims}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_name(self, state)
+        _check_same(self, {"dims": state.get("dims")})

@@ -163,6 +163,10 @@ class TrainConfig:
                 "blocks' parts of the guide (one dimension per block) and can rescale each block's part on its own"})
     zo_epochs: int = field(default=1, metadata={
         "help": "ZO steps per rollout on the same tokens (fresh directions; the PPO clip bounds how far they go)"})
+    zo_space: str = field(default="lora", metadata={
+        "help": "what ZO directions move: lora (every policy LoRA weight, the paper) or core (each LoRA B only within "
+                "the top-r left singular vectors of its base weight: an r x r core between frozen factors, as "
+                "LoRA-XS; r^2 numbers a module; isotropic in the core, so it needs --sampler isotropic)"})
     zo_population: int = field(default=1, metadata={
         "help": "directions per ZO step: a population of N antithetic pairs, all scored on the step's rows (2N "
                 "forward passes of the minibatch, N scalars of log; 1: the paper's single two-point direction)"})
@@ -249,6 +253,7 @@ class ZOConfig:
     blocks: str
     population: int = 1
     fitness: str = "raw"
+    space: str = "lora"
 
 
 def sampling_config(cfg: TrainConfig) -> SamplingConfig:
@@ -270,7 +275,8 @@ def zo_config(cfg: TrainConfig) -> ZOConfig:
     return ZOConfig(lr=cfg.zo_lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay, sampler=cfg.sampler, noise=cfg.noise,
                     rank=cfg.rank, d0=cfg.d0, d_schedule=cfg.d_schedule, d_tau=cfg.d_tau, scale=cfg.zo_scale,
                     lr_decay=cfg.zo_lr_decay, updates=cfg.steps_per_iteration * cfg.minibatches * cfg.zo_epochs,
-                    blocks=cfg.guide_blocks, population=cfg.zo_population, fitness=cfg.zo_fitness)
+                    blocks=cfg.guide_blocks, population=cfg.zo_population, fitness=cfg.zo_fitness,
+                    space=cfg.zo_space)
 
 
 def _preset_values() -> dict[str, dict]:
@@ -325,7 +331,7 @@ CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, 
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
-           "zo_fitness": FITNESS, "guide": GUIDES,
+           "zo_fitness": FITNESS, "zo_space": ("lora", "core"), "guide": GUIDES,
            "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
 # Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the
@@ -442,6 +448,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("guide_blocks", "weighs the blocks of a guide: --sampler isotropic has none (use targeted or rank_guided)")
     if cfg.zo_target != "lora":
         _check_zo_target(cfg, bad)
+    if cfg.zo_space == "core":
+        if cfg.sampler != "isotropic":
+            bad("zo_space", f"core directions are isotropic in the LoRA cores: pass --sampler isotropic (got "
+                            f"{cfg.sampler})")
+        if cfg.zo_target != "lora" or cfg.quantize != "none":
+            bad("zo_space", "core takes its factors from a float base's singular vectors: it needs --zo-target lora "
+                            "and --quantize none")
     if cfg.zo_merge_adapter and cfg.zo_target != "codes":
         bad("zo_merge_adapter", "merges the adapter into the base codes: it needs --zo-target codes")
     if cfg.quantize != "none" and cfg.device == "cpu" and cfg.quantize == "nf4" and cfg.dtype == "float16":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from zopro.optim import ZOOptimizer
-from zopro.samplers import Isotropic, RankGuided, Targeted
+from zopro.samplers import Core, Isotropic, RankGuided, Targeted
 from zopro.seeds import RunSeeds
 from zopro.train.config import ZOConfig
 from zopro.train.distributed import SOLO, Ranks, ShardGradients
@@ -117,13 +117,37 @@ def zo_step(bundle, shards: list, optimizer: ZOOptimizer, ranks: Ranks = SOLO, *
     return sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, sum(r.skipped for r in results)
 
 
+def core_bases(bundle) -> dict[str, torch.Tensor]:
+    """For each policy LoRA ``B [out, r]``: the top-``r`` left singular vectors of its module's base weight (LoRA-XS's
+    frozen factor), the basis of ``--zo-space core``. A function of the base weights alone, so a resume rebuilds the
+    same bases: an SVD in float64 (thread-count rounding stays below float32's) with each vector's sign fixed so its
+    largest entry is positive."""
+    bases = {}
+    for name, p in bundle.policy_parameters().items():
+        if ".lora_B." not in name:
+            continue
+        module = bundle.model.get_submodule(name.split(".lora_B.")[0])
+        weight = getattr(getattr(module, "base_layer", None), "weight", None)
+        if weight is None or not weight.dtype.is_floating_point or weight.dim() != 2:
+            raise ValueError(f"--zo-space core: the base weight under {name!r} is not a float matrix (a quantised base "
+                             "has no singular vectors to take: use --zo-space lora)")
+        u, _, _ = torch.linalg.svd(weight.detach().double().cpu(), full_matrices=False)
+        u = u[:, :p.shape[1]]
+        signs = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+        bases[name] = (u * signs).to(device=p.device, dtype=torch.float32)
+    return bases
+
+
 def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSeeds) -> ZOOptimizer:
-    """The ZO optimiser of ``iteration`` over the policy adapter: isotropic in iteration 0 (or with ``--sampler
-    isotropic``, or without guides), else targeted / rank-guided from ``guides`` (``{"prev", "delta"}``); its seed and
-    the SVD's from ``seeds``. Schedules span ``zo.updates``, the iteration's ZO updates."""
+    """The ZO optimiser of ``iteration`` over the policy adapter: with ``--zo-space core`` isotropic in the LoRA
+    cores (:class:`~zopro.samplers.Core` over :func:`core_bases`); else isotropic in iteration 0 (or with
+    ``--sampler isotropic``, or without guides), else targeted / rank-guided from ``guides`` (``{"prev", "delta"}``).
+    Its seed and the SVD's from ``seeds``. Schedules span ``zo.updates``, the iteration's ZO updates."""
     params = bundle.policy_parameters()
     total = zo.updates
-    if iteration == 0 or zo.sampler == "isotropic" or guides is None:
+    if zo.space == "core":
+        sampler = Core(core_bases(bundle))
+    elif iteration == 0 or zo.sampler == "isotropic" or guides is None:
         sampler = Isotropic(zo.noise)
     else:
         kind = RankGuided if zo.sampler == "rank_guided" else Targeted

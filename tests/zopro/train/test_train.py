@@ -131,10 +131,13 @@ def test_paired_change_against_hand_computed_values():
     assert paired_change([], []) == (None, None)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
-    whole = _smoke(tmp_path, "whole", seed=3)
+# the paper's job, and ZO alone in the LoRA cores with a shaped population (a resume rebuilds the cores' bases)
+@pytest.mark.parametrize("job", [{}, dict(first_order_iteration0=False, sampler="isotropic", zo_space="core",
+                                          zo_population=3, zo_fitness="zscore")], ids=["paper", "core-population"])
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, job):
+    whole = _smoke(tmp_path, "whole", seed=3, **job)
     evaluation = run(whole, progress=False)["evaluation"]
-    parts = _smoke(tmp_path, "parts", seed=3)
+    parts = _smoke(tmp_path, "parts", seed=3, **job)
     with pytest.raises(KeyboardInterrupt):
         run(parts, progress=False, stop_after_steps=1)
     with pytest.raises(KeyboardInterrupt):  # crosses the iteration boundary (reward refinement, guides)
@@ -159,6 +162,9 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     (["--preset", "smoke", "--minibatches", "3"], "--minibatches: must divide"),
     (["--preset", "smoke", "--eval-samples", "0"], "--eval-samples: must be at least 1"),
     (["--preset", "smoke", "--eval-batch", "0"], "--eval-batch: must be at least 1"),
+    (["--preset", "smoke", "--zo-space", "core"], "--zo-space: core directions are isotropic in the LoRA cores"),
+    (["--preset", "smoke", "--zo-population", "0"], "--zo-population"),
+    (["--preset", "smoke", "--zo-fitness", "softmax"], "--zo-fitness: 'softmax' is not one of"),
 ])
 def test_bad_configurations_fail_before_any_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
