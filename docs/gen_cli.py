@@ -33,7 +33,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                                "clip"),
     "First-order steps": ("fo_lr", "fo_microbatch", "ppo_epochs"),
     "ZO steps": ("zo_lr", "zo_eps", "zo_scale", "zo_lr_decay", "zo_epochs", "zo_population", "zo_fitness", "zo_space",
-                 "minibatches", "weight_decay", "sampler", "noise", "rank"),
+                 "zo_objective", "minibatches", "weight_decay", "sampler", "noise", "rank"),
     "Guided directions (targeted and rank-guided sampling)": ("guide", "guide_blocks", "d0", "d_schedule", "d_tau"),
     "Reward model": ("reward_model", "reward_lr", "reward_init_steps", "reward_steps", "reward_pairs", "reward_batch",
                      "reward_soft_labels", "reward_merge_alpha"),

@@ -167,6 +167,10 @@ class TrainConfig:
         "help": "what ZO directions move: lora (every policy LoRA weight, the paper) or core (each LoRA B only within "
                 "the top-r left singular vectors of its base weight: an r x r core between frozen factors, as "
                 "LoRA-XS; r^2 numbers a module; isotropic in the core, so it needs --sampler isotropic)"})
+    zo_objective: str = field(default="surrogate", metadata={
+        "help": "what a ZO direction is scored by: surrogate (the PPO-clip loss of the step's sampled answers at "
+                "the perturbed weights, the paper) or generation (the mean reward of greedy answers to the step's "
+                "prompts at each member, the same prompts for all, as evolution strategies; --minibatches unused)"})
     zo_population: int = field(default=1, metadata={
         "help": "directions per ZO step: a population of N antithetic pairs, all scored on the step's rows (2N "
                 "forward passes of the minibatch, N scalars of log; 1: the paper's single two-point direction)"})
@@ -331,7 +335,8 @@ CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, 
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
-           "zo_fitness": FITNESS, "zo_space": ("lora", "core"), "guide": GUIDES,
+           "zo_fitness": FITNESS, "zo_space": ("lora", "core"),
+           "zo_objective": ("surrogate", "generation"), "guide": GUIDES,
            "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
 # Settings a --resume may change: where the run lives and how many CPU threads it uses; anything else would make the

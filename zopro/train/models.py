@@ -512,7 +512,8 @@ class PolicyRewardModel:
 
     def generate(self, prompt_input_ids, prompt_attention_mask, k, max_new_tokens, temperature, generator_seed):
         """Sample ``k`` completions per (left-padded) prompt from the policy: pure sampling (top_k=0, top_p=1),
-        stopping at EOS. Returns a :class:`Generation`; rows ``i*k .. i*k+k-1`` belong to prompt ``i``.
+        stopping at EOS; ``temperature`` 0: greedy decoding (``k`` must be 1). Returns a :class:`Generation`; rows
+        ``i*k .. i*k+k-1`` belong to prompt ``i``.
 
         transformers samples from torch's global generator, so sampling runs inside ``torch.random.fork_rng`` seeded
         with ``generator_seed``: the same seed gives the same samples and the caller's RNG state is left unchanged.
@@ -523,15 +524,16 @@ class PolicyRewardModel:
         for name, value in (("k", k), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+        if temperature == 0 and k != 1:
+            raise ValueError(f"greedy decoding (temperature 0) gives one answer per prompt: k must be 1, got {k}")
         # A bare config, swapped in for the call: the model's own generation_config could otherwise fill in
         # repetition_penalty, top_p, ... and we would not sample from the policy we compute log-probs of.
+        sampling = dict(do_sample=True, top_k=0, top_p=1.0, temperature=float(temperature)) if temperature > 0 else \
+            dict(do_sample=False)
         config = GenerationConfig(
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
-            temperature=float(temperature),
+            **sampling,
             max_new_tokens=max_new_tokens,
             num_return_sequences=k,
             eos_token_id=self.eos_token_ids,

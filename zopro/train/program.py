@@ -53,7 +53,7 @@ from zopro.train.report import MetricsLog, Phases, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
 from zopro.train.rollout import collect_step
 from zopro.train.state import LiveState, Progress, RunState
-from zopro.train.updaters import ZORLOO, FirstOrderRLOO, logprob_temperature, make_zo_optimizer
+from zopro.train.updaters import ZORLOO, FirstOrderRLOO, GenerationFitness, logprob_temperature, make_zo_optimizer
 
 # the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
 MERGE_STEP = 1 << 40
@@ -154,7 +154,10 @@ class Run:
                                                    self.state.guides, self.seeds, self.merged_guide)
         else:
             zo = make_zo_optimizer(self.bundle, zo_config(cfg), it, self.state.guides, self.seeds)
-        return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs)
+        generation = GenerationFitness(self.tokenizer, self.score_fn, cfg.max_new_tokens, cfg.max_prompt_len) \
+            if cfg.zo_objective == "generation" else None
+        return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs,
+                      generation=generation)
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):

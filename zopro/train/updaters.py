@@ -14,6 +14,7 @@ and saves and restores its optimiser's state under its ``checkpoint_key``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from zopro.seeds import RunSeeds
 from zopro.train.config import ZOConfig
 from zopro.train.distributed import SOLO, Ranks, ShardGradients
 from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token, ppo_clip_terms, reduce_ppo_terms
+from zopro.train.rollout import sample_completions
 
 LOSSES = ("sequence", "token")
 
@@ -213,15 +215,41 @@ class FirstOrderRLOO(FirstOrderUpdater):
         return Update(self.mode, loss, grad, self.lr, None, 0)
 
 
+@dataclass
+class GenerationFitness:
+    """ES-style fitness (``--zo-objective generation``): a member's loss is minus the mean reward of greedy answers to
+    the step's prompts at its weights, the same prompts for every member; ``score`` the judge's ``score(prompts,
+    completions)``, or None for the bundle's reward model."""
+
+    tokenizer: object
+    score: Callable | None
+    max_new_tokens: int
+    max_prompt_len: int
+
+    def closure(self, bundle, prompts: list[str], ranks: Ranks) -> Callable[[], torch.Tensor]:
+        def closure():
+            gen, texts = sample_completions(bundle, self.tokenizer, prompts, 1, self.max_new_tokens, 0.0, 0,
+                                            self.max_prompt_len)
+            if self.score is not None:
+                scores = self.score(prompts, texts)
+            else:
+                scores = bundle.reward_scores(gen.sequences, gen.attention_mask, prompts=prompts, completions=texts)
+            return -ranks.gather_rows(scores.float().cpu(), "the members' rewards").mean()
+        return closure
+
+
 class ZORLOO:
-    """ZO-RLOO: ``epochs x minibatches`` SPSA steps of ``optimizer`` per rollout (:func:`zo_step`)."""
+    """ZO-RLOO: ``epochs x minibatches`` SPSA steps of ``optimizer`` per rollout (:func:`zo_step`), or with
+    ``generation`` ``epochs`` steps whose members are scored by the reward of their greedy answers."""
 
     checkpoint_key = "zo_optimizer"
     first_order_optimizer = None
 
-    def __init__(self, bundle, optimizer: ZOOptimizer, *, loss: str, clip: float, minibatches: int, epochs: int):
+    def __init__(self, bundle, optimizer: ZOOptimizer, *, loss: str, clip: float, minibatches: int, epochs: int,
+                 generation: GenerationFitness | None = None):
         self.bundle, self.optimizer = bundle, optimizer
         self.loss, self.clip, self.minibatches, self.epochs = loss, clip, minibatches, epochs
+        self.generation = generation
 
     @property
     def mode(self) -> str:
@@ -231,6 +259,12 @@ class ZORLOO:
         """The steps on a :class:`~zopro.train.rollout.StepRollout` (``seed`` is unused: the optimiser derives its
         directions from its own seed)."""
         lr, eps = self.optimizer.current_lr(), self.optimizer.eps  # those of the first step, as logged
+        if self.generation is not None:
+            closure = self.generation.closure(self.bundle, [p for r in rollout.local for p in r.prompts], ranks)
+            results = self.optimizer.step_many([closure] * self.epochs)
+            n = len(results)
+            return Update(self.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
+                          sum(r.skipped for r in results))
         loss, grad, skipped = zo_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
                                       clip=self.clip, minibatches=self.minibatches, epochs=self.epochs)
         return Update(self.mode, loss, grad, lr, eps, skipped)

@@ -16,11 +16,12 @@ from zopro import Targeted, ZOOptimizer
 from zopro.train import run
 from zopro.train.checkpoint import load as load_checkpoint
 from zopro.train.config import preset, validate
+from zopro.train.distributed import SOLO
 from zopro.train.evaluate import main as evaluate_main
 from zopro.train.guides import adam_direction, next_guide
 from zopro.train.models import PolicyRewardModel
-from zopro.train.rollout import collect_rollout, tokenize_prompts
-from zopro.train.updaters import logprob_temperature, surrogate
+from zopro.train.rollout import collect_rollout, sample_completions, tokenize_prompts
+from zopro.train.updaters import GenerationFitness, logprob_temperature, surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
@@ -36,6 +37,30 @@ def bundle(tiny_llama_config, make_tiny_model):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return bundle
+
+
+def test_greedy_decoding_takes_the_argmax_token_at_every_position(bundle, tiny_tokenizer):
+    ids, mask = tokenize_prompts(tiny_tokenizer, PROMPTS, 16, bundle.pad_token_id)
+    gen = bundle.generate(ids, mask, 1, 5, 0.0, 0)
+    assert torch.equal(gen.sequences, bundle.generate(ids, mask, 1, 5, 0.0, 123).sequences)  # no seed is read
+    bundle.use_policy()
+    with torch.no_grad():
+        logits = bundle.model(input_ids=gen.sequences, attention_mask=gen.attention_mask).logits
+    new = gen.response_mask[:, 1:].bool()  # each generated token is the argmax after its prefix
+    assert torch.equal(logits[:, :-1].argmax(-1)[new], gen.sequences[:, 1:][new])
+    with pytest.raises(ValueError, match="greedy decoding .* k must be 1"):
+        bundle.generate(ids, mask, 2, 5, 0.0, 0)
+
+
+def test_generation_fitness_is_minus_the_mean_reward_of_the_greedy_answers(bundle, tiny_tokenizer):
+    def length(prompts, completions):  # a reward the answers differ in
+        return torch.tensor([float(len(c)) for c in completions])
+
+    fitness = GenerationFitness(tiny_tokenizer, length, max_new_tokens=6, max_prompt_len=16)
+    closure = fitness.closure(bundle, PROMPTS, SOLO)
+    _, texts = sample_completions(bundle, tiny_tokenizer, PROMPTS, 1, 6, 0.0, 0, 16)
+    assert float(closure()) == pytest.approx(-sum(len(t) for t in texts) / len(PROMPTS), rel=1e-7)  # float32 mean
+    assert float(closure()) == float(closure())  # every member is scored on the same greedy answers' prompts
 
 
 def test_logprobs_default_to_the_sampling_temperature():
