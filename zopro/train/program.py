@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import random
 import shutil
 import statistics
@@ -31,15 +30,11 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds, derive_seed
-from zopro.train import checkpoint, distributed, memory, preflight, quant_target, snapshots
+from zopro.train import checkpoint, distributed, memory, quant_target, rundir, snapshots
 from zopro.train.config import (
-    RESUME_OVERRIDES,
     TrainConfig,
     eval_config,
-    flag,
     from_args,
-    load_saved,
-    resume_differences,
     reward_config,
     sampling_config,
     validate,
@@ -136,7 +131,7 @@ class Run:
         if self.progress.phase == "train":
             self.updater = self._updater(self.progress.iteration)
             self.updater.load_state_dict(live.objects[self.updater.checkpoint_key])
-        self.metrics.truncate(self.progress.metrics_bytes)  # _open_run_dir checked that these bytes are intact
+        self.metrics.truncate(self.progress.metrics_bytes)  # rundir.open_run_dir checked that these bytes are intact
         if self.ranks.writes:
             snapshots.prune_after(self.out, self.progress.global_step)  # steps after the checkpoint are redone
         self.checkpoint_name = loaded.name
@@ -400,99 +395,6 @@ def check_judge(cfg: TrainConfig) -> None:
     judge.score(["Describe a quiet beach in a few words."], ["Soft sand, calm water and a warm breeze."])
 
 
-def _check_model_reference(name: str, what: str) -> None:
-    """Fail in one line, before any model is loaded, when a hub id / path names nothing loadable (a cheap check: a
-    local directory, or the model's config from the hub or its cache)."""
-    if os.path.isdir(name):
-        return
-    # HF_HUB_OFFLINE read now, not when huggingface_hub was imported: without it a missing id waited ~20 s on
-    # network timeouts in a sandbox that had set the variable after the import
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-    try:
-        from transformers import AutoConfig
-
-        AutoConfig.from_pretrained(name, local_files_only=offline)
-    except Exception as err:  # noqa: BLE001 (OSError, hub and parsing errors alike: the model cannot be loaded)
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"{what}: cannot load {name!r} ({type(err).__name__}: {first})") from None
-
-
-def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
-    """The metrics lines a checkpoint recorded must still be there, byte for byte (a resume cuts the file back to
-    them; a shorter file would be padded with NUL bytes)."""
-    n_bytes = loaded.meta["metrics_bytes"]
-    if not path.is_file() or path.stat().st_size < n_bytes or \
-            checkpoint.sha256_prefix(path, n_bytes) != loaded.meta.get("metrics_sha256"):
-        raise ValueError(f"{path}: damaged or missing (its first {n_bytes} bytes are not the lines checkpoint "
-                         f"{loaded.name} recorded)")
-
-
-def _open_run_dir(cfg: TrainConfig, resume: bool):
-    """Check ``cfg.output_dir`` and take its lock. Returns ``(cfg, lock, loaded checkpoint or None)``; ``cfg`` is the
-    run's saved config on resume. Raises ValueError, before anything is written, for a directory that is a file,
-    holds another run, is in use, or whose files are damaged, and for settings this machine cannot run
-    (:mod:`zopro.train.preflight`); nothing is created unless those checks pass (the run's own loads may still fail:
-    :func:`_start` removes the folders again)."""
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out}: exists and is not a directory")
-    if resume and not out.is_dir():
-        raise ValueError(f"--resume: {out} holds no run to resume (no such directory)")
-    if not resume:
-        kind, _, name = cfg.judge.partition(":")
-        if kind in ("llm", "reward"):
-            _check_model_reference(name, f"--judge {cfg.judge}")
-        if cfg.reward_model:
-            _check_model_reference(cfg.reward_model, "--reward-model")
-        preflight.check(cfg, resolve_device(cfg))
-    lock = checkpoint.make_and_lock(out)
-    try:
-        config_path = out / "config.json"
-        metrics_path = out / "metrics.jsonl"
-        has_metrics = metrics_path.is_file() and metrics_path.stat().st_size > 0
-        if not resume:
-            checkpoint.check_new_run_dir(out)
-            return cfg, lock, None
-        if not config_path.is_file():
-            raise ValueError(f"--resume: {out} holds no run to resume (no config.json)")
-        checkpoint.check_run_entries(out)
-        saved = load_saved(config_path)
-        if "eval_samples" not in saved:
-            raise ValueError(f"--resume: {out} was started by an older zopro that scored the held-out prompts with one "
-                             "sample each, so its 'before' cannot be compared with this version's evaluation. Start a "
-                             "new run (a finished one can be scored again with python -m zopro.train.evaluate)")
-        try:
-            saved_cfg = validate(TrainConfig(**{**saved, "output_dir": cfg.output_dir}))
-        except ValueError as err:
-            raise ValueError(f"{config_path}: {err}") from None
-        changed = resume_differences(saved_cfg, cfg)
-        if changed:
-            allowed = ", ".join(map(flag, RESUME_OVERRIDES))
-            raise ValueError(f"--resume: {out} was started with other settings; drop or restore them: "
-                             f"{'; '.join(changed)} (only {allowed} may change on resume)")
-        cfg = dataclasses.replace(saved_cfg, **{n: getattr(cfg, n) for n in RESUME_OVERRIDES})
-        loaded = checkpoint.load(out)
-        if loaded is not None:
-            checkpoint.check_config(out, loaded)
-        # no checkpoint and no metrics (killed before or while publishing the first checkpoint): starting over loses
-        # nothing; with metrics it would silently append a new run to an old one's lines
-        if loaded is None and has_metrics:
-            raise ValueError(f"{out / checkpoint.LATEST}: missing, but {out / 'metrics.jsonl'} holds a run's lines; "
-                             "refusing to restart over them (restore the file, or start a new run elsewhere)")
-        unpointed = checkpoint.unpointed_checkpoints(out)
-        if unpointed:  # a restart would delete them
-            raise ValueError(f"{out / checkpoint.LATEST}: missing, but the directory holds checkpoints "
-                             f"({', '.join(unpointed)}); refusing to restart over them (restore LATEST naming the "
-                             "newest and its fallback, or start a new run elsewhere)")
-        if loaded is not None:
-            _check_metrics(metrics_path, loaded)
-        preflight.check(cfg, resolve_device(cfg))  # the threads may have changed, or the machine
-        return cfg, lock, loaded
-    except BaseException:
-        lock.close()
-        raise
-
-
 def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
     """Run (or resume) a ZOPrO job; returns the summary dict (None on ranks other than 0 of a data-parallel job, see
     :mod:`zopro.train.distributed`). ``stop_after_steps`` simulates a kill (tests).
@@ -506,7 +408,7 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
     ranks = distributed.set_up(cfg, resolve_device(cfg))  # one process unless launched by torchrun
     with contextlib.ExitStack() as cleanup:  # on the way out, whatever happens: the lock, then the process group
         cleanup.callback(distributed.tear_down, ranks)
-        cfg, lock, loaded = _open_shared_run_dir(distributed.resolve(cfg, ranks), resume, ranks)
+        cfg, lock, loaded = rundir.open_shared(distributed.resolve(cfg, ranks), resume, ranks)
         if lock is not None:
             cleanup.callback(lock.close)
         out = Path(cfg.output_dir)
@@ -528,7 +430,8 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
 def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, lock, show: bool) -> Run:
     """The run's objects (:class:`Run` loads the prompts, the models and the judge), then, for a new run, its
     ``config.json``: the first byte a run writes comes after every load, so a run refused by one leaves the directory
-    as it was (the folders ``_open_run_dir`` created, and the empty metrics file ``Run`` opens, removed again)."""
+    as it was (the folders :func:`zopro.train.rundir.open_run_dir` created, and the empty metrics file ``Run``
+    opens, removed again)."""
     metrics = out / "metrics.jsonl"
     had_metrics = metrics.exists()
     try:
@@ -541,44 +444,6 @@ def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, l
             if not had_metrics and metrics.is_file() and metrics.stat().st_size == 0:
                 metrics.unlink()
             lock.remove_created()
-        raise
-
-
-def _open_shared_run_dir(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):
-    """:func:`_open_run_dir` on rank 0; its error, or the run's config and checkpoint name, broadcast to the other
-    ranks, which read the same checkpoint from the shared run directory (they take no lock and write nothing).
-    Returns ``(cfg, lock or None, loaded checkpoint or None)``."""
-    if ranks.world == 1:
-        return _open_run_dir(cfg, resume)
-    opened, error, failure = (None, None, None), None, None
-    if ranks.writes:
-        try:
-            opened = _open_run_dir(cfg, resume)
-        except ValueError as err:
-            error = str(err)
-        except Exception as err:  # noqa: BLE001 (an OSError, say: the other ranks must not wait for rank 0 forever)
-            error, failure = f"rank 0 could not open {cfg.output_dir}: {type(err).__name__}: {err}", err
-    try:  # from here on any failure (a lost rank included) releases rank 0's lock
-        error = ranks.broadcast_text(error, "the run directory's checks")
-        if failure is not None:
-            raise failure
-        if error is not None:
-            raise ValueError(error)
-        shared = json.dumps({"cfg": dataclasses.asdict(opened[0]), "checkpoint": opened[2] and opened[2].name}) \
-            if ranks.writes else None
-        shared = json.loads(ranks.broadcast_text(shared, "the run's config"))
-        if ranks.writes:
-            return opened
-        cfg = validate(TrainConfig(**shared["cfg"]))
-        loaded = checkpoint.load(Path(cfg.output_dir)) if shared["checkpoint"] else None
-        if (loaded and loaded.name) != shared["checkpoint"]:
-            raise ValueError(f"--resume: rank {ranks.rank} reads checkpoint {loaded and loaded.name} of "
-                             f"{cfg.output_dir}, rank 0 {shared['checkpoint']}: the run directory must be on a file "
-                             "system every rank sees")
-        return cfg, None, loaded
-    except BaseException:
-        if opened[1] is not None:
-            opened[1].close()
         raise
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.train import distributed
+from zopro.train import distributed, rundir
 from zopro.train.config import preset, reward_config
 from zopro.train.models import PolicyRewardModel
 from zopro.train.program import main, run
@@ -130,21 +130,19 @@ class _Broadcast(distributed.Ranks):
 
 
 def test_rank_0_failing_to_open_the_run_directory_stops_every_rank_with_its_reason(tmp_path, monkeypatch):
-    from zopro.train import program
-
     def denied(cfg, resume):
         raise PermissionError(13, "Permission denied", cfg.output_dir)
 
-    monkeypatch.setattr(program, "_open_run_dir", denied)
+    monkeypatch.setattr(rundir, "open_run_dir", denied)
     cfg = _cfg(tmp_path / "locked")
     rank0 = _Broadcast(rank=0, world=2, shards=2)
     with pytest.raises(PermissionError):  # rank 0 keeps its own exception and traceback
-        program._open_shared_run_dir(cfg, False, rank0)
+        rundir.open_shared(cfg, False, rank0)
     assert rank0.offered.startswith(f"rank 0 could not open {cfg.output_dir}: PermissionError")
     rank1 = _Broadcast(rank=1, world=2, shards=2)
     rank1.sent = rank0.offered
     with pytest.raises(ValueError, match="rank 0 could not open .*PermissionError"):  # and the others are told why
-        program._open_shared_run_dir(cfg, False, rank1)
+        rundir.open_shared(cfg, False, rank1)
 
 
 @pytest.mark.usefixtures("one_thread")
