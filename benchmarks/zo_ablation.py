@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.conftest import RESULTS_DIR, environment
-from zopro.train import checkpoint, program
+from zopro.train import checkpoint, program, rundir
 from zopro.train.config import TrainConfig, build_parser, coerce, from_args
 
 ARMS = {"iter1": {"iterations": 1}, "full": {}, "fo": {"algorithm": "rloo"}, "placebo": {"guide": "placebo"}}
@@ -58,11 +58,6 @@ def parse_arm(text: str) -> tuple[str, dict]:
     return name, {f: coerce(f, v) for f, v in vars(args).items() if v is not None and f not in ("config", "resume")}
 
 
-def _write_config(cfg: TrainConfig) -> None:
-    # with the copies its checkpoints hold: a resume refuses a config.json edited behind the run's back
-    checkpoint.rewrite_config(Path(cfg.output_dir), json.dumps(dataclasses.asdict(cfg), indent=1))
-
-
 def iteration0(cfg: TrainConfig) -> Path:
     """The run directory of ``cfg`` checkpointed after the last step of iteration 0 (reused when already there)."""
     out = Path(cfg.output_dir)
@@ -70,13 +65,7 @@ def iteration0(cfg: TrainConfig) -> Path:
     if done.is_file():
         return out
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    _write_config(cfg)
-    state = program.Run(cfg, out)
-    state.reward_init()
-    while state.progress.step < cfg.steps_per_iteration:
-        state.train_step()
-    state.save()
+    program.run(cfg, pause_after_iteration=0, progress=False)
     done.write_text("iteration 0 complete\n")
     return out
 
@@ -85,9 +74,8 @@ def arm_run(base: Path, cfg0: TrainConfig, overrides: dict, out: Path) -> dict:
     """The arm's finished run in ``out``: a copy of ``base`` resumed with the arm's config (reused when finished)."""
     if not (out / "summary.json").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(base, out)
         cfg = dataclasses.replace(cfg0, output_dir=str(out), **overrides)
-        _write_config(cfg)
+        rundir.branch(base, cfg)
         program.run(cfg, resume=True, progress=False)
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines() if line.strip()]

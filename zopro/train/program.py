@@ -395,9 +395,13 @@ def check_judge(cfg: TrainConfig) -> None:
     judge.score(["Describe a quiet beach in a few words."], ["Soft sand, calm water and a warm breeze."])
 
 
-def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None, progress: bool = True):
+def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None = None,
+        pause_after_iteration: int | None = None, progress: bool = True):
     """Run (or resume) a ZOPrO job; returns the summary dict (None on ranks other than 0 of a data-parallel job, see
-    :mod:`zopro.train.distributed`). ``stop_after_steps`` simulates a kill (tests).
+    :mod:`zopro.train.distributed`). ``stop_after_steps`` simulates a kill (tests). ``pause_after_iteration=N``
+    returns None once iteration ``N``'s last step is checkpointed, before the iteration ends (its reward refinement
+    and guides): a later ``run(cfg, resume=True)`` continues it, or :func:`zopro.train.rundir.branch` copies it to
+    continue with settings that act only from there on (``benchmarks/zo_ablation.py``).
 
     The run directory's lock is held from before the first read of the directory to the end; a resume continues
     from the newest verified checkpoint (or, with a message, the one before it when the newest is damaged), and a
@@ -424,7 +428,7 @@ def run(cfg: TrainConfig, resume: bool = False, *, stop_after_steps: int | None 
             ranks.barrier("the resume")  # every rank has read the checkpoint before rank 0 writes the next
         else:
             state.reward_init()
-        return _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started)
+        return _train_and_finish(state, cfg, out, resume, stop_after_steps, pause_after_iteration, progress, started)
 
 
 def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, lock, show: bool) -> Run:
@@ -447,7 +451,7 @@ def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, l
         raise
 
 
-def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, started):
+def _train_and_finish(state, cfg, out, resume, stop_after_steps, pause_after_iteration, progress, started):
     total = cfg.iterations * cfg.steps_per_iteration
     from tqdm.auto import tqdm
 
@@ -468,6 +472,9 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, progress, start
             bar.update(1)
             bar.set_postfix(iter=record["iteration"], mode=record["mode"], reward=f"{record['reward']:.3f}",
                             kl=f"{record['kl']:.3f}")
+        if state.progress.iteration == pause_after_iteration:  # its last step is checkpointed: a resume goes on
+            bar.close()
+            return None
         state.end_iteration()
         if state.ranks.writes:
             plot_rewards(state.metrics.read(), out / "reward_curve.png")

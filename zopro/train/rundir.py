@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 from zopro.train import checkpoint, distributed, preflight
@@ -148,3 +149,21 @@ def open_shared(cfg: TrainConfig, resume: bool, ranks: distributed.Ranks):
         if opened[1] is not None:
             opened[1].close()
         raise
+
+
+def branch(src: Path, cfg: TrainConfig) -> None:
+    """Copy the run in ``src`` (paused by ``run(..., pause_after_iteration=N)``, or stopped anywhere) to
+    ``cfg.output_dir`` with ``cfg``'s settings, for ``run(cfg, resume=True)`` to continue. The copy's config.json and
+    its checkpoints' copies of it are rewritten, so the resume accepts them; whether the changed settings act only
+    after the point the run stopped (so the branch is the run a fresh start with ``cfg`` would be) is the caller's
+    to know: ``--iterations``, the algorithm, guide and ZO settings of later iterations do, the model, data, seeds
+    and iteration 0's settings do not. Refuses an existing destination and a source without a checkpoint."""
+    src, dst = Path(src), Path(cfg.output_dir)
+    if dst.exists():
+        raise ValueError(f"branch: {dst} exists; a branch is a new run directory")
+    if checkpoint.load(src) is None:
+        raise ValueError(f"branch: {src} holds no checkpoint to continue from")
+    validate(cfg)
+    shutil.copytree(src, dst)
+    # with the copies its checkpoints hold: a resume refuses a config.json edited behind the run's back
+    checkpoint.rewrite_config(dst, json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from zopro.seeds import RunSeeds
-from zopro.train import main, run
+from zopro.train import main, run, rundir
 from zopro.train.config import TrainConfig, eval_config, from_args, preset
 from zopro.train.evaluate import main as evaluate_main
 from zopro.train.evaluation import paired_change, reevaluate
@@ -151,6 +151,21 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, job):
         b = load_file(str(tmp_path / "parts" / f"{name}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _records(tmp_path / "whole") == _records(tmp_path / "parts")
+
+
+def test_a_paused_run_resumes_to_the_uninterrupted_run_and_branches_are_checked(tmp_path):
+    whole = _smoke(tmp_path, "whole", seed=4)
+    evaluation = run(whole, progress=False)["evaluation"]
+    paused = _smoke(tmp_path, "paused", seed=4)
+    assert run(paused, progress=False, pause_after_iteration=0) is None
+    assert [r["iteration"] for r in _records(tmp_path / "paused")] == [0] * paused.steps_per_iteration
+    with pytest.raises(ValueError, match="is a new run directory"):
+        rundir.branch(tmp_path / "paused", whole)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        rundir.branch(tmp_path / "nothing", _smoke(tmp_path, "copy"))
+    assert not (tmp_path / "copy").exists()
+    assert run(paused, resume=True, progress=False)["evaluation"] == evaluation
+    assert _records(tmp_path / "paused") == _records(tmp_path / "whole")
 
 
 @pytest.mark.parametrize("argv, message", [
