@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 from zokernels.quant import NF4Weight
 from zopro.train import checkpoint
 from zopro.train.loading import load_models

@@ -441,7 +441,7 @@ def parse(argv=None) -> tuple[Config, str]:
 def main(argv=None, log=print) -> dict:
     import sys
 
-    from benchmarks.conftest import RESULTS_DIR, device_kind, environment
+    from benchmarks.common import RESULTS_DIR, device_kind, environment
 
     torch.set_num_threads(1)
     if argv is None:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 
 TASK = ["--preset", "smoke", "--prompts-per-step", "8", "--max-new-tokens", "16", "--steps-per-iteration", "4",
         "--reward-pairs", "8", "--reward-batch", "4"]

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 
 ALGORITHM_FLAGS = {
     "zopro": ["--algorithm", "zopro"],

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 
 METHODS = {
     "rloo": ["--algorithm", "rloo"],

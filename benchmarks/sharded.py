@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 
 
 def model(width: int, layers: int) -> torch.nn.Module:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.algo_step import ALGOS
-from benchmarks.conftest import RESULTS_DIR, environment, merge_json
+from benchmarks.common import RESULTS_DIR, environment, merge_json
 
 _FEW = ("forward2", "zopro-targeted")
 # (size, batch, tokens, base storage, algorithms). "rloo" on an NF4 base is first-order QLoRA.

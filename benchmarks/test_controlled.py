@@ -9,7 +9,7 @@ import json
 import math
 
 from benchmarks import controlled
-from benchmarks.conftest import RESULTS_DIR, device_kind
+from benchmarks.common import RESULTS_DIR, device_kind
 
 
 def test_controlled_sweep_writes_finite_results():

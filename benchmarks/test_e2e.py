@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import e2e
-from benchmarks.conftest import RESULTS_DIR, device_kind
+from benchmarks.common import RESULTS_DIR, device_kind
 
 ALGORITHMS = ["zopro", "mezo", "rloo", "ppo"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from benchmarks import frontier
-from benchmarks.conftest import RESULTS_DIR, device_kind
+from benchmarks.common import RESULTS_DIR, device_kind
 
 
 def test_every_method_on_the_frontier_of_the_smoke_task(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from benchmarks.baselines import mezo_perturb_
-from benchmarks.conftest import copy_pass
+from benchmarks.common import copy_pass
 from zokernels import perturb2_, perturb_
 from zokernels.guided import LowRank, guide_dot, guided_perturb_
 

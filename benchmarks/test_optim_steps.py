@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.baselines import mezo_perturb_
-from benchmarks.conftest import copy_pass
+from benchmarks.common import copy_pass
 from zopro import Isotropic, RankGuided, Targeted, ZOOptimizer
 
 EPS, LR = 1e-3, 1e-6

@@ -14,7 +14,7 @@ the device: Llama-3.2-1B's (8192 x 2048) on CUDA, SmolLM2-135M's (1536 x 576) on
 import pytest
 import torch
 
-from benchmarks.conftest import copy_pass
+from benchmarks.common import copy_pass
 from benchmarks.shapes import TensorList
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantised formats need bitsandbytes")

@@ -27,7 +27,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         pytest.skip(f"no Chromium found (looked for {', '.join(BROWSERS)})")
     from PIL import Image
 
-    from benchmarks.conftest import RESULTS_DIR
+    from benchmarks.common import RESULTS_DIR
 
     run(dataclasses.replace(preset("smoke"), output_dir=str(tmp_path / "run"), threads=1, snapshot_every=1),
         progress=False)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks.conftest import DEVICE, RESULTS_DIR, environment
+from benchmarks.common import DEVICE, RESULTS_DIR, environment
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")

@@ -33,7 +33,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.conftest import RESULTS_DIR, environment
+from benchmarks.common import RESULTS_DIR, environment
 from zopro.train import checkpoint, program, rundir
 from zopro.train.config import TrainConfig, build_parser, coerce, from_args
 
