@@ -20,26 +20,9 @@ from zopro.train import config
 
 OUT = Path(__file__).resolve().parent / "cli.md"
 
-# Concern -> fields, in the order the page shows them.
-GROUPS: dict[str, tuple[str, ...]] = {
-    "Job, run directory and resources": ("preset", "output_dir", "seed", "device", "threads", "checkpoint_every",
-                                         "snapshot_every"),
-    "Task and judge": ("dataset", "dataset_path", "max_prompts", "judge", "reward", "log_judge_score"),
-    "Held-out evaluation": ("n_eval_prompts", "eval_samples", "eval_batch", "eval_every", "eval_curve_prompts"),
-    "Base model and adapters": ("model", "gguf_file", "dtype", "lora_r", "lora_alpha"),
-    "Rollouts": ("k", "prompts_per_step", "max_new_tokens", "max_prompt_len", "temperature", "kl_coef",
-                 "logprob_temperature"),
-    "Algorithm and schedule": ("algorithm", "iterations", "steps_per_iteration", "first_order_iteration0", "loss",
-                               "clip"),
-    "First-order steps": ("fo_lr", "fo_microbatch", "ppo_epochs"),
-    "ZO steps": ("zo_lr", "zo_eps", "zo_scale", "zo_lr_decay", "zo_epochs", "zo_population", "zo_fitness", "zo_space",
-                 "zo_objective", "minibatches", "weight_decay", "sampler", "noise", "rank"),
-    "Guided directions (targeted and rank-guided sampling)": ("guide", "guide_blocks", "d0", "d_schedule", "d_tau"),
-    "Reward model": ("reward_model", "reward_lr", "reward_init_steps", "reward_steps", "reward_pairs", "reward_batch",
-                     "reward_soft_labels", "reward_merge_alpha"),
-    "Quantised base": ("quantize", "zo_target", "zo_merge_adapter"),
-    "Data-parallel runs (torchrun)": ("data_shards",),
-}
+# Concern -> fields, in the order the page shows them: the same groups as `--help` (a copy, so the test of a group
+# left out can change it without touching the program's)
+GROUPS: dict[str, tuple[str, ...]] = dict(config.FLAG_GROUPS)
 
 # Descriptions of the fields defined without a help text (checked against the code by hand; a field that gains a help
 # text in config.py must leave this table: tests/test_docs.py checks it).
@@ -109,7 +92,8 @@ def check_groups() -> None:
     missing = [n for n in names if n not in grouped]
     unknown = [n for n in grouped if n not in names]
     if twice or missing or unknown:
-        raise ValueError(f"docs/gen_cli.py GROUPS: fields in no group {missing}, in two {twice}, unknown {unknown}")
+        raise ValueError(f"zopro.train.config.FLAG_GROUPS: fields in no group {missing}, in two {twice}, "
+                         f"unknown {unknown}")
 
 
 def _presets() -> list[str]:
