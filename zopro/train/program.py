@@ -47,7 +47,7 @@ from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
 from zopro.train.report import MetricsLog, Phases, plot_rewards, summary_table
 from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
 from zopro.train.rollout import collect_step
-from zopro.train.state import LiveState, Progress, RunState
+from zopro.train.state import Guides, LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, GenerationFitness, logprob_temperature, make_zo_optimizer
 
 # the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
@@ -306,10 +306,9 @@ class Run:
             distributed.sync_trainable_(self.bundle, self.ranks)
             now = self.bundle.reward_parameters()
             delta = {n: now[n].detach() - self.state.iter_start[f"reward.{n}"] for n in prev}
-        previous = self.state.guides["prev"] if self.state.guides is not None else None
-        self.state.guides = {"prev": next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
-                                                self.bundle.policy_parameters(), self.seeds.placebo(it)),
-                             "delta": delta}
+        previous = self.state.guides.prev if self.state.guides is not None else None
+        self.state.guides = Guides(next_guide(cfg.guide, prev, previous, self.updater.first_order_optimizer,
+                                              self.bundle.policy_parameters(), self.seeds.placebo(it)), delta)
         log = self.updater.iteration_log()
         if log is not None and self.ranks.writes:  # the ZO optimiser's log: replays the iteration's updates bit for bit
             checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)

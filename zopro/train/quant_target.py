@@ -115,7 +115,7 @@ def base_guides(bundle, space: CodeSpace, guides, merged: dict[str, LowRank] | N
         if g is not None:
             prev[name] = g
         if guides is not None and bundle.shares_parameter_space:
-            d = reward_guide(bundle, name, guides["delta"])
+            d = reward_guide(bundle, name, guides.delta)
             if d is not None:
                 delta[name] = d
     return prev, delta

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -66,6 +67,15 @@ _TENSOR_FILES = (("trainable", LiveState), ("iter_start", "run"), ("guides_prev"
                  ("value", LiveState))
 
 
+class Guides(NamedTuple):
+    """The directions a ZO iteration targets, by canonical parameter name: ``prev`` the policy's (``--guide``: by
+    default its update over the previous iteration) and ``delta`` the reward adapter's update over it (empty without
+    a shared reward adapter)."""
+
+    prev: Tensors
+    delta: Tensors
+
+
 @dataclass
 class RunState:
     """What a run owns besides its live models: :class:`Progress`, the policy (and reward) weights at the start of
@@ -78,13 +88,13 @@ class RunState:
     guides_delta: Tensors | None = None
 
     @property
-    def guides(self) -> dict[str, Tensors] | None:
-        """``{"prev", "delta"}`` (what the samplers and :func:`zopro.train.guides.next_guide` take), or None."""
-        return None if self.guides_prev is None else {"prev": self.guides_prev, "delta": self.guides_delta}
+    def guides(self) -> Guides | None:
+        """The next ZO iteration's :class:`Guides`, or None before the first iteration ends."""
+        return None if self.guides_prev is None else Guides(self.guides_prev, self.guides_delta)
 
     @guides.setter
-    def guides(self, guides: dict[str, Tensors]) -> None:
-        self.guides_prev, self.guides_delta = guides["prev"], guides["delta"]
+    def guides(self, guides: Guides) -> None:
+        self.guides_prev, self.guides_delta = guides.prev, guides.delta
 
     def to_checkpoint(self, live: LiveState) -> dict:
         """The keyword arguments ``tensors``, ``objects`` and ``meta`` of :func:`zopro.train.checkpoint.save`."""

@@ -143,7 +143,8 @@ def core_bases(bundle) -> dict[str, torch.Tensor]:
 def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSeeds) -> ZOOptimizer:
     """The ZO optimiser of ``iteration`` over the policy adapter: with ``--zo-space core`` isotropic in the LoRA
     cores (:class:`~zopro.samplers.Core` over :func:`core_bases`); else isotropic in iteration 0 (or with
-    ``--sampler isotropic``, or without guides), else targeted / rank-guided from ``guides`` (``{"prev", "delta"}``).
+    ``--sampler isotropic``, or without guides), else targeted / rank-guided from ``guides``
+    (:class:`~zopro.train.state.Guides`).
     Its seed and the SVD's from ``seeds``. Schedules span ``zo.updates``, the iteration's ZO updates."""
     params = bundle.policy_parameters()
     total = zo.updates
@@ -154,7 +155,7 @@ def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSe
     else:
         kind = RankGuided if zo.sampler == "rank_guided" else Targeted
         extra = {"rank": zo.rank, "svd_seed": seeds.svd} if kind is RankGuided else {}
-        sampler = kind(guides["prev"], guides["delta"], d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau,
+        sampler = kind(guides.prev, guides.delta, d0=zo.d0, schedule=zo.d_schedule, tau=zo.d_tau,
                        total_steps=total, scale=zo.scale, blocks=zo.blocks, dist=zo.noise, **extra)
     decay = (lambda t: max(0.0, 1.0 - t / total)) if zo.lr_decay == "linear" else None
     return ZOOptimizer(params, lr=zo.lr, eps=zo.eps, weight_decay=zo.weight_decay, sampler=sampler,

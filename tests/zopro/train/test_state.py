@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zopro.train import checkpoint
-from zopro.train.state import LiveState, Progress, RunState
+from zopro.train.state import Guides, LiveState, Progress, RunState
 
 # meta.json's keys in the order every earlier run wrote them (the initial dict, then metrics_sha256 at the first save)
 LEGACY_META_KEYS = ["phase", "iteration", "step", "global_step", "evaluation", "metrics_bytes", "reward_losses",
@@ -31,7 +31,7 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     state = RunState(Progress(phase="train", iteration=1, step=2, global_step=4, evaluation={"b": 1, "a": [0.5]},
                               metrics_bytes=10, reward_losses=[0.25], skipped=1, metrics_sha256="ab"),
                      iter_start=_tensors("policy.x", "reward.x"))
-    state.guides = {"prev": _tensors("x", value=2.0), "delta": _tensors("x", value=3.0)}
+    state.guides = Guides(prev=_tensors("x", value=2.0), delta=_tensors("x", value=3.0))
     live = LiveState(trainable=_tensors("policy.x"), value=_tensors("v", value=4.0),
                      objects={"zo_optimizer": {"step": 3}})
     name = checkpoint.save(tmp_path, "000004-train", **state.to_checkpoint(live))
@@ -42,8 +42,8 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     back, live_back = RunState.from_checkpoint(checkpoint.load(tmp_path))
     assert back.progress == state.progress
     assert list(back.progress.evaluation) == ["b", "a"]
-    for got, want in ((back.iter_start, state.iter_start), (back.guides["prev"], state.guides["prev"]),
-                      (back.guides["delta"], state.guides["delta"]), (live_back.trainable, live.trainable),
+    for got, want in ((back.iter_start, state.iter_start), (back.guides.prev, state.guides.prev),
+                      (back.guides.delta, state.guides.delta), (live_back.trainable, live.trainable),
                       (live_back.value, live.value)):
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert live_back.objects == {"zo_optimizer": {"step": 3}}

@@ -262,6 +262,7 @@ def test_block_weights_are_standard_normal_and_independent():
 def test_guide_blocks_reach_the_programs_sampler_and_need_a_guided_sampler():
     from zopro.seeds import RunSeeds
     from zopro.train.config import from_args, zo_config
+    from zopro.train.state import Guides
     from zopro.train.updaters import make_zo_optimizer
 
     cfg, _ = from_args(["--preset", "smoke", "--guide-blocks", "layer", "--output-dir", "unused"])
@@ -272,7 +273,7 @@ def test_guide_blocks_reach_the_programs_sampler_and_need_a_guided_sampler():
         def policy_parameters(self):
             return params
 
-    guides = {"prev": {n: torch.ones(3) for n in params}, "delta": {}}
+    guides = Guides(prev={n: torch.ones(3) for n in params}, delta={})
     opt = make_zo_optimizer(Bundle(), zo_config(cfg), 1, guides, RunSeeds(0))
     assert opt.sampler.blocks == "layer" and opt.sampler.n_blocks == 2
     with pytest.raises(ValueError, match="--guide-blocks: .*isotropic"):
