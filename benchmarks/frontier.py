@@ -45,8 +45,8 @@ METHODS = {
     # an isotropic z over the d LoRA weights has norm ~sqrt(d) (~2200 for SmolLM2-135M's r-8 adapters): the ZOPrO lr,
     # sized for unit guided directions, diverges; 1e-5 keeps a step's norm near 0.1 (benchmarks/e2e.py measured it)
     "mezo": ["--algorithm", "zopro", "--sampler", "isotropic", "--first-order-iteration0", "false", "--zo-lr", "1e-5"],
-    # Populations (issue 29): 8 antithetic pairs a step, losses z-scored within the step. eps from a probe on training
-    # prompts only (RESULTS 13): the largest of {0.3, 1, 3, 10} (core) / {1e-3, 3e-3, 1e-2} (lora, per weight) whose
+    # Populations: 8 antithetic pairs a step, losses z-scored within the step. eps from a probe on training
+    # prompts only (RESULTS.md): the largest of {0.3, 1, 3, 10} (core) / {1e-3, 3e-3, 1e-2} (lora, per weight) whose
     # mean per-answer |delta log p| stays ~0.05, well inside the 0.2 clip; lr so that a step (~0.35 lr for 8 unit
     # directions with shaped fitness ~1) is about eps. Not tuned on held-out prompts.
     "es-core": ["--algorithm", "zopro", "--first-order-iteration0", "false", "--zo-space", "core", "--sampler",

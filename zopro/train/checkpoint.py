@@ -10,7 +10,7 @@ Every file is read safely: tensors with safetensors, other objects (optimiser st
 ``torch.load(weights_only=True)``, which refuses any pickle that would run code. Every damaged-file case raises a
 one-line ``ValueError`` naming the file.
 
-Around the checkpoints (issue 31): each holds a copy of the run's ``config.json`` (a resume refuses an edited one);
+Around the checkpoints: each holds a copy of the run's ``config.json`` (a resume refuses an edited one);
 every other output carries its SHA-256 too (:func:`load_tensors`, :func:`torch_load`, :func:`verify_folder` check
 it); a run directory may hold only the entries a run writes (:data:`RUN_ENTRY`); and a full disk or read-only mount
 is reported in one line naming the file (:func:`disk_error`).

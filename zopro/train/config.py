@@ -64,7 +64,7 @@ class TrainConfig:
                 "'reward:<sequence classifier id/path>'"})
     # judge: at this job's CPU budget (64 judged pairs, 16 Bradley-Terry steps) the learned reward model ordered
     # held-out answer pairs as VADER does 54 % of the time (lr 1e-3, 3e-3, 1e-2: 54, 56, 52 %), and first-order RLOO
-    # against it lowered the held-out gold score by 0.169 +- 0.032 at a KL of 12 nats (benchmarks/RESULTS.md 12)
+    # against it lowered the held-out gold score by 0.169 +- 0.032 at a KL of 12 nats (benchmarks/RESULTS.md)
     reward: str = field(default="judge", metadata={
         "help": "what the policy optimises: judge (the judge's score itself, as ES and GRPO papers do with "
                 "verifiable rewards) or model (a reward model learned from judge-labelled pairs, the paper's loop; "
@@ -123,7 +123,7 @@ class TrainConfig:
                 "once); less activation memory, same gradient"})
     ppo_epochs: int = field(default=4, metadata={"help": "--algorithm ppo: epochs over each rollout (TRL: 4)"})
     # With --zo-scale unit a ZO step moves zo_lr * g along a unit direction. On the assistant job g along the
-    # previous update measured ~0.05 a step, with signs that flip (RESULTS.md section 4), and iteration 0 moved the
+    # previous update measured ~0.05 a step, with signs that flip, and iteration 0 moved the
     # adapter ~4 in L2: lr 10 lets 20 decaying steps move ~1-5 when the signs agree, a random walk of ~1 when they do
     # not. Chosen from those two measurements, not tuned on the held-out prompts.
     zo_lr: float = field(default=10.0, metadata={

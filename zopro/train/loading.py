@@ -94,7 +94,7 @@ def load_models(cfg: TrainConfig, device: torch.device):
 def quantization_config(quantize: str, dtype: torch.dtype):
     """The ``BitsAndBytesConfig`` of ``--quantize`` (None for ``none``): NF4 with double quantisation computing in
     ``dtype``, or LLM.int8. NF4 computes in ``--dtype`` because a ZO step's finite difference at ``--zo-eps`` 1e-2 is
-    ~1e-3 of the loss, far under bf16's rounding of it (RESULTS.md 11b: with bf16 compute the projected gradients came
+    ~1e-3 of the loss, far under bf16's rounding of it (measured: with bf16 compute the projected gradients came
     out 20-100x too large and the ZO iterations diverged)."""
     if quantize == "none":
         return None
