@@ -2,7 +2,7 @@
 
     python -m benchmarks.sass [--cc 90] [--only SUBSTRING] [--markdown]
 
-Per variant (the full matrix of ``zokernels.aot``, launches captured at the real launch sites): registers, spill
+Per variant (the full matrix of ``benchmarks.aot``, launches captured at the real launch sites): registers, spill
 bytes, the widths of the global loads and stores on the full-block path, SASS thread-instructions per element,
 Philox calls per thread, and a roofline estimate for the H200. These are ESTIMATES FROM STATIC ANALYSIS, not
 measurements: ``benchmarks/run_gpu.sh`` measures on a GPU.
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     import torch
     import triton
 
-    from zokernels import aot
+    from benchmarks import aot
 
     header = ("variant", "regs", "spill B", "ld/st widths (bits x count)", "instr/elem", "Philox calls/thread",
               "B/elem", "% copy (overlap)", "% copy (none)", "target")

@@ -42,7 +42,7 @@ def measure(width: int, layers: int, steps: int) -> dict:
     import torch.distributed as dist
 
     from zokernels import perturb2_
-    from zopro import sharded
+    from zopro import dtensor
     from zopro.optim import ZOOptimizer
 
     m = model(width, layers)
@@ -69,7 +69,7 @@ def measure(width: int, layers: int, steps: int) -> dict:
         t0 = time.perf_counter()
         opt.step_many([closure])
         step_times.append(time.perf_counter() - t0)
-    locals_ = [sharded.local(p) for p in params.values()]
+    locals_ = [dtensor.local(p) for p in params.values()]
     offsets = opt.shards.offsets if opt.shards is not None else None
     pass_times = []
     for _ in range(steps):

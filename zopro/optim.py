@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zopro import sharded
+from zopro import dtensor
 from zopro.samplers import Isotropic
 from zopro.seeds import derive_seed
 
@@ -55,7 +55,7 @@ def _named(params) -> tuple[list[str], list[torch.Tensor]]:
     for n, p in zip(names, tensors):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameter {n!r} is a {type(p).__name__}, not a tensor")
-    _check_disjoint(names, [sharded.local(t) for t in tensors])  # a DTensor's memory is its local shard's
+    _check_disjoint(names, [dtensor.local(t) for t in tensors])  # a DTensor's memory is its local shard's
     return names, tensors
 
 
@@ -138,7 +138,7 @@ class ZOOptimizer:
     Args:
         params: parameters, ``(name, parameter)`` pairs or a ``{name: parameter}`` dict (names let samplers map
             guides); each parameter's noise stream is its position in this list. DTensors on a 1-D mesh (sharded or
-            replicated) are updated shard by shard with the single-process z (:mod:`zopro.sharded`).
+            replicated) are updated shard by shard with the single-process z (:mod:`zopro.dtensor`).
         lr, eps: learning rate and perturbation size; ``eps`` may be changed between steps (it is logged).
         weight_decay: decoupled, applied to tensors with two or more dimensions only (biases and norm weights are
             vectors): decided by shape, not by names. ``no_decay`` names further exclusions.
@@ -193,8 +193,8 @@ class ZOOptimizer:
         if weight_decay and not getattr(self.sampler, "supports_weight_decay", True):
             raise ValueError(f"weight_decay must be 0 with sampler {self.sampler.name!r}: it has no meaning in "
                              "its parameter space (quantised codes)")
-        # DTensor parameters (zopro.sharded): each rank perturbs its local shards at their global offsets
-        self.shards = sharded.layout(self.names, self.params, self.sampler)
+        # DTensor parameters (zopro.dtensor): each rank perturbs its local shards at their global offsets
+        self.shards = dtensor.layout(self.names, self.params, self.sampler)
         self.sampler.bind(self.names, self.params)
         if self.shards is not None:
             self.shards.bind(self.sampler)
@@ -635,7 +635,7 @@ class _Live:
         try:
             with torch.inference_mode():
                 loss = closure()
-            loss = sharded.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
+            loss = dtensor.as_float(loss)  # a CPU-GPU sync point: SPSA needs the number on the host to form g
         except BaseException:
             self.raised = True
             raise

@@ -87,7 +87,7 @@ class Isotropic:
 
     def apply(self, params, streams, terms, decay: torch.Tensor, offsets=None) -> None:
         """``terms``: ``[(seed, coef)]`` (1 or 2), ``coef`` a CPU float64 tensor with one entry per parameter;
-        ``offsets``: each tensor's global first element where it is a shard (:mod:`zopro.sharded`), default 0.
+        ``offsets``: each tensor's global first element where it is a shard (:mod:`zopro.dtensor`), default 0.
 
         Parameters sharing the same (decay, coefficients) go in one launch; with weight decay there are two groups.
         """
@@ -203,7 +203,7 @@ class Targeted(Isotropic):
         if isinstance(guide, LowRank):
             return float(guide.sq_norm())
         total = guide.double().pow(2).sum()
-        # a sharded DTensor guide's sum is Partial: float() of it reads this rank's share only (zopro.sharded)
+        # a sharded DTensor guide's sum is Partial: float() of it reads this rank's share only (zopro.dtensor)
         return float(total.full_tensor() if hasattr(total, "full_tensor") else total)
 
     def bind(self, names, params):
@@ -241,7 +241,7 @@ class Targeted(Isotropic):
         del self.prev_src, self.delta_src  # the caller's full-size tensors need not stay alive through us
 
     def use_shards(self, params, offsets, local_guide, sum_shards) -> None:
-        """Work on this rank's shards (:mod:`zopro.sharded`, after :meth:`bind`): ``params`` the local tensors,
+        """Work on this rank's shards (:mod:`zopro.dtensor`, after :meth:`bind`): ``params`` the local tensors,
         ``offsets`` their global first elements, ``local_guide(i, guide)`` the part of a guide matching ``params[i]``,
         ``sum_shards(dots)`` the per-tensor sums over every rank's parts. Norms, sizes and which tensors are guided
         were computed by ``bind`` from whole guides, so they are the same on every rank."""

@@ -3,9 +3,9 @@ fused multiply-adds where the reference rounds twice.
 
 The interpreter (which runs every other Triton test here) accepts code the compiler rejects: a plain module global
 read inside @triton.jit once made every LowRank guide fail to compile. So a representative subset of the variants the
-launchers produce (``zokernels.aot --ci``: each kernel, aligned and unaligned, stochastic rounding, rank-64 LowRank,
+launchers produce (``benchmarks.aot --ci``: each kernel, aligned and unaligned, stochastic rounding, rank-64 LowRank,
 int8, nested NF4) is compiled here in a subprocess without TRITON_INTERPRET, from launches captured at the real
-launch sites. The full matrix is ``python -m zokernels.aot``, with SASS statistics ``python -m benchmarks.sass``.
+launch sites. The full matrix is ``python -m benchmarks.aot``, with SASS statistics ``python -m benchmarks.sass``.
 Measured: 65 s wall (37 s CPU) on the 2-core CI machine shared with other jobs (load average 6.5), cold cache.
 """
 
@@ -32,7 +32,7 @@ def aot_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # a cold compile, as CI sees it
-    proc = subprocess.run([sys.executable, "-m", "zokernels.aot", "--ci", "--cc", "80,90"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot", "--ci", "--cc", "80,90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     return proc
 
@@ -42,7 +42,7 @@ def test_ci_subset_compiles_without_spills_or_fused_roundings(aot_run):
 
 
 def test_ci_subset_covers_every_kernel_on_both_targets(aot_run):
-    from zokernels import aot
+    from benchmarks import aot
 
     rows = LINE.findall(aot_run.stdout)
     for cc in ("80", "90"):

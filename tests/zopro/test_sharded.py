@@ -1,4 +1,4 @@
-"""ZOOptimizer on DTensor parameters (``zopro.sharded``), gloo and two CPU processes: the gathered weights after a run
+"""ZOOptimizer on DTensor parameters (``zopro.dtensor``), gloo and two CPU processes: the gathered weights after a run
 on two ranks equal a single process's bit for bit, uneven and empty shards included; its log replays in a single
 process to the same weights, and a single process's log on the shards; a model sharded by FSDP2's ``fully_shard``
 too; Targeted and RankGuided within one ulp of their one-process replays (bit for bit here); a Partial loss is the

@@ -28,7 +28,7 @@ step's rows, and only a few floats per row cross the network. The rules, in the 
   gradient, ~1e-7 relative per step).
 * **The reward adapter** is trained the same way: its preference pairs are cut into the data shards, a rank samples
   and judges only its shards' pairs, and each Bradley-Terry step sums the shards' gradients of their rows' share of
-  the batch loss, then all-reduces (:mod:`zopro.train.reward`). After each reward training rank 0's trainable
+  the batch loss, then all-reduces (:mod:`zopro.train.reward_adapter`). After each reward training rank 0's trainable
   tensors are broadcast (the trainable size, once per phase), so a nondeterministic kernel cannot let ranks drift.
   Guides are computed on every rank from identical weights. The held-out evaluation's generate calls are dealt out
   to the ranks, its answers gathered, and rank 0 scores them with the single process's judge calls.

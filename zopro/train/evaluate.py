@@ -5,7 +5,7 @@
 
 For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
 identity) and the run's final policy adapter, both evaluated as the training program does
-(``zopro.train.evaluation.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after,
+(``zopro.train.heldout.evaluate`` with ``--eval-samples N``). Prints a markdown row per run (before, after,
 change with its paired standard error) and writes nothing into the run. Use it on runs made before a change of the
 evaluation, or to tell a run's effect from sampling noise with more samples than the job itself spent.
 ``--probe-guide`` scores the final policy moved along the run's guide instead (:func:`probe_guide`): whether the
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from zopro.train import checkpoint, preflight
-from zopro.train.evaluation import probe_guide, reevaluate
+from zopro.train.heldout import probe_guide, reevaluate
 from zopro.train.loading import resolve_device
 
 

@@ -16,8 +16,8 @@ import torch
 from zopro.seeds import RunSeeds
 from zopro.train import checkpoint, data, judges
 from zopro.train.config import TrainConfig
+from zopro.train.external_reward import AnyRewardModel
 from zopro.train.models import PolicyRewardModel
-from zopro.train.reward_model import AnyRewardModel
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Special tokens of the tiny tokenizer, at fixed ids so build_tiny_model can agree with it without seeing it.

@@ -13,7 +13,7 @@ adapter name is removed from the parameter name ("canonical" names). Targeted sa
 onto the policy's tensor of the same canonical name.
 
 The bases themselves are loaded (or, for tests and the smoke preset, built) by :mod:`zopro.train.loading`; an external
-reward model (``--reward-model``) is :class:`zopro.train.reward_model.AnyRewardModel`.
+reward model (``--reward-model``) is :class:`zopro.train.external_reward.AnyRewardModel`.
 
 Library code never touches torch's global generator: adapter initialisation and sampling run inside
 ``torch.random.fork_rng`` seeded from explicit arguments, so the caller's RNG state is the same before and after.
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from zopro.train.reward_model import AnyRewardModel
+from zopro.train.external_reward import AnyRewardModel
 
 POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
 VALUE = "value"  # optional critic adapter for first-order PPO baselines (see add_value_adapter)

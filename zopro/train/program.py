@@ -40,12 +40,19 @@ from zopro.train.config import (
     validate,
     zo_config,
 )
-from zopro.train.evaluation import HeldOut, evaluate, paired_change, summarise
-from zopro.train.guides import next_guide
+from zopro.train.heldout import HeldOut, evaluate, paired_change, summarise
 from zopro.train.loading import evenly_spaced, load_judge, load_models, load_prompts, resolve_device, save_tiny_base
+from zopro.train.next_guide import next_guide
 from zopro.train.ppo import PPOConfig, PPOUpdater, ValueModel
 from zopro.train.report import MetricsLog, Phases, plot_rewards, summary_table
-from zopro.train.reward import dataset_pairs, judged_pairs, merge_reward_, reward_state, reward_tensors, train_reward
+from zopro.train.reward_adapter import (
+    dataset_pairs,
+    judged_pairs,
+    merge_reward_,
+    reward_state,
+    reward_tensors,
+    train_reward,
+)
 from zopro.train.rollout import collect_step
 from zopro.train.state import Guides, LiveState, Progress, RunState
 from zopro.train.updaters import ZORLOO, FirstOrderRLOO, GenerationFitness, logprob_temperature, make_zo_optimizer

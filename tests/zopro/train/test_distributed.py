@@ -19,7 +19,7 @@ from zopro.train import distributed, rundir
 from zopro.train.config import preset, reward_config
 from zopro.train.models import PolicyRewardModel
 from zopro.train.program import main, run
-from zopro.train.reward import ShardedPairs, reward_state, shard_bounds, train_reward
+from zopro.train.reward_adapter import ShardedPairs, reward_state, shard_bounds, train_reward
 
 ROOT = Path(__file__).resolve().parents[3]
 TIMING = ("step_time", "peak_rollout", "peak_update")  # the values that legitimately differ between runs

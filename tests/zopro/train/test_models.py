@@ -1,5 +1,5 @@
 """Tests of zopro.train.models (and the base loaders of zopro.train.loading, the external reward model of
-zopro.train.reward_model) on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
+zopro.train.external_reward) on a tiny random Llama (CPU, seconds) and, when installed, the real SmolLM2-135M GGUF."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from zopro.train import loading
+from zopro.train.external_reward import AnyRewardModel
 from zopro.train.loading import TINY_EOS_ID, TINY_PAD_ID, build_tiny_model, build_tiny_tokenizer
 from zopro.train.models import PolicyRewardModel
-from zopro.train.reward_model import AnyRewardModel
 
 SEED = 0
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from zopro.train.external_reward import AnyRewardModel
 from zopro.train.losses import rloo_advantages
 from zopro.train.models import PolicyRewardModel
-from zopro.train.reward_model import AnyRewardModel
 from zopro.train.rollout import Rollout, collect_rollout, tokenize_prompts
 
 PROMPTS = ["hello", "tell me about the blue sea", "why is the sky blue ?"]

@@ -12,7 +12,7 @@ from zopro.seeds import RunSeeds
 from zopro.train import main, run, rundir
 from zopro.train.config import TrainConfig, eval_config, from_args, preset
 from zopro.train.evaluate import main as evaluate_main
-from zopro.train.evaluation import paired_change, reevaluate
+from zopro.train.heldout import paired_change, reevaluate
 from zopro.train.judges import HeuristicJudge
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
@@ -95,7 +95,7 @@ def test_resuming_a_run_of_an_older_version_fails_before_touching_it(tmp_path):
 
 
 def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, monkeypatch):
-    from zopro.train import evaluation
+    from zopro.train import heldout
 
     calls = []
 
@@ -108,11 +108,11 @@ def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, mon
             assert all(c.startswith(p + "|") for p, c in zip(prompts, completions, strict=True))
             return torch.tensor([float(c.rsplit("|", 1)[1]) for c in completions])
 
-    monkeypatch.setattr(evaluation, "sample_completions", fake_sample)
+    monkeypatch.setattr(heldout, "sample_completions", fake_sample)
     cfg = _smoke(tmp_path, eval_samples=3, eval_batch=7)  # 7 // 3 = 2 prompts a call: chunks of 2, 2 and 1
     prompts = [f"p{i}" for i in range(5)]
     ev, run_seeds = eval_config(cfg), RunSeeds.of(cfg)
-    metric, values, texts, kl, _ = evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
+    metric, values, texts, kl, _ = heldout.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert kl is None  # the stand-in sampler returns no generation to take log-probs of
     assert [c[0] for c in calls] == [["p0", "p1"], ["p2", "p3"], ["p4"]] and {c[1] for c in calls} == {3}
     seeds = [c[2] for c in calls]
@@ -120,7 +120,7 @@ def test_evaluation_groups_samples_by_prompt_across_generate_calls(tmp_path, mon
     assert metric == "mean judge score" and values == [1.0] * 5  # mean of sample indices 0, 1, 2
     assert texts[3] == [f"p3|{seeds[1]}|{j}" for j in range(3)]
     calls.clear()
-    evaluation.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
+    heldout.evaluate(None, None, IndexJudge(), prompts, ev, run_seeds)
     assert [c[2] for c in calls] == seeds  # the same seeds every time: "before" and "after" share them
 
 
@@ -263,7 +263,7 @@ def test_quantized_base_trains_fp32_adapters(tmp_path, quantize, layer):
 
 
 def test_pairwise_judge_scores_after_against_before(tmp_path):
-    from zopro.train.evaluation import evaluate
+    from zopro.train.heldout import evaluate
     from zopro.train.judges import CallableJudge
     from zopro.train.loading import load_models
 

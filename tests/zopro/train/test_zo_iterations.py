@@ -18,8 +18,8 @@ from zopro.train.checkpoint import load as load_checkpoint
 from zopro.train.config import preset, validate
 from zopro.train.distributed import SOLO
 from zopro.train.evaluate import main as evaluate_main
-from zopro.train.guides import adam_direction, next_guide
 from zopro.train.models import PolicyRewardModel
+from zopro.train.next_guide import adam_direction, next_guide
 from zopro.train.rollout import collect_rollout, sample_completions, tokenize_prompts
 from zopro.train.updaters import GenerationFitness, logprob_temperature, surrogate
 

@@ -11,7 +11,7 @@ Used by ``tests/zokernels/test_compile.py`` (a representative subset, ``--ci``) 
 matrix, SASS statistics and a roofline estimate). Must run in a process WITHOUT ``TRITON_INTERPRET=1``: the kernels
 must be compiled JITFunctions.
 
-    python -m zokernels.aot [--ci] [--cc 80,90] [--only SUBSTRING]
+    python -m benchmarks.aot [--ci] [--cc 80,90] [--only SUBSTRING]
 
 prints one line per (variant, target) and exits 1 if any variant fails to compile, spills registers, or contains
 a fused multiply-add where the torch reference rounds twice (:data:`NO_FMA`).
@@ -120,7 +120,7 @@ def variants() -> list[tuple[str, bool, dict, object]]:
                         lambda dt=dt, dist=dist: perturb.perturb_([_w(n, dt)], 1, 1e-3, dist=dist, decay=0.99)))
         out.append((f"perturb_ {names[dt]}/gauss unaligned", dt == f16, {},
                     lambda dt=dt: perturb.perturb_([_w(n + 1, dt)[1:]], 1, 1e-3)))
-    # global element offsets (sharded parameters, zopro.sharded): the OFFSETS variants, shard starts a whole vector
+    # global element offsets (sharded parameters, zopro.dtensor): the OFFSETS variants, shard starts a whole vector
     for dt, rounding, ci in ((f32, None, True), (bf16, None, False), (bf16, 5, False)):
         out.append((f"perturb2_ {names[dt]}/gauss{' SR' if rounding else ''} offsets", ci, {},
                     lambda dt=dt, rounding=rounding: perturb.perturb2_(
