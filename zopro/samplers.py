@@ -443,8 +443,12 @@ class Core:
     name = "core"
     supports_weight_decay = True
 
-    def __init__(self, bases: Mapping[str, torch.Tensor]):
+    def __init__(self, bases: Mapping[str, torch.Tensor], diagonal: bool = False):
+        """``diagonal``: ``xi`` is a diagonal ``k x k`` matrix (``k == n``), so each tensor moves along ``U diag(xi)``:
+        ``k`` numbers a tensor (for LoRA, its r singular values between frozen factors, as ESSA)."""
         self.bases_src = dict(bases)
+        self.diagonal = bool(diagonal)
+        self.name = "singular" if self.diagonal else "core"  # the metrics' mode: zo-core or zo-singular
         self._cache: dict = {}
 
     def bind(self, names, params):
@@ -460,16 +464,21 @@ class Core:
                 if u.dim() != 2 or p.dim() != 2 or u.shape[0] != p.shape[0] or u.shape[1] > p.shape[0]:
                     raise ValueError(f"core basis of {name!r} has shape {tuple(u.shape)}: it must be [m, k] with "
                                      f"k <= m for a parameter [m, n], got {tuple(p.shape)}")
+                if self.diagonal and u.shape[1] != p.shape[1]:
+                    raise ValueError(f"diagonal core basis of {name!r} has {u.shape[1]} columns: it must have as many "
+                                     f"as the parameter {tuple(p.shape)}")
                 u = u.detach().to(device=p.device, dtype=torch.float32).contiguous()
                 self.shapes.append((u.shape[1], p.shape[1]))
             else:
                 self.shapes.append(None)
             self.bases.append(u)
-        self.dims = sum(k * n for k, n in (s for s in self.shapes if s is not None))
+        self.dims = sum(k if self.diagonal else k * n for k, n in (s for s in self.shapes if s is not None))
         del self.bases_src
 
     def _xi(self, seed: int, i: int, stream: int) -> torch.Tensor:
         k, n = self.shapes[i]
+        if self.diagonal:
+            return torch.diag(rng.gaussian(seed, stream, 0, k, device=self.bases[i].device))
         return rng.gaussian(seed, stream, 0, k * n, device=self.bases[i].device).view(k, n)
 
     def prepare(self, seed: int) -> None:
@@ -523,8 +532,8 @@ class Core:
                 p.copy_(acc)
 
     def state_dict(self) -> dict:
-        return {"name": self.name, "dims": self.dims}
+        return {"name": self.name, "dims": self.dims, "diagonal": self.diagonal}
 
     def load_state_dict(self, state: dict) -> None:
         _check_name(self, state)
-        _check_same(self, {"dims": state.get("dims")})
+        _check_same(self, {"dims": state.get("dims"), "diagonal": state.get("diagonal", False)})

@@ -68,6 +68,24 @@ def test_one_step_equals_the_spec_and_directions_have_norm_one():
         assert (params[n].double() - w0[n]).norm() > 100 * bound.norm()
 
 
+def test_a_diagonal_core_moves_each_basis_vector_by_one_number():
+    g = torch.Generator().manual_seed(0)
+    params = {"b": torch.zeros(12, 3), "c": torch.zeros(8, 2)}
+    bases = {"b": _orthonormal(12, 3, 1), "c": _orthonormal(8, 2, 2)}
+    sampler = Core(bases, diagonal=True)
+    opt = ZOOptimizer(params, lr=0.5, eps=1e-2, sampler=sampler, q=4, fitness="ranks", seed=3)
+    target = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+    opt.step_many([lambda: float(sum((params[n] - target[n]).pow(2).sum() for n in params))] * 3)
+    assert sampler.dims == 5
+    for name, u in bases.items():
+        coords = u.double().T @ params[name].double()  # [k, n]: only the diagonal moved
+        assert coords.diagonal().abs().min() > 1e-3
+        off = coords - torch.diag(coords.diagonal())
+        assert off.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="as many"):
+        ZOOptimizer({"b": torch.zeros(12, 4)}, lr=0.1, sampler=Core({"b": _orthonormal(12, 3, 1)}, diagonal=True))
+
+
 def test_replay_and_resume_are_bit_for_bit():
     def build():
         params, bases = _problem()

@@ -164,9 +164,10 @@ class TrainConfig:
     zo_epochs: int = field(default=1, metadata={
         "help": "ZO steps per rollout on the same tokens (fresh directions; the PPO clip bounds how far they go)"})
     zo_space: str = field(default="lora", metadata={
-        "help": "what ZO directions move: lora (every policy LoRA weight, the paper) or core (each LoRA B only within "
+        "help": "what ZO directions move: lora (every policy LoRA weight, the paper), core (each LoRA B only within "
                 "the top-r left singular vectors of its base weight: an r x r core between frozen factors, as "
-                "LoRA-XS; r^2 numbers a module; isotropic in the core, so it needs --sampler isotropic)"})
+                "LoRA-XS, r^2 numbers a module) or singular (the diagonal of that core: r numbers a module, as "
+                "ESSA); core and singular are isotropic in their space, so they need --sampler isotropic"})
     zo_objective: str = field(default="surrogate", metadata={
         "help": "what a ZO direction is scored by: surrogate (the PPO-clip loss of the step's sampled answers at "
                 "the perturbed weights, the paper) or generation (the mean reward of greedy answers to the step's "
@@ -335,7 +336,7 @@ CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, 
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
-           "zo_fitness": FITNESS, "zo_space": ("lora", "core"),
+           "zo_fitness": FITNESS, "zo_space": ("lora", "core", "singular"),
            "zo_objective": ("surrogate", "generation"), "guide": GUIDES,
            "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
@@ -453,13 +454,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         bad("guide_blocks", "weighs the blocks of a guide: --sampler isotropic has none (use targeted or rank_guided)")
     if cfg.zo_target != "lora":
         _check_zo_target(cfg, bad)
-    if cfg.zo_space == "core":
+    if cfg.zo_space != "lora":
         if cfg.sampler != "isotropic":
-            bad("zo_space", f"core directions are isotropic in the LoRA cores: pass --sampler isotropic (got "
-                            f"{cfg.sampler})")
+            bad("zo_space", f"{cfg.zo_space} directions are isotropic in the LoRA cores: pass --sampler isotropic "
+                            f"(got {cfg.sampler})")
         if cfg.zo_target != "lora" or cfg.quantize != "none":
-            bad("zo_space", "core takes its factors from a float base's singular vectors: it needs --zo-target lora "
-                            "and --quantize none")
+            bad("zo_space", f"{cfg.zo_space} takes its factors from a float base's singular vectors: it needs "
+                            "--zo-target lora and --quantize none")
     if cfg.zo_merge_adapter and cfg.zo_target != "codes":
         bad("zo_merge_adapter", "merges the adapter into the base codes: it needs --zo-target codes")
     if cfg.quantize != "none" and cfg.device == "cpu" and cfg.quantize == "nf4" and cfg.dtype == "float16":

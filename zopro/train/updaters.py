@@ -141,15 +141,15 @@ def core_bases(bundle) -> dict[str, torch.Tensor]:
 
 
 def make_zo_optimizer(bundle, zo: ZOConfig, iteration: int, guides, seeds: RunSeeds) -> ZOOptimizer:
-    """The ZO optimiser of ``iteration`` over the policy adapter: with ``--zo-space core`` isotropic in the LoRA
-    cores (:class:`~zopro.samplers.Core` over :func:`core_bases`); else isotropic in iteration 0 (or with
-    ``--sampler isotropic``, or without guides), else targeted / rank-guided from ``guides``
-    (:class:`~zopro.train.state.Guides`).
-    Its seed and the SVD's from ``seeds``. Schedules span ``zo.updates``, the iteration's ZO updates."""
+    """The ZO optimiser of ``iteration`` over the policy adapter: with ``--zo-space core`` / ``singular`` isotropic in
+    the LoRA cores or their diagonals (:class:`~zopro.samplers.Core` over :func:`core_bases`); else isotropic in
+    iteration 0 (or with ``--sampler isotropic``, or without guides), else targeted / rank-guided from ``guides``
+    (:class:`~zopro.train.state.Guides`). Its seed and the SVD's from ``seeds``. Schedules span ``zo.updates``, the
+    iteration's ZO updates."""
     params = bundle.policy_parameters()
     total = zo.updates
-    if zo.space == "core":
-        sampler = Core(core_bases(bundle))
+    if zo.space in ("core", "singular"):
+        sampler = Core(core_bases(bundle), diagonal=zo.space == "singular")
     elif iteration == 0 or zo.sampler == "isotropic" or guides is None:
         sampler = Isotropic(zo.noise)
     else:

@@ -178,6 +178,8 @@ def test_a_paused_run_resumes_to_the_uninterrupted_run_and_branches_are_checked(
     (["--preset", "smoke", "--eval-samples", "0"], "--eval-samples: must be at least 1"),
     (["--preset", "smoke", "--eval-batch", "0"], "--eval-batch: must be at least 1"),
     (["--preset", "smoke", "--zo-space", "core"], "--zo-space: core directions are isotropic in the LoRA cores"),
+    (["--preset", "smoke", "--zo-space", "singular", "--sampler", "isotropic", "--quantize", "nf4"],
+     "--zo-space: singular takes its factors from a float base"),
     (["--preset", "smoke", "--zo-population", "0"], "--zo-population"),
     (["--preset", "smoke", "--zo-fitness", "softmax"], "--zo-fitness: 'softmax' is not one of"),
 ])
