@@ -11,8 +11,6 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from zopro.optim import FITNESS
-
 ALGORITHMS = ("zopro", "rloo", "ppo")
 SAMPLERS = ("targeted", "rank_guided", "isotropic")
 GUIDES = ("prev", "adam", "cumulative", "placebo")
@@ -23,6 +21,7 @@ ZO_TARGETS = ("lora", "scales", "codes")
 # "default" is the assistant prompts' name before the describe task became the default job (kept for saved runs)
 DATASETS = ("describe", "assistant", "default", "hh-rlhf", "tldr", "wmt20")
 REWARDS = ("model", "judge")
+ZO_FITNESS = ("raw", "zscore", "ranks")  # zopro.optim.FITNESS (kept light: no torch import here)
 
 
 @dataclass
@@ -336,7 +335,7 @@ CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, 
            "quantize": QUANTIZE,
            "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
            "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
-           "zo_fitness": FITNESS, "zo_space": ("lora", "core", "singular"),
+           "zo_fitness": ZO_FITNESS, "zo_space": ("lora", "core", "singular"),
            "zo_objective": ("surrogate", "generation"), "guide": GUIDES,
            "guide_blocks": GUIDE_BLOCKS,
            "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}

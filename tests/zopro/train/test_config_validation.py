@@ -113,3 +113,11 @@ def test_resume_takes_the_saved_settings_and_allows_threads(saved_run):
     resumed, resume = from_args(["--resume", "--output-dir", str(out), "--threads", "3"])  # no --preset smoke
     assert resume and resumed == validate(dataclasses.replace(cfg, threads=3))
     assert resume_differences(validate(cfg), resumed) == []
+
+
+def test_the_configs_light_copies_of_the_samplers_and_optimisers_choices_agree_with_them():
+    from zopro.optim import FITNESS
+    from zopro.samplers import BLOCKS
+    from zopro.train.config import GUIDE_BLOCKS, ZO_FITNESS
+
+    assert ZO_FITNESS == FITNESS and GUIDE_BLOCKS == BLOCKS
