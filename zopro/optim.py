@@ -16,7 +16,7 @@ is also the cheapest checkpoint.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -200,7 +200,7 @@ class ZOOptimizer:
             self.shards.bind(self.sampler)
         self.step_count = 0
         self.skipped = 0
-        self.log = {"losses": [], "groups": [], "lr": [], "eps": [], "interrupted": []}
+        self.log = {"losses": [], "groups": [], "lr": [], "eps": [], "interrupted": [], "members": []}
 
     # ---- the passes -------------------------------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -448,6 +448,39 @@ class ZOOptimizer:
         """
         return self._step_many(list(closures), _Live(), self._scheduled)
 
+    def step_members(self, evaluate: Callable[[list[int], float], Sequence[float]]) -> StepResult:
+        """One step whose ``2q`` members are scored by the caller, without any weight pass: ``evaluate(seeds, eps)``
+        returns the losses at ``w + eps z_j`` and ``w - eps z_j`` for each direction ``seeds[j]``, in the order
+        ``L+_0, L-_0, L+_1, ...`` (for example from one batched forward in which each member's rows see their own
+        low-rank delta). Then ``ceil(q / 2)`` passes apply ``w = m*w - lr/q * sum_j g_j z_j``.
+
+        The weights are never perturbed, so the step costs ``q / 2`` weight passes instead of ``3q``, and an
+        exception in ``evaluate`` leaves them untouched (nothing to log). Two-sided only. Replay re-applies the same
+        update pass from the logged losses; the weights differ from :meth:`step`'s on the same losses by the
+        rounding of the probe passes that this step does not make."""
+        if self.one_sided:
+            raise ValueError("step_members scores two-sided pairs: it needs one_sided=False")
+        return self._step_members(evaluate, _Live(), self._scheduled)
+
+    def _step_members(self, evaluate, losses_from, setting) -> StepResult:
+        [(lr, eps)] = self._settings(1, setting)
+        seeds = [derive_seed(self.seed, self.step_count, j) for j in range(self.q)]
+        for seed in seeds:
+            self.sampler.prepare(seed)
+        losses = losses_from.members(evaluate, seeds, eps, 2 * self.q)
+        self._log_settings(lr, eps)
+        grads = [(losses[2 * j] - losses[2 * j + 1]) / (2 * eps) for j in range(self.q)]
+        coefficients = self._coefficients(grads, losses)
+        terms = [(s, -lr * g / self.q) for s, g in zip(seeds, coefficients)]
+        ok = all(abs(g) <= _FLOAT32_MAX for g in coefficients) and self._fits(terms)  # False for NaN
+        if ok:  # the samplers' passes take at most two directions each: ceil(q / 2) passes, the decay in the first
+            for i in range(0, len(terms), 2):
+                self._pass(terms[i:i + 2], self._decay(lr) if i == 0 else None)
+        result = self._close_step(grads, losses, ok, losses_from)
+        self.log["members"].append(len(self.log["groups"]))
+        self._record(0, losses_from)
+        return result
+
     def state_dict(self) -> dict:
         """Everything but the weights: resuming needs this plus the weights, or the starting weights and the log."""
         return {"step_count": self.step_count, "skipped": self.skipped, "seed": self.seed, "lr": self.lr,
@@ -456,7 +489,8 @@ class ZOOptimizer:
                 "log": {"losses": torch.tensor(self.log["losses"], dtype=torch.float64),
                         "groups": torch.tensor(self.log["groups"], dtype=torch.int32),
                         "lr": list(self.log["lr"]), "eps": list(self.log["eps"]),
-                        "interrupted": list(self.log["interrupted"]), "params": self._signature()}}
+                        "interrupted": list(self.log["interrupted"]), "members": list(self.log["members"]),
+                        "params": self._signature()}}
 
     def _signature(self) -> dict:
         """What a state or log belongs to: the parameters' names, shapes and dtypes, in order."""
@@ -491,8 +525,12 @@ class ZOOptimizer:
             raise ValueError(f"log holds {len(losses)} losses for {steps} steps ({per_step} a step)"
                              + (f" but the state has {step_count} steps" if step_count is not None else ""))
         interrupted = self._checked_interruptions(log.get("interrupted", []), groups, per_step, limit)
+        members = _as_list(log.get("members", []), "log['members']")  # a log from before step_members has none
+        if not all(_is_count(c) and c < len(groups) and groups[c] == 0 for c in members) or \
+                any(a >= b for a, b in zip(members, members[1:])) or (members and self.one_sided):
+            raise ValueError(f"log['members'] must list, in order, calls of one step each, got {members[:5]}")
         return {"losses": losses, "groups": groups, "lr": changes["lr"], "eps": changes["eps"],
-                "interrupted": interrupted}
+                "interrupted": interrupted, "members": members}
 
     def _check_signature(self, params) -> None:
         """A log's ``params`` must be this optimiser's :meth:`_signature`; ValueError naming the field otherwise."""
@@ -549,7 +587,8 @@ class ZOOptimizer:
         self.step_count, self.skipped = step_count, skipped
         self.lr, self.eps, self.weight_decay = float(state["lr"]), float(state["eps"]), float(state["weight_decay"])
         self.log = {"losses": log["losses"], "groups": log["groups"], "lr": [tuple(x) for x in log["lr"]],
-                    "eps": [tuple(x) for x in log["eps"]], "interrupted": log["interrupted"]}
+                    "eps": [tuple(x) for x in log["eps"]], "interrupted": log["interrupted"],
+                    "members": log["members"]}
 
     def replay(self, log: dict) -> None:
         """Re-run a recorded log from this optimiser's current (starting) weights; no closure is evaluated.
@@ -574,15 +613,28 @@ class ZOOptimizer:
         def setting(step):
             return recorded("lr", step), recorded("eps", step)
 
-        for group, cut in self._calls(checked["groups"], checked["interrupted"]):
+        members = set(checked["members"])
+        for call, (group, cut) in self._numbered(self._calls(checked["groups"], checked["interrupted"])):
             if cut is not None:
                 self._replay_interrupted(tape, cut, setting)
+            elif call in members:
+                self._step_members(_unused, tape, setting)
             elif group == 0:
                 self._step(_unused, tape, setting)
             else:
                 self._step_many([_unused] * group, tape, setting)
         if tape.remaining:
             raise ValueError(f"log has {tape.remaining} unused loss values: it does not match this optimiser")
+
+    @staticmethod
+    def _numbered(calls: list[tuple]) -> list[tuple]:
+        """``(call index among the logged groups, (group, cut))``: interrupted calls that logged no group get -1."""
+        out, index = [], 0
+        for group, cut in calls:
+            logged = cut is None or cut[0] > 0
+            out.append((index if logged else -1, (group, cut)))
+            index += logged
+        return out
 
     @staticmethod
     def _calls(groups: list[int], interrupted: list[tuple]) -> list[tuple]:
@@ -642,6 +694,15 @@ class _Live:
         self.current.append(loss)
         return loss
 
+    def members(self, evaluate, seeds, eps, n: int) -> list[float]:
+        """The ``n`` member losses of a :meth:`ZOOptimizer.step_members` step, from ``evaluate(seeds, eps)``."""
+        with torch.inference_mode():
+            losses = [dtensor.as_float(v) for v in evaluate(list(seeds), eps)]
+        if len(losses) != n:
+            raise ValueError(f"step_members: evaluate returned {len(losses)} losses for {n} members")
+        self.current += losses
+        return losses
+
     def close_step(self) -> None:
         self.done += self.current
         self.current = []
@@ -678,6 +739,12 @@ class _Tape(_Live):
         self.position += 1
         self.current.append(loss)
         return loss
+
+    def members(self, evaluate, seeds, eps, n: int) -> list[float]:
+        losses = self.losses[self.position:self.position + n]
+        self.position += n
+        self.current += losses
+        return losses
 
     def close_step(self) -> None:
         super().close_step()
