@@ -171,6 +171,10 @@ class TrainConfig:
         "help": "what a ZO direction is scored by: surrogate (the PPO-clip loss of the step's sampled answers at "
                 "the perturbed weights, the paper) or generation (the mean reward of greedy answers to the step's "
                 "prompts at each member, the same prompts for all, as evolution strategies; --minibatches unused)"})
+    zo_batch_members: int = field(default=0, metadata={
+        "help": "score this many members of a ZO population in one forward, each member's rows seeing its own delta "
+                "of the LoRA B tensors inside the forward, the weights never perturbed (--zo-space core or singular, "
+                "--zo-objective surrogate); 0: perturb the weights, forward, restore, one member at a time"})
     zo_population: int = field(default=1, metadata={
         "help": "directions per ZO step: a population of N antithetic pairs, all scored on the step's rows (2N "
                 "forward passes of the minibatch, N scalars of log; 1: the paper's single two-point direction)"})
@@ -460,6 +464,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.zo_target != "lora" or cfg.quantize != "none":
             bad("zo_space", f"{cfg.zo_space} takes its factors from a float base's singular vectors: it needs "
                             "--zo-target lora and --quantize none")
+    if cfg.zo_batch_members and (cfg.zo_space == "lora" or cfg.zo_objective != "surrogate"):
+        bad("zo_batch_members", "adds each member's delta inside the forward: it needs --zo-space core or singular "
+                                "and --zo-objective surrogate")
     if cfg.zo_merge_adapter and cfg.zo_target != "codes":
         bad("zo_merge_adapter", "merges the adapter into the base codes: it needs --zo-target codes")
     if cfg.quantize != "none" and cfg.device == "cpu" and cfg.quantize == "nf4" and cfg.dtype == "float16":
@@ -512,8 +519,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "Quantised base": ("quantize", "zo_target", "zo_merge_adapter"),
     "Data-parallel runs (torchrun)": ("data_shards",),
     "Experimental: research switches (ablations and variants not yet shown to help; see benchmarks/RESULTS.md)": (
-        "zo_population", "zo_fitness", "zo_space", "zo_objective", "zo_epochs", "zo_scale", "guide", "guide_blocks",
-        "d_schedule", "d_tau", "noise", "rank", "logprob_temperature"),
+        "zo_population", "zo_fitness", "zo_space", "zo_objective", "zo_batch_members", "zo_epochs", "zo_scale",
+        "guide", "guide_blocks", "d_schedule", "d_tau", "noise", "rank", "logprob_temperature"),
 }
 
 

@@ -159,7 +159,7 @@ class Run:
         generation = GenerationFitness(self.tokenizer, self.score_fn, cfg.max_new_tokens, cfg.max_prompt_len) \
             if cfg.zo_objective == "generation" else None
         return ZORLOO(self.bundle, zo, loss=cfg.loss, clip=cfg.clip, minibatches=cfg.minibatches, epochs=cfg.zo_epochs,
-                      generation=generation)
+                      generation=generation, batch_members=cfg.zo_batch_members)
 
     # -- phases ---------------------------------------------------------------------------------------------------
     def reward_init(self):

@@ -247,10 +247,11 @@ class ZORLOO:
     first_order_optimizer = None
 
     def __init__(self, bundle, optimizer: ZOOptimizer, *, loss: str, clip: float, minibatches: int, epochs: int,
-                 generation: GenerationFitness | None = None):
+                 generation: GenerationFitness | None = None, batch_members: int = 0):
         self.bundle, self.optimizer = bundle, optimizer
         self.loss, self.clip, self.minibatches, self.epochs = loss, clip, minibatches, epochs
         self.generation = generation
+        self.batch_members = batch_members  # members a forward (zopro.train.members); 0: perturb-forward-restore
 
     @property
     def mode(self) -> str:
@@ -266,9 +267,23 @@ class ZORLOO:
             n = len(results)
             return Update(self.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
                           sum(r.skipped for r in results))
+        if self.batch_members:
+            results = [self.optimizer.step_members(self._members(rollout.local, ranks, m))
+                       for _ in range(self.epochs) for m in range(self.minibatches)]
+            n = len(results)
+            return Update(self.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
+                          sum(r.skipped for r in results))
         loss, grad, skipped = zo_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
                                       clip=self.clip, minibatches=self.minibatches, epochs=self.epochs)
         return Update(self.mode, loss, grad, lr, eps, skipped)
+
+    def _members(self, shards, ranks: Ranks, m: int):
+        """``evaluate(seeds, eps)`` of minibatch ``m``: its members' surrogates, ``batch_members`` a forward."""
+        from zopro.train.members import member_losses
+
+        return lambda seeds, eps: member_losses(self.bundle, self.optimizer, shards, ranks, seeds, eps,
+                                                rows_of=lambda r: _rows(r, self.minibatches, m), loss=self.loss,
+                                                clip=self.clip, per_forward=self.batch_members)
 
     def iteration_log(self) -> dict | None:
         """The optimiser's state with its log: replays the iteration's ZO updates bit for bit."""

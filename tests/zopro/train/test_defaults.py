@@ -32,7 +32,7 @@ DEFAULTS = {
     "zo_lr": 10.0, "zo_eps": 1e-2, "weight_decay": 0.0, "sampler": "targeted", "noise": "gaussian", "rank": 4,
     "d0": 1 - 1e-3, "d_schedule": "constant", "d_tau": 1.0, "zo_scale": "unit", "zo_lr_decay": "linear",
     "guide": "prev", "guide_blocks": "whole", "zo_epochs": 1, "zo_space": "lora", "zo_objective": "surrogate",
-    "zo_population": 1, "zo_fitness": "raw", "logprob_temperature": 0.0,
+    "zo_batch_members": 0, "zo_population": 1, "zo_fitness": "raw", "logprob_temperature": 0.0,
     # reward model
     "reward_lr": 1e-3, "reward_init_steps": 16, "reward_steps": 4, "reward_pairs": 64, "reward_batch": 8,
     "reward_soft_labels": True, "reward_merge_alpha": 0.5,

@@ -133,7 +133,10 @@ def test_paired_change_against_hand_computed_values():
 
 # the paper's job, and ZO alone in the LoRA cores with a shaped population (a resume rebuilds the cores' bases)
 @pytest.mark.parametrize("job", [{}, dict(first_order_iteration0=False, sampler="isotropic", zo_space="core",
-                                          zo_population=3, zo_fitness="zscore")], ids=["paper", "core-population"])
+                                          zo_population=3, zo_fitness="zscore"),
+                                 dict(first_order_iteration0=False, sampler="isotropic", zo_space="singular",
+                                      zo_population=3, zo_batch_members=4)],
+                         ids=["paper", "core-population", "singular-batched-members"])
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, job):
     whole = _smoke(tmp_path, "whole", seed=3, **job)
     evaluation = run(whole, progress=False)["evaluation"]

@@ -12,16 +12,19 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from zopro import Targeted, ZOOptimizer
+from zopro import Core, Targeted, ZOOptimizer
+from zopro.seeds import derive_seed
 from zopro.train import run
 from zopro.train.checkpoint import load as load_checkpoint
 from zopro.train.config import preset, validate
 from zopro.train.distributed import SOLO
 from zopro.train.evaluate import main as evaluate_main
+from zopro.train.losses import reduce_ppo_terms
+from zopro.train.members import member_losses
 from zopro.train.models import PolicyRewardModel
 from zopro.train.next_guide import adam_direction, next_guide
 from zopro.train.rollout import collect_rollout, sample_completions, tokenize_prompts
-from zopro.train.updaters import GenerationFitness, logprob_temperature, surrogate
+from zopro.train.updaters import GenerationFitness, core_bases, logprob_temperature, surrogate, surrogate_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/zopro/conftest.py
 
@@ -61,6 +64,27 @@ def test_generation_fitness_is_minus_the_mean_reward_of_the_greedy_answers(bundl
     _, texts = sample_completions(bundle, tiny_tokenizer, PROMPTS, 1, 6, 0.0, 0, 16)
     assert float(closure()) == pytest.approx(-sum(len(t) for t in texts) / len(PROMPTS), rel=1e-7)  # float32 mean
     assert float(closure()) == float(closure())  # every member is scored on the same greedy answers' prompts
+
+
+@pytest.mark.parametrize("loss", ["sequence", "token"])
+def test_members_scored_in_one_forward_match_perturbing_the_weights(bundle, tiny_tokenizer, loss):
+    ro = collect_rollout(bundle, tiny_tokenizer, PROMPTS, k=4, max_new_tokens=6, temperature=0.7, kl_coef=0.05,
+                         seed=5, max_prompt_len=16, logprob_temperature=0.7)
+    opt = ZOOptimizer(bundle.policy_parameters(), lr=0.0, eps=1.0, sampler=Core(core_bases(bundle)), q=3, seed=1)
+    seeds = [derive_seed(1, 0, j) for j in range(3)]
+    for seed in seeds:
+        opt.sampler.prepare(seed)
+    rows = torch.arange(len(ro.sequences))
+    batched = member_losses(bundle, opt, [ro], SOLO, seeds, 2.0, rows_of=lambda r: rows, loss=loss, clip=0.2,
+                            per_forward=4)  # 6 members: a forward of 4 and one of 2
+    probed = []
+    for seed in seeds:
+        for sign in (1.0, -1.0):
+            opt._pass([(seed, sign * 2.0)])
+            probed.append(float(reduce_ppo_terms(surrogate_terms(bundle, ro, rows, loss=loss, clip=0.2))))
+            opt._pass([(seed, -sign * 2.0)])
+    assert batched == pytest.approx(probed, rel=1e-4, abs=1e-6)
+    assert len(set(probed)) == 6  # the members differ, so the comparison can fail
 
 
 def test_logprobs_default_to_the_sampling_temperature():
