@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import time
 from pathlib import Path
@@ -22,16 +21,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS_DIR, environment
+from benchmarks.zo_probe import training_rollout
 from zopro import Core, ZOOptimizer
 from zopro.seeds import derive_seed
-from zopro.train.config import TrainConfig
-from zopro.train.data import load_describe
 from zopro.train.distributed import SOLO
-from zopro.train.judges import VaderJudge
-from zopro.train.loading import load_models
 from zopro.train.losses import reduce_ppo_terms
 from zopro.train.members import member_losses
-from zopro.train.rollout import collect_rollout
 from zopro.train.updaters import core_bases, surrogate_terms
 
 
@@ -47,13 +42,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig()
-    bundle, tokenizer = load_models(cfg, torch.device("cpu"))
-    train, _ = load_describe()
-    prompts = random.Random(0).sample([r.prompt for r in train], cfg.prompts_per_step)
-    ro = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=0, max_prompt_len=cfg.max_prompt_len,
-                         logprob_temperature=cfg.temperature, score_fn=VaderJudge().score)
+    cfg, bundle, ro = training_rollout(0)
     rows = torch.arange(len(ro.sequences))
     opt = ZOOptimizer(bundle.policy_parameters(), lr=0.0, eps=args.eps,
                       sampler=Core(core_bases(bundle), diagonal=args.space == "singular"), q=args.population, seed=0)

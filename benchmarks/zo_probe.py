@@ -27,6 +27,20 @@ from zopro.train.updaters import core_bases, surrogate_terms
 DEFAULT_EPS = {"core": [0.3, 1.0, 3.0, 10.0], "singular": [0.3, 1.0, 3.0, 10.0], "lora": [1e-3, 3e-3, 1e-2]}
 
 
+def training_rollout(seed: int = 0):
+    """``(cfg, bundle, rollout)``: the default job's model and one rollout of its training prompts (4 prompts x 4
+    answers, scored by VADER; no held-out prompt is read)."""
+    cfg = TrainConfig()
+    bundle, tokenizer = load_models(cfg, torch.device("cpu"))
+    train, _ = load_describe()
+    prompts = random.Random(seed).sample([r.prompt for r in train], cfg.prompts_per_step)
+    rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=seed,
+                              max_prompt_len=cfg.max_prompt_len, logprob_temperature=cfg.temperature,
+                              score_fn=VaderJudge().score)
+    return cfg, bundle, rollout
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zo_probe")
     parser.add_argument("--spaces", nargs="+", default=list(DEFAULT_EPS), choices=list(DEFAULT_EPS))
@@ -37,14 +51,7 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig()
-    bundle, tokenizer = load_models(cfg, torch.device("cpu"))
-    train, _ = load_describe()
-    prompts = random.Random(args.seed).sample([r.prompt for r in train], cfg.prompts_per_step)
-    rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=args.seed,
-                              max_prompt_len=cfg.max_prompt_len, logprob_temperature=cfg.temperature,
-                              score_fn=VaderJudge().score)
+    _, bundle, rollout = training_rollout(args.seed)
     rows = torch.arange(len(rollout.sequences))
     bases = core_bases(bundle) if {"core", "singular"} & set(args.spaces) else None
     out = []

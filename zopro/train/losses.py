@@ -136,6 +136,17 @@ def ppo_clip_loss_sequence(new_logp_sum: Tensor, old_logp_sum: Tensor, advantage
     return _clipped_surrogate(new_logp_sum - old_logp_sum, advantages, clip).mean()
 
 
+def _check_token_args(new_logp, old_logp, advantages, mask) -> None:
+    """The token loss's shapes: ``new_logp``, ``old_logp``, ``mask`` ``[B, T]``, ``advantages`` ``[B]``."""
+    _check_tensor("new_logp", new_logp)
+    if new_logp.dim() != 2:
+        raise ValueError(f"new_logp must be 2-D [B, T] for the token loss, got shape {tuple(new_logp.shape)}")
+    _check_same_shape("new_logp", new_logp, old_logp=old_logp, mask=mask)
+    _check_tensor("advantages", advantages)
+    if advantages.shape != new_logp.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
+
+
 def ppo_clip_loss_token(
     new_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2
 ) -> Tensor:
@@ -159,13 +170,7 @@ def ppo_clip_loss_token(
     Returns:
         Scalar (0-D) loss.
     """
-    _check_tensor("new_logp", new_logp)
-    if new_logp.dim() != 2:
-        raise ValueError(f"new_logp must be 2-D [B, T], got shape {tuple(new_logp.shape)}")
-    _check_same_shape("new_logp", new_logp, old_logp=old_logp, mask=mask)
-    _check_tensor("advantages", advantages)
-    if advantages.shape != new_logp.shape[:1]:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
+    _check_token_args(new_logp, old_logp, advantages, mask)
     _check_clip(clip)
     return masked_mean(_clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip), mask)
 
@@ -188,12 +193,7 @@ def ppo_clip_terms(new_logp: Tensor, old_logp: Tensor, advantages: Tensor, mask:
         if new_logp.dim() != 1:
             raise ValueError(f"new_logp must be 1-D [B] for the sequence loss, got shape {tuple(new_logp.shape)}")
         return _clipped_surrogate(new_logp - old_logp, advantages, clip).float().unsqueeze(1)
-    if new_logp.dim() != 2:
-        raise ValueError(f"new_logp must be 2-D [B, T] for the token loss, got shape {tuple(new_logp.shape)}")
-    _check_same_shape("new_logp", new_logp, old_logp=old_logp, mask=mask)
-    _check_tensor("advantages", advantages)
-    if advantages.shape != new_logp.shape[:1]:
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({new_logp.shape[0]},) [B]")
+    _check_token_args(new_logp, old_logp, advantages, mask)
     m = mask.bool()
     terms = _clipped_surrogate(new_logp - old_logp, advantages.unsqueeze(1), clip)
     sums = torch.where(m, terms, torch.zeros((), dtype=terms.dtype, device=terms.device)).sum(1)
