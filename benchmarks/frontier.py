@@ -199,10 +199,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     parser.add_argument("--quiet", action="store_true", help="hide the training jobs' own output")
+    parser.add_argument("--include", nargs="*", default=[], metavar="FILE.json", help=(
+        "earlier frontier results to show beside these runs (their rows, e.g. other methods on the same job and "
+        "seeds); refused when their job's flags differ"))
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     rows = [run_arm(m, s, args.tag, extra, Path(args.runs_dir), args.quiet)  # seed-major: a cut-short sweep
             for s in args.seeds for m in args.methods]                        # still has every method
+    for path in args.include:
+        earlier = json.loads(Path(path).read_text())
+        if earlier.get("extra_flags", []) != extra:
+            raise ValueError(f"--include {path}: its runs took the extra flags {earlier.get('extra_flags')}, these "
+                             f"{extra}: not the same job")
+        rows += [r for r in earlier["rows"] if (r["method"], r["seed"]) not in {(x["method"], x["seed"]) for x in rows}]
     env = environment()
     summary = aggregate(rows)
     results = Path(args.results_dir)
