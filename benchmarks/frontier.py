@@ -42,6 +42,8 @@ METHODS = {
     "rloo": ["--algorithm", "rloo"],
     "ppo": ["--algorithm", "ppo"],
     "zopro": ["--algorithm", "zopro"],
+    # iteration 0 alone (its 6 first-order steps, then the final evaluation): what the ZO iterations must add to
+    "iter0": ["--algorithm", "zopro", "--iterations", "1"],
     # an isotropic z over the d LoRA weights has norm ~sqrt(d) (~2200 for SmolLM2-135M's r-8 adapters): the ZOPrO lr,
     # sized for unit guided directions, diverges; 1e-5 keeps a step's norm near 0.1 (benchmarks/e2e.py measured it)
     "mezo": ["--algorithm", "zopro", "--sampler", "isotropic", "--first-order-iteration0", "false", "--zo-lr", "1e-5"],
