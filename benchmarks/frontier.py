@@ -93,7 +93,9 @@ def run_arm(method: str, seed: int, tag: str, extra: list[str], runs_dir: Path, 
         raise ValueError(f"{out}: no eval_curve.jsonl (the frontier needs --eval-every > 0)")
     curve = [json.loads(line) for line in curve_path.read_text().splitlines() if line.strip()]
     held_out = summary["evaluation"].get("held_out") or {}
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines() if line.strip()]
     return {"method": method, "seed": seed, "curve": curve, "held_out": held_out,
+            "after_scores": [s["after_score"] for s in samples],  # per held-out prompt: arms of a seed pair up
             "before": summary["evaluation"]["before"], "after": summary["evaluation"]["after"],
             "wall_seconds": wall if wall >= 1 else summary.get("wall_seconds"),
             "config": json.loads((out / "config.json").read_text())}
@@ -124,6 +126,25 @@ def aggregate(rows: list[dict]) -> dict[str, dict]:
                                                                                              for r in rs)}
         out[method] = {"seeds": [r["seed"] for r in rs], "points": points, "final": final,
                        "wall_seconds": mean_se([r["wall_seconds"] for r in rs if r["wall_seconds"]] or [0.0])}
+    return out
+
+
+def against(rows: list[dict], baseline: str) -> dict[str, dict]:
+    """Each method against ``baseline`` on the same seeds: per seed the mean per-prompt difference of the final
+    held-out scores (the arms of a seed share prompts and sampling seeds) and its paired standard error; over seeds
+    the mean ± its standard error. Rows without per-prompt scores (older results) are left out."""
+    base = {r["seed"]: r["after_scores"] for r in rows if r["method"] == baseline and r.get("after_scores")}
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        if method == baseline:
+            continue
+        per_seed = {}
+        for r in rows:
+            if r["method"] == method and r.get("after_scores") and r["seed"] in base:
+                d = [a - b for a, b in zip(r["after_scores"], base[r["seed"]], strict=True)]
+                per_seed[r["seed"]] = (statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)))
+        if per_seed:
+            out[method] = {"per_seed": per_seed, "mean": mean_se([m for m, _ in per_seed.values()])}
     return out
 
 
@@ -190,6 +211,16 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
                      f"{h['score_change']:+.4f} ± {h['score_change_se']:.4f} | {h['kl']:.3f} | "
                      f"{r['wall_seconds'] or 0:.0f} |")
     lines += ["", "In the first table ± is the standard error of the mean over seeds."]
+    for baseline in ("iter0", "zopro"):
+        versus = against(rows, baseline)
+        if versus:
+            lines += ["", f"Against `{baseline}` on the same seeds (final held-out scores, per-prompt differences; per "
+                      "seed ± its paired standard error, over seeds ± the standard error of the mean):", "",
+                      "| method | per seed | mean over seeds |", "|---|---|---:|"]
+            for method, v in versus.items():
+                seeds = ", ".join(f"{s}: {m:+.4f} ± {e:.4f}" + (f" ({m / e:+.1f} SE)" if e else "")
+                                  for s, (m, e) in v["per_seed"].items())
+                lines.append(f"| {method} | {seeds} | {_pm(v['mean'], '.4f', '+')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,20 +5,24 @@ benchmarks.frontier`` (see benchmarks/RESULTS.md for the command behind each tab
 from __future__ import annotations
 
 import json
+import statistics
 
 from benchmarks import frontier
 from benchmarks.common import RESULTS_DIR, device_kind
 
 
 def test_every_method_on_the_frontier_of_the_smoke_task(tmp_path):
-    summary = frontier.main(["--seeds", "0", "1", "--tag", "smoke", "--runs-dir", str(tmp_path), "--quiet", "--",
-                             "--preset", "smoke", "--threads", "1", "--eval-every", "1", "--eval-curve-prompts", "2"])
-    assert list(summary) == list(frontier.METHODS)
+    methods = frontier.DEFAULT_METHODS + ["iter0", "es-sv"]
+    summary = frontier.main(["--methods", *methods, "--seeds", "0", "1", "--tag", "smoke", "--runs-dir", str(tmp_path),
+                             "--quiet", "--", "--preset", "smoke", "--threads", "1", "--eval-every", "1",
+                             "--eval-curve-prompts", "2"])
+    assert list(summary) == methods
     stem = RESULTS_DIR / f"frontier-smoke-{device_kind()}"
     rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
     assert {r["config"]["reward"] for r in rows} == {"judge"}
-    for s in summary.values():
-        assert s["seeds"] == [0, 1] and [p["global_step"] for p in s["points"]] == [0, 1, 2, 3, 4]
+    for method, s in summary.items():
+        steps = [0, 1, 2] if method == "iter0" else [0, 1, 2, 3, 4]  # iteration 0 alone: its 2 steps
+        assert s["seeds"] == [0, 1] and [p["global_step"] for p in s["points"]] == steps
         passes = [p["token_passes"][0] for p in s["points"]]
         assert passes == sorted(passes) and passes[-1] > passes[0]
         assert s["points"][0]["kl"] == (0.0, 0.0)  # every method starts at the reference policy
@@ -27,3 +31,15 @@ def test_every_method_on_the_frontier_of_the_smoke_task(tmp_path):
     first = {m: s["points"][0]["score"] for m, s in summary.items()}
     assert len(set(first.values())) == 1
     assert stem.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    # each method against iteration 0 alone: the mean per-prompt difference of the same seed's final scores
+    versus = frontier.against(rows, "iter0")
+    assert set(versus) == set(methods) - {"iter0"}
+
+    def after(method, seed):
+        lines = (tmp_path / f"frontier-smoke-{method}-seed{seed}" / "eval_samples.jsonl").read_text().splitlines()
+        return [json.loads(line)["after_score"] for line in lines]
+
+    d = [a - b for a, b in zip(after("zopro", 1), after("iter0", 1), strict=True)]
+    assert versus["zopro"]["per_seed"][1] == (statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5)
+    assert "Against `iter0` on the same seeds" in stem.with_suffix(".md").read_text()
