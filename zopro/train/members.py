@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from zopro.train.losses import ppo_clip_terms, reduce_ppo_terms
+from zopro.train.losses import reduce_ppo_terms
 from zopro.train.models import POLICY
+from zopro.train.updaters import rows_terms
 
 
 class MemberDeltas:
@@ -68,12 +69,7 @@ def member_losses(bundle, optimizer, shards: list, ranks, seeds: list[int], eps:
             args = [t[rows].repeat(repeat, 1) for t in (r.sequences, r.attention_mask, r.response_mask)]
             with MemberDeltas(bundle, deltas, n):
                 sums, tok = bundle.policy_logprobs(*args, temperature=r.logprob_temperature)
-            advantages = r.advantages[rows].repeat(repeat)
-            if loss == "sequence":
-                terms = ppo_clip_terms(sums, r.policy_logps[rows].repeat(repeat), advantages, clip=clip)
-            else:
-                terms = ppo_clip_terms(tok, r.policy_token_logps[rows].repeat(repeat, 1), advantages, args[2],
-                                       clip=clip)
+            terms = rows_terms(r, rows, sums, tok, loss=loss, clip=clip, repeat=repeat)
             per_shard.append(terms.cpu().view(repeat, n, -1))
         local.append(torch.cat(per_shard))
     rows_major = torch.cat(local, dim=1).transpose(0, 1).contiguous()  # [n_local, members, c]

@@ -52,12 +52,17 @@ def surrogate_terms(bundle, rollout, rows, *, loss: str = "sequence", clip: floa
     gradient: rows evaluated by several shards or ranks reduce to the whole batch's loss."""
     args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
     sums, tok = bundle.policy_logprobs(*args, temperature=rollout.logprob_temperature)
+    return rows_terms(rollout, rows, sums, tok, loss=loss, clip=clip).cpu()
+
+
+def rows_terms(rollout, rows, sums, tok, *, loss: str, clip: float, repeat: int = 1) -> torch.Tensor:
+    """:func:`~zopro.train.losses.ppo_clip_terms` of ``rows`` of a rollout, given their current log-probs (``sums``
+    ``[R]``, ``tok`` ``[R, T]``) for the rows repeated ``repeat`` times in a row (one copy per population member)."""
+    advantages = rollout.advantages[rows].repeat(repeat)
     if loss == "sequence":
-        terms = ppo_clip_terms(sums, rollout.policy_logps[rows], rollout.advantages[rows], clip=clip)
-    else:
-        terms = ppo_clip_terms(tok, rollout.policy_token_logps[rows], rollout.advantages[rows],
-                               rollout.response_mask[rows], clip=clip)
-    return terms.cpu()
+        return ppo_clip_terms(sums, rollout.policy_logps[rows].repeat(repeat), advantages, clip=clip)
+    return ppo_clip_terms(tok, rollout.policy_token_logps[rows].repeat(repeat, 1), advantages,
+                          rollout.response_mask[rows].repeat(repeat, 1), clip=clip)
 
 
 def _rows(rollout, chunks: int, m: int) -> torch.Tensor:
@@ -114,7 +119,11 @@ def zo_step(bundle, shards: list, optimizer: ZOOptimizer, ranks: Ranks = SOLO, *
             return reduce_ppo_terms(ranks.gather_rows(local))
         return closure
 
-    results = optimizer.step_many([closure_for(m) for m in range(minibatches)] * epochs)
+    return mean_results(optimizer.step_many([closure_for(m) for m in range(minibatches)] * epochs))
+
+
+def mean_results(results) -> tuple[float, float, int]:
+    """The mean loss and projected gradient of ZO steps' :class:`~zopro.optim.StepResult` and their skipped count."""
     n = len(results)
     return sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, sum(r.skipped for r in results)
 
@@ -263,23 +272,18 @@ class ZORLOO:
         lr, eps = self.optimizer.current_lr(), self.optimizer.eps  # those of the first step, as logged
         if self.generation is not None:
             closure = self.generation.closure(self.bundle, [p for r in rollout.local for p in r.prompts], ranks)
-            results = self.optimizer.step_many([closure] * self.epochs)
-            n = len(results)
-            return Update(self.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
-                          sum(r.skipped for r in results))
-        if self.batch_members:
-            results = [self.optimizer.step_members(self._members(rollout.local, ranks, m))
-                       for _ in range(self.epochs) for m in range(self.minibatches)]
-            n = len(results)
-            return Update(self.mode, sum(r.loss for r in results) / n, sum(r.grad for r in results) / n, lr, eps,
-                          sum(r.skipped for r in results))
-        loss, grad, skipped = zo_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
-                                      clip=self.clip, minibatches=self.minibatches, epochs=self.epochs)
+            loss, grad, skipped = mean_results(self.optimizer.step_many([closure] * self.epochs))
+        elif self.batch_members:
+            loss, grad, skipped = mean_results([self.optimizer.step_members(self._members(rollout.local, ranks, m))
+                                                for _ in range(self.epochs) for m in range(self.minibatches)])
+        else:
+            loss, grad, skipped = zo_step(self.bundle, rollout.local, self.optimizer, ranks, loss=self.loss,
+                                          clip=self.clip, minibatches=self.minibatches, epochs=self.epochs)
         return Update(self.mode, loss, grad, lr, eps, skipped)
 
     def _members(self, shards, ranks: Ranks, m: int):
         """``evaluate(seeds, eps)`` of minibatch ``m``: its members' surrogates, ``batch_members`` a forward."""
-        from zopro.train.members import member_losses
+        from zopro.train.members import member_losses  # members imports this module (rows_terms)
 
         return lambda seeds, eps: member_losses(self.bundle, self.optimizer, shards, ranks, seeds, eps,
                                                 rows_of=lambda r: _rows(r, self.minibatches, m), loss=self.loss,
