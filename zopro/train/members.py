@@ -14,7 +14,7 @@ import torch
 
 from zopro.train.losses import reduce_ppo_terms
 from zopro.train.models import POLICY
-from zopro.train.updaters import rows_terms
+from zopro.train.rollout import rows_terms
 
 
 class MemberDeltas:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from zopro.seeds import derive_seed
-from zopro.train.losses import kl_penalised_rewards, rloo_advantages
+from zopro.train.losses import kl_penalised_rewards, ppo_clip_terms, rloo_advantages
 from zopro.train.models import PolicyRewardModel
 
 
@@ -208,3 +208,13 @@ def collect_step(bundle: PolicyRewardModel, tokenizer, prompts: list[str], ranks
                         for name in ("scores", "rewards", "kl")], dim=1)
     scores, rewards, kl = ranks.gather_rows(rows, "the rollout's rewards").unbind(1)
     return StepRollout(local, scores, rewards, kl, local[0].k)
+
+
+def rows_terms(rollout, rows, sums, tok, *, loss: str, clip: float, repeat: int = 1) -> torch.Tensor:
+    """:func:`~zopro.train.losses.ppo_clip_terms` of ``rows`` of a rollout, given their current log-probs (``sums``
+    ``[R]``, ``tok`` ``[R, T]``) for the rows repeated ``repeat`` times in a row (one copy per population member)."""
+    advantages = rollout.advantages[rows].repeat(repeat)
+    if loss == "sequence":
+        return ppo_clip_terms(sums, rollout.policy_logps[rows].repeat(repeat), advantages, clip=clip)
+    return ppo_clip_terms(tok, rollout.policy_token_logps[rows].repeat(repeat, 1), advantages,
+                          rollout.response_mask[rows].repeat(repeat, 1), clip=clip)

@@ -24,8 +24,9 @@ from zopro.samplers import Core, Isotropic, RankGuided, Targeted
 from zopro.seeds import RunSeeds
 from zopro.train.config import ZOConfig
 from zopro.train.distributed import SOLO, Ranks, ShardGradients
-from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token, ppo_clip_terms, reduce_ppo_terms
-from zopro.train.rollout import sample_completions
+from zopro.train.losses import ppo_clip_loss_sequence, ppo_clip_loss_token, reduce_ppo_terms
+from zopro.train.members import member_losses
+from zopro.train.rollout import rows_terms, sample_completions
 
 LOSSES = ("sequence", "token")
 
@@ -53,16 +54,6 @@ def surrogate_terms(bundle, rollout, rows, *, loss: str = "sequence", clip: floa
     args = (rollout.sequences[rows], rollout.attention_mask[rows], rollout.response_mask[rows])
     sums, tok = bundle.policy_logprobs(*args, temperature=rollout.logprob_temperature)
     return rows_terms(rollout, rows, sums, tok, loss=loss, clip=clip).cpu()
-
-
-def rows_terms(rollout, rows, sums, tok, *, loss: str, clip: float, repeat: int = 1) -> torch.Tensor:
-    """:func:`~zopro.train.losses.ppo_clip_terms` of ``rows`` of a rollout, given their current log-probs (``sums``
-    ``[R]``, ``tok`` ``[R, T]``) for the rows repeated ``repeat`` times in a row (one copy per population member)."""
-    advantages = rollout.advantages[rows].repeat(repeat)
-    if loss == "sequence":
-        return ppo_clip_terms(sums, rollout.policy_logps[rows].repeat(repeat), advantages, clip=clip)
-    return ppo_clip_terms(tok, rollout.policy_token_logps[rows].repeat(repeat, 1), advantages,
-                          rollout.response_mask[rows].repeat(repeat, 1), clip=clip)
 
 
 def _rows(rollout, chunks: int, m: int) -> torch.Tensor:
@@ -283,8 +274,6 @@ class ZORLOO:
 
     def _members(self, shards, ranks: Ranks, m: int):
         """``evaluate(seeds, eps)`` of minibatch ``m``: its members' surrogates, ``batch_members`` a forward."""
-        from zopro.train.members import member_losses  # members imports this module (rows_terms)
-
         return lambda seeds, eps: member_losses(self.bundle, self.optimizer, shards, ranks, seeds, eps,
                                                 rows_of=lambda r: _rows(r, self.minibatches, m), loss=self.loss,
                                                 clip=self.clip, per_forward=self.batch_members)
