@@ -1,7 +1,7 @@
 """Score finished runs' held-out prompts again, with another number of samples per prompt.
 
 ``python -m zopro.train.evaluate RUN_DIR [RUN_DIR ...] [--eval-samples 8] [--device auto|cpu|cuda] [--threads N]
-[--probe-guide A [A ...]]``
+[--probe-guide A [A ...] | --since-step S]``
 
 For each run: its own config and held-out prompts, the policy before training (the base: LoRA adapters start as the
 identity) and the run's final policy adapter, both evaluated as the training program does
@@ -9,7 +9,9 @@ identity) and the run's final policy adapter, both evaluated as the training pro
 change with its paired standard error) and writes nothing into the run. Use it on runs made before a change of the
 evaluation, or to tell a run's effect from sampling noise with more samples than the job itself spent.
 ``--probe-guide`` scores the final policy moved along the run's guide instead (:func:`probe_guide`): whether the
-guide carries reward before ZO steps are spent on it.
+guide carries reward before ZO steps are spent on it. ``--since-step S`` scores the run's snapshot at global step S
+against its final policy instead (:func:`since_step`): what the steps after S added, e.g. whether a run's last third
+still learns, on every held-out prompt rather than the learning curve's few.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from zopro.train import checkpoint, preflight
-from zopro.train.heldout import probe_guide, reevaluate
+from zopro.train.heldout import probe_guide, reevaluate, since_step
 from zopro.train.loading import resolve_device
 
 
@@ -36,7 +38,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--probe-guide", type=float, nargs="+", metavar="A", help=(
         "instead: score the final policy moved A along the run's guide (A a distance in weight space), "
         "against A = 0"))
+    parser.add_argument("--since-step", type=int, metavar="S", help=(
+        "instead: the run's snapshot at global step S against its final policy (what the steps after S added)"))
     args = parser.parse_args(argv)
+    if args.probe_guide and args.since_step is not None:
+        parser.error("--probe-guide and --since-step are two different questions: give one")
     if args.eval_samples < 1:
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.probe_guide and not all(math.isfinite(a) for a in args.probe_guide):
@@ -49,6 +55,8 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     if args.probe_guide:
         return _print_probe(parser, args)
+    if args.since_step is not None:
+        return _print_since(parser, args)
     print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
     rows = []
     for run_dir in args.runs:
@@ -88,6 +96,23 @@ def _print_probe(parser, args) -> list[dict]:
             print(f"| {run_dir.name} | {r['guide_norm']:.4f} | {r['distance']:g} | {r['score']:.4f} "
                   f"| {r['change']:+.4f}{_se(r)} |", flush=True)
         rows += found
+    return rows
+
+
+def _print_since(parser, args) -> list[dict]:
+    print("| run | prompts x samples | step | score then | KL then | final score | final KL | change ± paired SE |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    rows = []
+    for run_dir in args.runs:
+        try:
+            _check_fits(run_dir, args.eval_samples, args.device)
+            r = since_step(run_dir, args.since_step, args.eval_samples, args.device)
+        except ValueError as err:
+            parser.error(str(err))
+        kl = [f"{v:.3f}" if v is not None else "-" for v in (r["kl_before"], r["kl"])]
+        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['step']} | {r['before']:.4f} | {kl[0]} "
+              f"| {r['after']:.4f} | {kl[1]} | {r['change']:+.4f}{_se(r)} |", flush=True)
+        rows.append(r)
     return rows
 
 

@@ -1,6 +1,7 @@
 """Held-out evaluation: the training program's (:func:`evaluate`, before and after a run) and a finished run's
 again, from its run directory alone (:func:`reevaluate`, with another number of samples per prompt; :func:`probe_guide`,
-the final policy moved along the run's guide). ``python -m zopro.train.evaluate`` is the command line of the last two.
+the final policy moved along the run's guide; :func:`since_step`, what the steps after a snapshot added).
+``python -m zopro.train.evaluate`` is the command line of the last three.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint
+from zopro.train import checkpoint, snapshots
 from zopro.train.config import EvalConfig, eval_config
 from zopro.train.judges import words
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
@@ -219,3 +220,34 @@ def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device
         rows.append({"run": str(run_dir), "metric": base.metric, "distance": a, "guide_norm": norm,
                      "score": statistics.fmean(moved.values), "change": change, "change_se": se})
     return rows
+
+
+def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str | None = None) -> dict:
+    """What the finished run's steps after ``global_step`` added: the held-out score of its snapshot at that step
+    (``snapshots/snap-<step>``, checksum verified) and of its final policy, on the same prompts and sampling seeds,
+    so the change has a paired standard error over prompts. The question a learning curve on a few prompts cannot
+    settle, e.g. whether the last third of the steps still gains."""
+    found = {s["global_step"]: s for s in snapshots.listing(run_dir)}
+    if global_step not in found:
+        raise ValueError(f"{run_dir}: no snapshot of step {global_step} (the run has steps {sorted(found)})")
+    cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
+    bundle.load_trainable_state_(tensors["trainable"])
+    params = bundle.policy_parameters()
+    earlier = snapshots.load(found[global_step]["path"], "policy")
+    if set(earlier) != set(params):
+        raise ValueError(f"{found[global_step]['path']}: its policy tensors are not this run's adapter")
+    final = {n: p.detach().clone() for n, p in params.items()}
+    ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(earlier[n])
+    then = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(final[n])
+    now = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=then.texts)
+    change, se = paired_change(then.values, now.values)
+    return {"run": str(run_dir), "metric": then.metric, "prompts": len(prompts), "samples": eval_samples,
+            "step": global_step, "before": statistics.fmean(then.values), "after": statistics.fmean(now.values),
+            "change": change, "change_se": se, "kl_before": statistics.fmean(then.kl) if then.kl else None,
+            "kl": statistics.fmean(now.kl) if now.kl else None}

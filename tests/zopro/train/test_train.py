@@ -12,7 +12,7 @@ from zopro.seeds import RunSeeds
 from zopro.train import main, run, rundir
 from zopro.train.config import TrainConfig, eval_config, from_args, preset
 from zopro.train.evaluate import main as evaluate_main
-from zopro.train.heldout import paired_change, reevaluate
+from zopro.train.heldout import paired_change, reevaluate, since_step
 from zopro.train.judges import HeuristicJudge
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
@@ -81,6 +81,23 @@ def test_reevaluate_reproduces_a_runs_own_evaluation_and_refuses_unfinished_runs
         reevaluate(tmp_path / "cut", 3)
     with pytest.raises(ValueError, match="no config.json"):
         reevaluate(tmp_path / "nothing", 3)
+
+
+def test_since_step_scores_a_snapshot_against_the_final_policy(tmp_path, capsys):
+    cfg = _smoke(tmp_path, eval_samples=2)
+    run(cfg, progress=False)
+    steps = cfg.iterations * cfg.steps_per_iteration
+    base = reevaluate(tmp_path / "run", 2)
+    # step 0's snapshot is the adapter as initialised, i.e. the base: the run's whole change, number for number
+    (first,) = evaluate_main([str(tmp_path / "run"), "--eval-samples", "2", "--since-step", "0"])
+    assert (first["before"], first["after"], first["change"], first["change_se"]) == (
+        base["before"], base["after"], base["change"], base["change_se"])
+    assert first["kl_before"] == 0.0 and first["kl"] == base["kl"]
+    last = since_step(tmp_path / "run", steps, 2)  # the final snapshot: the same weights, the same seeds
+    assert last["change"] == 0.0 and last["change_se"] == 0.0 and last["kl_before"] == last["kl"]
+    assert f"| run | {cfg.n_eval_prompts} x 2 | 0 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=f"no snapshot of step {steps + 1}"):
+        since_step(tmp_path / "run", steps + 1, 2)
 
 
 def test_resuming_a_run_of_an_older_version_fails_before_touching_it(tmp_path):
