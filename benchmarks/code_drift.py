@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, environment
 from zokernels.quant import NF4Weight
-from zopro.train import checkpoint
+from zopro.train import checkpoint, files
 from zopro.train.loading import load_models
 from zopro.train.quant_target import BASE_LAYER, code_space
 
@@ -51,8 +51,8 @@ def drift(run_dir: Path) -> dict:
     before = {n: w.dequantize().float() for n, w in space.weights.items()}
     codes_before = {n: w.codes.clone() for n, w in space.weights.items()}
     legacy = checkpoint.made_before_output_checksums(run_dir)  # outputs checked against their SHA-256 sums
-    space.load_state_(checkpoint.torch_load(run_dir / "base_quantised.pt", unchecked_legacy=legacy))
-    adapter, _ = checkpoint.load_tensors(run_dir / "policy_adapter.safetensors", unchecked_legacy=legacy)
+    space.load_state_(files.torch_load(run_dir / "base_quantised.pt", unchecked_legacy=legacy))
+    adapter, _ = files.load_tensors(run_dir / "policy_adapter.safetensors", unchecked_legacy=legacy)
     scaling = cfg.lora_alpha / cfg.lora_r
     dot = dw2 = g2 = 0.0
     changed = total = 0
@@ -89,7 +89,7 @@ def main(argv=None) -> list[dict]:
               f"across it {row['across']:.3f}; |guide| {row['guide_norm']:.3f}", flush=True)
     out = RESULTS_DIR / "code-drift.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(out, json.dumps({**environment(), "runs": rows}, indent=1) + "\n")
+    files.atomic_write_text(out, json.dumps({**environment(), "runs": rows}, indent=1) + "\n")
     return rows
 
 

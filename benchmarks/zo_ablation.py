@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, environment
-from zopro.train import checkpoint, program, rundir
+from zopro.train import checkpoint, files, program, rundir
 from zopro.train.config import TrainConfig, build_parser, coerce, from_args
 
 ARMS = {"iter1": {"iterations": 1}, "full": {}, "fo": {"algorithm": "rloo"}, "placebo": {"guide": "placebo"}}
@@ -211,10 +211,10 @@ def write_results(out: Path, tag: str, extra: list[str], arms: dict, results: di
     env = environment()
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"zo-ablation-{tag}-{env['device_kind']}"
-    checkpoint.atomic_write_text(stem.with_suffix(".json"), json.dumps(
+    files.atomic_write_text(stem.with_suffix(".json"), json.dumps(
         {**env, "tag": tag, "extra_flags": extra, "arms": arms, "results": results, "table": table}, indent=1) + "\n")
     text = markdown(env, tag, extra, results, table)
-    checkpoint.atomic_write_text(stem.with_suffix(".md"), text)
+    files.atomic_write_text(stem.with_suffix(".md"), text)
     return table, text
 
 if __name__ == "__main__":

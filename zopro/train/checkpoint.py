@@ -1,306 +1,37 @@
-"""Run directories: atomic output files, checksummed checkpoints with one fallback, and one run per directory.
+"""Run directories: checksummed checkpoints with one fallback, and one run per directory.
 
 A checkpoint is a directory ``ckpt-<serial>-<name>`` of files written under a temporary name with a
 ``manifest.json`` of their SHA-256 sums, fsynced, renamed into place, and then published by atomically replacing
 the ``LATEST`` pointer file, which names the new checkpoint and the previous one. Older checkpoints are removed only
 after the pointer moved, so a kill at any moment leaves two complete checkpoints or one plus a stray temporary
 directory. Loading verifies every file's sum and falls back to the previous checkpoint when the newest is damaged.
+Every file is written and read through :mod:`zopro.train.files` (atomic, checksummed, no pickle that runs code).
 
-Every file is read safely: tensors with safetensors, other objects (optimiser states) with
-``torch.load(weights_only=True)``, which refuses any pickle that would run code. Every damaged-file case raises a
-one-line ``ValueError`` naming the file.
-
-Around the checkpoints: each holds a copy of the run's ``config.json`` (a resume refuses an edited one);
-every other output carries its SHA-256 too (:func:`load_tensors`, :func:`torch_load`, :func:`verify_folder` check
-it); a run directory may hold only the entries a run writes (:data:`RUN_ENTRY`); and a full disk or read-only mount
-is reported in one line naming the file (:func:`disk_error`).
+Around the checkpoints: each holds a copy of the run's ``config.json`` (a resume refuses an edited one), a run
+directory may hold only the entries a run writes (:data:`RUN_ENTRY`), and one process at a time holds a run
+(:class:`RunLock`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from zopro.train import files
 from zopro.train.config import TrainConfig, flag, load_saved, validate
+from zopro.train.files import MANIFEST
 
 LATEST = "LATEST"
-MANIFEST = "manifest.json"
 CONFIG = "config.json"
 _NAME = re.compile(r"ckpt-(\d{6,})-[A-Za-z0-9_-]+")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Atomic writes: every output file of a run is published by one of these (tests count them to simulate kills)
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename a complete, fsynced ``tmp`` over ``final`` and fsync the directory, so the rename survives a crash."""
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _atomic_file(path: Path, write) -> None:
-    """``write(tmp)`` to ``path.tmp``, fsync it, then publish it as ``path``: every file's tmp-then-replace write. A
-    write that fails (a full disk) removes its ``tmp``, and ``path`` stays as it was."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        _publish(tmp, path)
-    except Exception:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# The file-system errors a run reports in one line (exit 3) instead of a traceback: the run directory stays as its
-# last complete write left it, so a --resume once the cause is fixed continues exactly
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
-
-
-def disk_error(err: OSError, where) -> str | None:
-    """``"<file>: <reason>"`` for a file-system error of :data:`DISK_ERRORS` (``where`` when the error names no
-    file); None for any other error."""
-    why = DISK_ERRORS.get(err.errno)
-    return None if why is None else f"{err.filename or where}: {why}"
-
-
-@contextlib.contextmanager
-def _naming(path: Path):
-    """Give an OSError raised inside the file name ``path`` when it has none (``write`` and ``fsync`` name none)."""
-    try:
-        yield
-    except OSError as err:
-        if err.filename is None and err.errno is not None:
-            raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from None
-        raise
-
-
-@contextlib.contextmanager
-def _safetensors_io(path: Path):
-    """safetensors' I/O failures inside, raised as the ``OSError`` they are: safetensors reports a full disk as
-    ``SafetensorError("... (os error 28)")``, which no ``except OSError`` sees."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except SafetensorError as err:
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
-
-
-@contextlib.contextmanager
-def scratch_folder(path: Path):
-    """A fresh scratch folder at ``path`` for a writer that fills it (``save_pretrained``), removed again when the
-    writing fails; safetensors' I/O failures come out as OSErrors (:func:`_safetensors_io`)."""
-    path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-        with _safetensors_io(path):
-            yield path
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-
-
-def _save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors' ``save_file``, a full disk raised as an OSError naming ``path``."""
-    with _safetensors_io(path):
-        save_file(tensors, str(path), metadata=metadata)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with _naming(path):
-        _atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``tensors`` as a safetensors file at ``path`` (on the CPU, contiguous; ``metadata`` in its header, with the
-    SHA-256 of both under ``DIGEST_KEY``: :func:`load_tensors` checks it), published atomically."""
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    metadata = {**(metadata or {}), DIGEST_KEY: _tensors_digest(cpu, metadata or {})}
-    with _naming(path):
-        _atomic_file(path, lambda tmp: _save_file(cpu, tmp, metadata=metadata))
-
-
-def atomic_torch_save(path: Path, obj) -> None:
-    """``torch.save(obj)`` at ``path``, published atomically; ``obj`` must load with ``weights_only=True``. Then its
-    SHA-256 in ``<path>.sha256`` (``sha256sum -c`` reads it; :func:`torch_load` checks it)."""
-    path = Path(path)
-    with _naming(path):
-        _atomic_file(path, lambda tmp: torch.save(obj, tmp))
-    atomic_write_text(_sidecar(path), f"{_sha256(path)}  {path.name}\n")
-
-
-def atomic_publish_dir(tmp: Path, final: Path) -> None:
-    """Publish ``tmp``, a directory the caller has filled completely, as ``final``, replacing an earlier ``final``.
-
-    A ``manifest.json`` of its files' SHA-256 sums is added (:func:`verify_folder` checks it), its files are
-    fsynced, the earlier ``final`` is renamed aside, ``tmp`` is renamed into place, then the earlier one is removed.
-    A kill at any moment leaves ``final`` complete (old or new) or, between the two renames, absent (the caller
-    rewrites it on resume), never half written; the next call removes a stray aside folder."""
-    tmp, final = Path(tmp), Path(final)
-    aside = final.with_name(f".{final.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)
-    with _naming(final):
-        write_folder_manifest(tmp)
-        fsync_tree(tmp)
-        if final.exists():
-            os.replace(final, aside)
-        _publish(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file below ``folder`` (before a rename publishes it)."""
-    for f in sorted(Path(folder).rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
-
-
-def safe_torch_load(path: Path):
-    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only, never code."""
-    try:
-        with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol before refusing it
-            warnings.simplefilter("ignore")
-            return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 (pickle, zip and torch errors alike: the file is unusable)
-        raise ValueError(f"{path}: not a safe torch file (refused to load: {_first_line(err)})") from None
-
-
-def first_line(err: BaseException) -> str:
-    """``"<error type>: <first sentence of its message>"``: an error in one line."""
-    return _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = (str(err).strip().splitlines() or [""])[0]
-    return f"{type(err).__name__}: {text.split('. ')[0]}"  # torch's messages run on for several sentences
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_prefix(path: Path, n_bytes: int) -> str:
-    """SHA-256 of the first ``n_bytes`` of ``path`` (all of them if it is shorter)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while n_bytes > 0:
-            block = f.read(min(n_bytes, 1 << 20))
-            if not block:
-                break
-            digest.update(block)
-            n_bytes -= len(block)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Output checksums: every output file is written with its SHA-256 (safetensors files in their own header, other
-# files in a "<name>.sha256" beside them, a published folder in its manifest.json), and the tools that read a run's
-# outputs check it. A run whose checkpoints show it was made before outputs carried sums is read unchecked.
-DIGEST_KEY = "zopro_sha256"
-
-
-def _tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """SHA-256 of a safetensors file's contents: its metadata, then each tensor's name, dtype, shape and bytes."""
-    digest = hashlib.sha256(json.dumps(sorted(metadata.items())).encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def load_tensors(path: Path, *, unchecked_legacy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a safetensors file written by :func:`atomic_save_tensors`, its SHA-256 checked.
-    ValueError naming the file when it is unreadable, damaged, or carries no sum (unless ``unchecked_legacy``: a
-    file of a run made before outputs carried sums)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open is no mapping)
-    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
-        raise ValueError(f"{path}: unreadable ({_first_line(err)})") from None
-    expected = metadata.pop(DIGEST_KEY, None)
-    if expected is None and not unchecked_legacy:
-        raise ValueError(f"{path}: carries no checksum ('{DIGEST_KEY}' missing from its header; this run's zopro "
-                         "writes one)")
-    if expected is not None and _tensors_digest(tensors, metadata) != expected:
-        raise ValueError(f"{path}: damaged (its contents do not match the SHA-256 in its header)")
-    return tensors, metadata
-
-
-def _sidecar(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".sha256")
-
-
-def torch_load(path: Path, *, unchecked_legacy: bool = False):
-    """:func:`safe_torch_load` of a file written by :func:`atomic_torch_save`, its ``.sha256`` checked first."""
-    path, sidecar = Path(path), _sidecar(path)
-    if sidecar.is_file() or not unchecked_legacy:
-        try:
-            expected = sidecar.read_text(encoding="utf-8").split()[0]
-        except (OSError, UnicodeDecodeError, IndexError) as err:
-            raise ValueError(f"{sidecar}: missing or damaged ({_first_line(err)})") from None
-        if not path.is_file() or _sha256(path) != expected:
-            raise ValueError(f"{path}: damaged or missing (its SHA-256 does not match {sidecar})")
-    return safe_torch_load(path)
-
-
-def write_folder_manifest(folder: Path) -> None:
-    """``folder/manifest.json``: the SHA-256 of every file below ``folder`` (paths relative to it)."""
-    folder = Path(folder)
-    sums = {f.relative_to(folder).as_posix(): _sha256(f) for f in sorted(folder.rglob("*"))
-            if f.is_file() and f.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
-
-
-def verify_folder(folder: Path, *, unchecked_legacy: bool = False) -> None:
-    """Every file below ``folder`` listed in its ``manifest.json`` with its SHA-256, none missing, none added;
-    ValueError naming the first that is not (a folder without a manifest passes only with ``unchecked_legacy``)."""
-    folder = Path(folder)
-    manifest = folder / MANIFEST
-    if unchecked_legacy and not manifest.exists():
-        return
-    sums = _manifest_sums(manifest)
-    present = {f.relative_to(folder).as_posix() for f in folder.rglob("*") if not f.is_dir()} - {MANIFEST}
-    if present != set(sums):
-        extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
-        raise ValueError(f"{folder / (extra or missing)[0]}: {'not listed in' if extra else 'missing, but listed in'} "
-                         f"{manifest}")
-    for name, expected in sorted(sums.items()):
-        if (folder / name).is_symlink() or _sha256(folder / name) != expected:
-            raise ValueError(f"{folder / name}: damaged (its SHA-256 does not match {manifest})")
-
 
 def made_before_output_checksums(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` proves it was made before outputs carried checksums: it has checkpoints and
@@ -351,7 +82,7 @@ def make_and_lock(run_dir: Path) -> RunLock:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        if err.errno in DISK_ERRORS:  # the machine (a read-only mount, a full disk): exit 3, as for any write
+        if err.errno in files.DISK_ERRORS:  # the machine (a read-only mount, a full disk): exit 3, as for any write
             raise OSError(err.errno, err.strerror, str(run_dir)) from None
         raise ValueError(f"--output-dir {run_dir}: cannot create it ({err.strerror or err})") from None
     try:
@@ -373,7 +104,7 @@ def _remove_empty(folders) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # What a run directory may hold
 # Every entry a run writes, and what a kill can leave of one: an atomic file's "<name>.tmp", a checkpoint's
-# ".ckpt-….tmp", a published folder's ".<name>.tmp" / ".<name>.old" (atomic_publish_dir), save_adapters' scratch
+# ".ckpt-….tmp", a published folder's ".<name>.tmp" / ".<name>.old" (files.atomic_publish_dir), save_adapters' scratch
 # ".adapters.tmp" and the plot's "reward_curve.tmp.png". A run refuses a directory holding anything else: it would
 # write over, or remove, files that are not its own.
 _FILES = r"config\.json|metrics\.jsonl|LATEST|summary\.md|summary\.json|eval_samples\.jsonl|eval_curve\.jsonl|" \
@@ -421,7 +152,7 @@ def _foreign_in_outputs(run_dir: Path) -> list[str]:
     for name in ("policy", "reward", "base"):
         folder = Path(run_dir) / name
         try:
-            listed = set(_manifest_sums(folder / MANIFEST))
+            listed = set(files.manifest_sums(folder / MANIFEST))
         except ValueError:
             continue
         extra += sorted(f"{name}/{f.relative_to(folder).as_posix()}" for f in folder.rglob("*")
@@ -444,12 +175,12 @@ def save(run_dir: Path, name: str, *, tensors: dict[str, dict[str, torch.Tensor]
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _naming(final):
+        with files.naming(final):
             _write_checkpoint(run_dir, tmp, final, tensors, objects, meta)
     except Exception:  # a full disk: the space back, the run as its last checkpoint left it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
+    files.atomic_write_text(run_dir / LATEST, "\n".join([final.name] + ([previous] if previous else [])) + "\n")
     for old in list(run_dir.glob("ckpt-*")) + list(run_dir.glob(".ckpt-*.tmp")):
         if old.name not in (final.name, previous):
             shutil.rmtree(old, ignore_errors=True)
@@ -460,17 +191,18 @@ def _write_checkpoint(run_dir: Path, tmp: Path, final: Path, tensors, objects, m
     """:func:`save`'s files into ``tmp``, with the run's config copy and the manifest, published as ``final``."""
     tmp.mkdir(parents=True)
     for key, group in tensors.items():
-        _save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, tmp / f"{key}.safetensors")
+        cpu = {k: v.detach().contiguous().cpu() for k, v in group.items()}
+        files.save_tensors_file(cpu, tmp / f"{key}.safetensors")
     for key, obj in objects.items():
         torch.save(obj, tmp / f"{key}.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     if (run_dir / CONFIG).is_file():  # the run's settings as they were: a resume refuses an edited config.json
         shutil.copyfile(run_dir / CONFIG, tmp / CONFIG)
-    sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    sums = {f.name: files.sha256(f) for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"files": sums}, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
-        _fsync_file(f)
-    _publish(tmp, final)
+        files.fsync_file(f)
+    files.publish(tmp, final)
 
 
 @dataclass
@@ -548,7 +280,7 @@ def _read_pointer(pointer: Path) -> list[str]:
     try:
         names = pointer.read_text(encoding="utf-8").split()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{pointer}: unreadable ({_first_line(err)})") from None
+        raise ValueError(f"{pointer}: unreadable ({files.first_line(err)})") from None
     # a bare directory name of this run: no separator, no '..', so LATEST cannot point outside the run directory
     if not 1 <= len(names) <= 2 or not all(_NAME.fullmatch(n) for n in names):
         raise ValueError(f"{pointer}: damaged (expected one or two checkpoint names like ckpt-000001-train, got "
@@ -566,7 +298,7 @@ def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, 
     try:
         meta = json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ValueError(f"{ckpt / 'meta.json'}: unreadable ({_first_line(err)})") from None
+        raise ValueError(f"{ckpt / 'meta.json'}: unreadable ({files.first_line(err)})") from None
     # the zopro that wrote manifests also wrote 'metrics_sha256' (and later a config copy): such a checkpoint
     # without its manifest is a damaged one, never a legacy one
     if legacy and (not isinstance(meta, dict) or "metrics_sha256" in meta or (ckpt / CONFIG).exists()):
@@ -576,32 +308,21 @@ def _load_one(ckpt: Path, unverified_legacy: bool = False) -> tuple[dict, dict, 
         try:
             tensors[f.stem] = load_file(str(f))
         except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
-            raise ValueError(f"{f}: unreadable ({_first_line(err)})") from None
-    objects = {f.stem: safe_torch_load(f) for f in sorted(ckpt.glob("*.pt"))}
+            raise ValueError(f"{f}: unreadable ({files.first_line(err)})") from None
+    objects = {f.stem: files.safe_torch_load(f) for f in sorted(ckpt.glob("*.pt"))}
     return meta, tensors, objects
-
-
-def _manifest_sums(manifest: Path) -> dict:
-    """The ``files`` mapping (name -> SHA-256) of a manifest; one-line ValueError naming it when it is unreadable."""
-    try:
-        sums = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        if not isinstance(sums, dict):
-            raise TypeError("'files' is not a mapping")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest}: missing or damaged ({_first_line(err)})") from None
-    return sums
 
 
 def _verify(ckpt: Path, manifest: Path) -> None:
     """Every file of ``ckpt`` listed in its manifest, none missing, each with its recorded SHA-256."""
-    sums = _manifest_sums(manifest)
+    sums = files.manifest_sums(manifest)
     present = {f.name for f in ckpt.iterdir()} - {MANIFEST}
     if present != set(sums):
         extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
         what = f"unlisted file {ckpt / extra[0]}" if extra else f"missing file {ckpt / missing[0]}"
         raise ValueError(f"{ckpt}: damaged checkpoint ({what})")
     for fname, expected in sums.items():
-        if (ckpt / fname).is_symlink() or _sha256(ckpt / fname) != expected:
+        if (ckpt / fname).is_symlink() or files.sha256(ckpt / fname) != expected:
             raise ValueError(f"{ckpt / fname}: damaged (its SHA-256 does not match {manifest})")
 
 
@@ -632,16 +353,16 @@ def rewrite_config(run_dir: Path, text: str) -> None:
     own. For tools that fork a run (``benchmarks.zo_ablation``'s arms continue one shared iteration 0); a kill
     half way leaves a checkpoint that fails its check, never one that passes with the wrong settings."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / CONFIG, text)
+    files.atomic_write_text(run_dir / CONFIG, text)
     for name in _read_pointer(run_dir / LATEST) if (run_dir / LATEST).exists() else ():
         ckpt = run_dir / name
         if not (ckpt / CONFIG).is_file():
             continue
         _verify(ckpt, ckpt / MANIFEST)
         sums = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))["files"]
-        atomic_write_text(ckpt / CONFIG, text)
-        sums[CONFIG] = _sha256(ckpt / CONFIG)
-        atomic_write_text(ckpt / MANIFEST, json.dumps({"files": sums}, indent=1))
+        files.atomic_write_text(ckpt / CONFIG, text)
+        sums[CONFIG] = files.sha256(ckpt / CONFIG)
+        files.atomic_write_text(ckpt / MANIFEST, json.dumps({"files": sums}, indent=1))
 
 
 def load_finished(run_dir: Path, *, unverified_legacy: bool = False):

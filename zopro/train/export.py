@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from zopro.train import checkpoint, models
+from zopro.train import checkpoint, files, models
 from zopro.train.config import TrainConfig
 from zopro.train.loading import find_smollm2_gguf, load_base
 
@@ -44,7 +44,7 @@ def _finished_config(run_dir: Path) -> TrainConfig:
     # the folders are read only as their manifests vouch for them (unchecked for a run made before they had one)
     legacy = checkpoint.made_before_output_checksums(run_dir)
     for folder in ("policy", "base") if cfg.model == "tiny" else ("policy",):
-        checkpoint.verify_folder(run_dir / folder, unchecked_legacy=legacy)
+        files.verify_folder(run_dir / folder, unchecked_legacy=legacy)
     return cfg
 
 
@@ -73,9 +73,9 @@ def _refusals(source):
     try:
         yield
     except Exception as err:  # noqa: BLE001 (transformers, peft, torch and safetensors raise their own types)
-        if isinstance(err, OSError) and checkpoint.disk_error(err, source) is not None:
+        if isinstance(err, OSError) and files.disk_error(err, source) is not None:
             raise
-        raise ValueError(f"{source}: refused to load ({checkpoint.first_line(err)})") from None
+        raise ValueError(f"{source}: refused to load ({files.first_line(err)})") from None
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:
@@ -94,10 +94,10 @@ def export_merged(run_dir: Path, out: Path) -> Path:
             base, tokenizer = _base(cfg, run_dir)
         with _refusals(run_dir / "policy"), models._peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
-        with checkpoint.scratch_folder(out.with_name(f".{out.name}.tmp")) as tmp:  # removed if a write fails
+        with files.scratch_folder(out.with_name(f".{out.name}.tmp")) as tmp:  # removed if a write fails
             merged.save_pretrained(tmp)  # safetensors
             tokenizer.save_pretrained(tmp)
-            checkpoint.atomic_publish_dir(tmp, out)
+            files.atomic_publish_dir(tmp, out)
         return out
     finally:
         if lock is not None:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk or a read-only mount: one line (OUT is published whole or not at all)
-        line = checkpoint.disk_error(err, args.merged)
+        line = files.disk_error(err, args.merged)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

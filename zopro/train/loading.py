@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import checkpoint, data, judges
+from zopro.train import data, files, judges
 from zopro.train.config import TrainConfig
 from zopro.train.external_reward import AnyRewardModel
 from zopro.train.models import PolicyRewardModel
@@ -171,7 +171,7 @@ def save_tiny_base(tokenizer, seed: int, folder: Path) -> Path:
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(tmp)
-    checkpoint.atomic_publish_dir(tmp, folder)
+    files.atomic_publish_dir(tmp, folder)
     return folder
 
 
@@ -247,7 +247,7 @@ def dequantised_gguf(model_id_or_path, gguf_file: str, dtype: torch.dtype) -> Pa
             base.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             del base
-            checkpoint.fsync_tree(tmp)
+            files.fsync_tree(tmp)
             try:
                 os.rename(tmp, folder)  # fails on an existing folder: never replaces one a reader may be loading
             except OSError:

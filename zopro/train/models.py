@@ -372,7 +372,7 @@ class PolicyRewardModel:
           unpadded or right-padded rows.
 
         ``base_model_name_or_path`` (default: the one peft reads off the base) goes into both ``adapter_config.json``.
-        Not atomic: the caller publishes the folders (``checkpoint.atomic_publish_dir``)."""
+        Not atomic: the caller publishes the folders (``files.atomic_publish_dir``)."""
         from peft import get_peft_model_state_dict
         from safetensors.torch import save_file
 

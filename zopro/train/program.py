@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds, derive_seed
-from zopro.train import checkpoint, distributed, memory, quant_target, rundir, snapshots
+from zopro.train import checkpoint, distributed, files, memory, quant_target, rundir, snapshots
 from zopro.train.config import (
     TrainConfig,
     eval_config,
@@ -103,7 +103,7 @@ class Run:
         progress = self.progress
         progress.metrics_bytes = self.metrics.size()
         # the metrics lines this checkpoint vouches for: a resume checks them before cutting the file back to them
-        progress.metrics_sha256 = checkpoint.sha256_prefix(self.metrics.path, progress.metrics_bytes)
+        progress.metrics_sha256 = files.sha256_prefix(self.metrics.path, progress.metrics_bytes)
         live = LiveState(trainable=self.bundle.trainable_state())
         if self.value_model is not None:
             live.value = {n: p.detach().clone() for n, p in self.value_model.trainable_parameters().items()}
@@ -318,7 +318,7 @@ class Run:
                                               self.bundle.policy_parameters(), self.seeds.placebo(it)), delta)
         log = self.updater.iteration_log()
         if log is not None and self.ranks.writes:  # the ZO optimiser's log: replays the iteration's updates bit for bit
-            checkpoint.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
+            files.atomic_torch_save(self.out / f"zo_log_iter{it}.pt", log)
         if it + 1 < cfg.iterations:
             self.begin_iteration(it + 1)
         else:
@@ -360,20 +360,20 @@ class Run:
         samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
                    for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
                                                ev["after_per_prompt"])]
-        checkpoint.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        files.atomic_write_text(self.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
         write_curve(self.out, self.progress.curve)
         base_name = None
         if self.cfg.model == "tiny":  # built in code from the seed: nowhere else to load it from
             base_name = str(save_tiny_base(self.tokenizer, self.seeds.tiny_base, self.out / "base").resolve())
         save_adapters(self.bundle, self.out, base_name)
         if self.code_space is not None:  # --zo-target scales/codes trained the base itself: its quantised storage
-            checkpoint.atomic_torch_save(self.out / "base_quantised.pt", self.code_space.state())
+            files.atomic_torch_save(self.out / "base_quantised.pt", self.code_space.state())
 
 
 def write_curve(out: Path, curve: list[dict]) -> None:
     """``eval_curve.jsonl``: the in-run evaluations so far, one line each (rewritten whole from the run's state)."""
     if curve:
-        checkpoint.atomic_write_text(out / "eval_curve.jsonl", "".join(json.dumps(p) + "\n" for p in curve))
+        files.atomic_write_text(out / "eval_curve.jsonl", "".join(json.dumps(p) + "\n" for p in curve))
 
 
 def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
@@ -384,10 +384,10 @@ def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None)
     for name, params in (("policy_adapter", bundle.policy_parameters()),
                          ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
-            checkpoint.atomic_save_tensors(out / f"{name}.safetensors", params)
-    with checkpoint.scratch_folder(out / ".adapters.tmp") as scratch:
+            files.atomic_save_tensors(out / f"{name}.safetensors", params)
+    with files.scratch_folder(out / ".adapters.tmp") as scratch:
         for name in bundle.save_pretrained(scratch, base_model_name_or_path):
-            checkpoint.atomic_publish_dir(scratch / name, out / name)
+            files.atomic_publish_dir(scratch / name, out / name)
     shutil.rmtree(scratch)
 
 
@@ -447,7 +447,7 @@ def _start(cfg: TrainConfig, out: Path, ranks: distributed.Ranks, fresh: bool, l
     try:
         state = Run(cfg, out, ranks, show=show)
         if fresh and ranks.writes:
-            checkpoint.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+            files.atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
         return state
     except BaseException:
         if fresh and ranks.writes and lock is not None and not (out / "config.json").exists():
@@ -493,13 +493,13 @@ def _train_and_finish(state, cfg, out, resume, stop_after_steps, pause_after_ite
     records = state.metrics.read()
     plot_rewards(records, out / "reward_curve.png")
     table = summary_table(records, state.progress.evaluation)
-    checkpoint.atomic_write_text(out / "summary.md", table + "\n")
+    files.atomic_write_text(out / "summary.md", table + "\n")
     evaluation = {k: v for k, v in state.progress.evaluation.items()
                   if not k.startswith(("before_", "after_")) or k == "after"}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": state.progress.skipped,
                "reward_losses": state.progress.reward_losses, "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}
-    checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    files.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     if progress:
         print(table)
         print(f"run directory: {out}")
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except OSError as err:  # a full disk or a read-only mount: the directory holds the last complete write
-        line = checkpoint.disk_error(err, cfg.output_dir if cfg is not None else "--output-dir")
+        line = files.disk_error(err, cfg.output_dir if cfg is not None else "--output-dir")
         if line is None:
             raise
         print(f"error: {line} (the run directory holds its last complete checkpoint: fix this, then --resume "

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from zopro.train import checkpoint, distributed, preflight
+from zopro.train import checkpoint, distributed, files, preflight
 from zopro.train.config import RESUME_OVERRIDES, TrainConfig, flag, load_saved, resume_differences, validate
 from zopro.train.loading import resolve_device
 
@@ -42,7 +42,7 @@ def _check_metrics(path: Path, loaded: checkpoint.Loaded) -> None:
     them; a shorter file would be padded with NUL bytes)."""
     n_bytes = loaded.meta["metrics_bytes"]
     if not path.is_file() or path.stat().st_size < n_bytes or \
-            checkpoint.sha256_prefix(path, n_bytes) != loaded.meta.get("metrics_sha256"):
+            files.sha256_prefix(path, n_bytes) != loaded.meta.get("metrics_sha256"):
         raise ValueError(f"{path}: damaged or missing (its first {n_bytes} bytes are not the lines checkpoint "
                          f"{loaded.name} recorded)")
 

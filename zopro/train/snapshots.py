@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from zopro.train import checkpoint
+from zopro.train import checkpoint, files
 from zopro.train.state import Progress
 
 FOLDER = "snapshots"
@@ -52,7 +52,7 @@ def take(run_dir: Path, every: int, progress: Progress, mode: str, policy: dict[
     info = {"global_step": global_step, "iteration": progress.iteration, "step": step, "mode": mode, "kind": kind}
     path = path_for(run_dir, global_step)
     path.parent.mkdir(exist_ok=True)
-    checkpoint.atomic_save_tensors(path, tensors, metadata={k: str(v) for k, v in info.items()})
+    files.atomic_save_tensors(path, tensors, metadata={k: str(v) for k, v in info.items()})
     return path
 
 
@@ -71,7 +71,7 @@ _HEADER = ("global_step", "iteration", "step", "mode", "kind")
 
 def listing(run_dir: Path) -> list[dict]:
     """The run's snapshots in step order: their metadata (numbers as ints) plus ``path``. Each file is read whole
-    and its SHA-256 checked (:func:`zopro.train.checkpoint.load_tensors`; unchecked only for a run that shows it was
+    and its SHA-256 checked (:func:`zopro.train.files.load_tensors`; unchecked only for a run that shows it was
     made before snapshots carried one); ValueError naming the first damaged file."""
     out = []
     folder = Path(run_dir) / FOLDER
@@ -79,7 +79,7 @@ def listing(run_dir: Path) -> list[dict]:
     for f in sorted(folder.glob("snap-*.safetensors")) if folder.is_dir() else ():
         if not _FILE.fullmatch(f.name):
             continue
-        _, info = checkpoint.load_tensors(f, unchecked_legacy=legacy)
+        _, info = files.load_tensors(f, unchecked_legacy=legacy)
         missing = [k for k in _HEADER if k not in info]
         try:
             if missing:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from zopro.train import checkpoint, snapshots
+from zopro.train import files, snapshots
 
 METRIC_CURVES = (("reward", "reward-model score"), ("judge_score", "judge score"), ("kl", "KL to reference"),
                  ("loss", "surrogate loss"), ("step_time", "step time (s)"))
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build_report(runs, out)
     except OSError as err:  # a full disk or a read-only mount: one line
-        line = checkpoint.disk_error(err, out)
+        line = files.disk_error(err, out)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.train import checkpoint, run
+from zopro.train import checkpoint, files, run
 from zopro.train.config import TrainConfig, load_saved
 from zopro.train.export import main as export_main
 from zopro.train.loading import load_models
@@ -248,7 +248,7 @@ def test_a_kill_while_peft_writes_the_policy_keeps_the_old_folder_and_resume_rew
         run(cfg, resume=True, progress=False)
     assert _folders(out) == folders  # the old folders, whole
 
-    publish = checkpoint._publish
+    publish = files.publish
 
     def kill_at_reward(tmp, final):
         if Path(final).name == "reward":
@@ -256,11 +256,11 @@ def test_a_kill_while_peft_writes_the_policy_keeps_the_old_folder_and_resume_rew
         publish(tmp, final)
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", real_save)
-    monkeypatch.setattr(checkpoint, "_publish", kill_at_reward)
+    monkeypatch.setattr(files, "publish", kill_at_reward)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, resume=True, progress=False)
     assert not (out / "reward").exists()  # between the two renames: absent, never half written
-    monkeypatch.setattr(checkpoint, "_publish", publish)
+    monkeypatch.setattr(files, "publish", publish)
     run(cfg, resume=True, progress=False)
     assert _folders(out) == folders  # the same bytes, but for the base's path:
     for name in ("policy", "reward"):

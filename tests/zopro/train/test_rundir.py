@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from zopro.train import checkpoint, main, program, run
+from zopro.train import checkpoint, files, main, program, run
 from zopro.train.config import preset
 from zopro.train.evaluate import main as evaluate_main
 
@@ -128,7 +128,7 @@ def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(
     kills = ["ckpt->train", "LATEST->train", "zo_log_iter1.pt", "ckpt->evaluate", "LATEST->evaluate", "ckpt->done",
              "LATEST->done", "eval_samples.jsonl", "policy_adapter.safetensors", "reward_adapter.safetensors",
              "summary.md", "summary.json"]
-    publish, seen = checkpoint._publish, []
+    publish, seen = files.publish, []
 
     def killing_publish(tmp, final):
         seen.append(key(tmp, final))
@@ -136,7 +136,7 @@ def test_a_kill_at_any_output_write_then_resume_gives_the_uninterrupted_outputs(
             raise KeyboardInterrupt(f"killed before writing {final}")
         publish(tmp, final)
 
-    monkeypatch.setattr(checkpoint, "_publish", killing_publish)
+    monkeypatch.setattr(files, "publish", killing_publish)
     # the plot (written straight, not published; rewritten by every resume) cost ~0.3 s a call: 12 calls here
     monkeypatch.setattr(program, "plot_rewards", lambda records, path: None)
     out = tmp_path / "killed"
@@ -478,8 +478,8 @@ def test_visualize_refuses_a_damaged_snapshot_or_one_without_its_header(finished
     code, err = _visualize(out, tmp_path, capsys)
     assert code == 2 and f"{snap}: damaged" in err and len(err.splitlines()) == 1, err
     snap.write_bytes(original)
-    tensors, meta = checkpoint.load_tensors(snap)
-    checkpoint.atomic_save_tensors(snap, tensors, {k: v for k, v in meta.items() if k != "kind"})
+    tensors, meta = files.load_tensors(snap)
+    files.atomic_save_tensors(snap, tensors, {k: v for k, v in meta.items() if k != "kind"})
     code, err = _visualize(out, tmp_path, capsys)
     assert code == 2 and f"{snap}: not a snapshot of this run (no 'kind'" in err and len(err.splitlines()) == 1, err
 
@@ -487,29 +487,29 @@ def test_visualize_refuses_a_damaged_snapshot_or_one_without_its_header(finished
 def test_flat_outputs_carry_checksums_their_readers_check(finished, tmp_path):
     out = _copy(finished, tmp_path)
     adapter = out / "policy_adapter.safetensors"
-    tensors, _ = checkpoint.load_tensors(adapter)
+    tensors, _ = files.load_tensors(adapter)
     assert tensors.keys() == load_file(str(finished / "policy_adapter.safetensors")).keys()
     _flip_a_bit(adapter)
     with pytest.raises(ValueError, match=f"{adapter}: damaged"):
-        checkpoint.load_tensors(adapter)
+        files.load_tensors(adapter)
     log = out / "zo_log_iter1.pt"  # every atomic_torch_save output (base_quantised.pt too) has a .sha256
-    assert checkpoint.torch_load(log).keys() == torch.load(log, weights_only=True).keys()
+    assert files.torch_load(log).keys() == torch.load(log, weights_only=True).keys()
     _flip_a_bit(log)
     with pytest.raises(ValueError, match=f"{log}: damaged"):
-        checkpoint.torch_load(log)
+        files.torch_load(log)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Issue 31: a full disk, a read-only mount or a refused payload is one line, never a traceback
 def _failing_writes(monkeypatch, code, when=lambda path: True):
-    real = checkpoint._atomic_file
+    real = files.atomic_file
 
     def failing(path, write):
         if when(Path(path)):
             raise OSError(code, os.strerror(code))  # as a write() reports it: no file name
         real(path, write)
 
-    monkeypatch.setattr(checkpoint, "_atomic_file", failing)
+    monkeypatch.setattr(files, "atomic_file", failing)
 
 
 def _error_line(err: str) -> str:
@@ -547,7 +547,7 @@ def test_export_refuses_a_pickle_its_manifest_vouches_for_in_one_line(finished, 
     out = _copy(finished, tmp_path)
     (out / "base" / "model.safetensors").unlink()
     (out / "base" / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(tmp_path / "pwned")))
-    checkpoint.write_folder_manifest(out / "base")  # sums are no signature: whoever can write can re-sum
+    files.write_folder_manifest(out / "base")  # sums are no signature: whoever can write can re-sum
     code, err = _export(out, tmp_path, capsys)
     assert code == 2 and f"{out / 'base'}: refused to load" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "merged").exists()
@@ -559,7 +559,7 @@ def test_export_on_a_full_disk_is_one_line(finished, tmp_path, monkeypatch, caps
     def full(tmp, final):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint, "atomic_publish_dir", full)
+    monkeypatch.setattr(files, "atomic_publish_dir", full)
     code, err = _export(out, tmp_path, capsys)
     assert code == 3 and f"error: {tmp_path / 'merged'}: no space left on the device" in _error_line(err)
     assert not (tmp_path / "merged").exists()
@@ -596,12 +596,12 @@ def test_a_full_disk_inside_safetensors_is_an_oserror_naming_the_file(tmp_path, 
     def full(tensors, filename, metadata=None):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(files, "save_file", full)
     with pytest.raises(OSError) as caught:
-        checkpoint.atomic_save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)})
+        files.atomic_save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)})
     assert caught.value.errno == errno.ENOSPC and caught.value.filename.endswith("a.safetensors.tmp")
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone
-    with pytest.raises(OSError) as caught, checkpoint.scratch_folder(tmp_path / ".out.tmp") as scratch:
+    with pytest.raises(OSError) as caught, files.scratch_folder(tmp_path / ".out.tmp") as scratch:
         scratch.mkdir()  # as save_pretrained makes it
         (scratch / "part").write_text("half")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -611,14 +611,14 @@ def test_a_full_disk_inside_safetensors_is_an_oserror_naming_the_file(tmp_path, 
 def test_a_run_full_of_disk_in_a_safetensors_write_is_one_line_exit_3(tmp_path, monkeypatch, capsys):
     from safetensors import SafetensorError
 
-    real = checkpoint.save_file
+    real = files.save_file
 
     def full_at_the_checkpoint(tensors, filename, metadata=None):
         if "ckpt-" in str(filename):
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", full_at_the_checkpoint)
+    monkeypatch.setattr(files, "save_file", full_at_the_checkpoint)
     out = tmp_path / "run"
     assert main(["--preset", "smoke", "--threads", "1", "--output-dir", str(out)]) == 3
     err = capsys.readouterr().err
