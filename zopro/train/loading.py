@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds
-from zopro.train import data, files, judges
+from zopro.train import data, files, judges, model_judges
 from zopro.train.config import TrainConfig
 from zopro.train.external_reward import AnyRewardModel
 from zopro.train.models import PolicyRewardModel
@@ -149,11 +149,11 @@ def load_judge(cfg: TrainConfig, device: torch.device):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = AutoModelForCausalLM.from_pretrained(name).to(device)
-        return judges.LLMJudge(model, AutoTokenizer.from_pretrained(name))
+        return model_judges.LLMJudge(model, AutoTokenizer.from_pretrained(name))
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1).to(device)
-    return judges.RewardModelJudge(model, AutoTokenizer.from_pretrained(name), device=device)
+    return model_judges.RewardModelJudge(model, AutoTokenizer.from_pretrained(name), device=device)
 
 
 def save_tiny_base(tokenizer, seed: int, folder: Path) -> Path:

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zopro.train.judges import DEFAULT_JUDGE_TEMPLATE, CallableJudge, HeuristicJudge, Judge, LLMJudge, RewardModelJudge
+from zopro.train.judges import CallableJudge, HeuristicJudge, Judge
+from zopro.train.model_judges import DEFAULT_JUDGE_TEMPLATE, LLMJudge, RewardModelJudge
 
 pytestmark = pytest.mark.usefixtures("hf_home")
 
