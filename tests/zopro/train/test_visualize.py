@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from zopro.train import checkpoint, run, visualize
+from zopro.train import analysis, checkpoint, run, visualize
 from zopro.train.config import preset
 
 VOLATILE = {"step_time", "peak_rollout", "peak_update"}
@@ -266,8 +266,8 @@ def test_a_ppo_run(tmp_path):
 
 def test_runs_with_the_same_folder_name_get_labels_that_tell_them_apart(tmp_path):
     paths = [tmp_path / "seed0" / "full", tmp_path / "seed1" / "full", tmp_path / "seed1" / "iter1"]
-    assert visualize.unique_labels(paths) == ["seed0/full", "seed1/full", "iter1"]
-    assert visualize.unique_labels([tmp_path / "a" / "run"]) == ["run"]
+    assert analysis.unique_labels(paths) == ["seed0/full", "seed1/full", "iter1"]
+    assert analysis.unique_labels([tmp_path / "a" / "run"]) == ["run"]
 
 
 def test_the_report_overlays_the_runs_gold_curves_and_frontiers(tmp_path, capsys):
