@@ -27,12 +27,19 @@ import logging
 import pathlib
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from zopro.train.external_reward import AnyRewardModel
+from zopro.train.token_batch import (
+    Generation,
+    check_token_batch,
+    grad_context,
+    last_true_index,
+    position_ids,
+    rng_devices,
+)
 
 POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
 VALUE = "value"  # optional critic adapter for first-order PPO baselines (see add_value_adapter)
@@ -71,59 +78,6 @@ def _peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _grad_context(grad: bool):
-    return torch.enable_grad() if grad else torch.inference_mode()
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # Same rule as transformers' generate (cumsum - 1, 0 on pads): with left padding the default arange positions
-    # would shift every prompt, and log-probs would not be those of the distribution we sampled from.
-    pos = attention_mask.long().cumsum(-1) - 1
-    return pos.masked_fill(attention_mask == 0, 0)
-
-
-def last_true_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last nonzero position of ``mask [B, T]`` per row (left and/or right padding; ``T - 1`` for an
-    empty row): the last token of an attention mask, the last response token of a response mask."""
-    t = mask.shape[-1]
-    return t - 1 - mask.flip(-1).long().argmax(-1)
-
-
-def _rng_devices(module: nn.Module) -> list[int]:
-    dev = next(module.parameters()).device
-    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-
-
-def _sorted_targets(targets):
-    return sorted(targets) if isinstance(targets, (set, frozenset)) else targets
-
-
-def _check_token_batch(input_ids, attention_mask, response_mask=None) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError("input_ids must be a 2-D tensor [B, T]")
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}")
-    if response_mask is not None:
-        if not isinstance(response_mask, torch.Tensor) or response_mask.shape != input_ids.shape:
-            raise ValueError(f"response_mask must have the shape of input_ids {tuple(input_ids.shape)}")
-        if bool(response_mask[:, 0].any()):
-            raise ValueError("response_mask must be 0 at position 0 (the first token has no log-prob)")
-
-
-class Generation(NamedTuple):
-    """Output of :meth:`PolicyRewardModel.generate`; rows ``i*k .. i*k+k-1`` belong to prompt ``i``."""
-
-    sequences: torch.Tensor  # [P*k, T] long, prompt (left-padded) + completion (padded after EOS)
-    attention_mask: torch.Tensor  # [P*k, T] long, 1 on prompt tokens and on response tokens
-    response_mask: torch.Tensor  # [P*k, T] long, 1 on generated tokens up to and including the first EOS
-    prompt_length: int  # sequences[:, :prompt_length] is the (padded) prompt
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -188,7 +142,7 @@ class PolicyRewardModel:
         )
         for p in base.parameters():
             p.requires_grad_(False)
-        with torch.random.fork_rng(devices=_rng_devices(base)):
+        with torch.random.fork_rng(devices=rng_devices(base)):
             torch.manual_seed(seed)
             self.model = self._wrap(base, config, sft_adapter)
             hidden = base.config.get_text_config().hidden_size
@@ -359,53 +313,6 @@ class PolicyRewardModel:
 
     # -- standard formats ------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory, base_model_name_or_path: str | None = None) -> list[str]:
-        """Write the adapters as standard PEFT adapter folders in ``directory``; returns the folders' names.
-
-        - ``policy``: PEFT's own ``PeftModel.save_pretrained`` of the policy adapter (task ``CAUSAL_LM``); loads with
-          ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)``.
-        - ``reward`` (shared reward model only): the reward adapter as a ``SEQ_CLS`` LoRA adapter, the score head its
-          saved module ``score``: PEFT's own config writer and key names, as PEFT saves a LoRA-tuned
-          ``AutoModelForSequenceClassification``; loads with ``PeftModel.from_pretrained(
-          AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), folder)``. That class pools the
-          last token that is not ``pad_token_id`` at positions ``0..T-1``: the scores of :meth:`reward_scores` for
-          unpadded or right-padded rows.
-
-        ``base_model_name_or_path`` (default: the one peft reads off the base) goes into both ``adapter_config.json``.
-        Not atomic: the caller publishes the folders (``files.atomic_publish_dir``)."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        directory = pathlib.Path(directory)
-        policy_config = self.model.peft_config[POLICY]
-        kept = policy_config.base_model_name_or_path, policy_config.target_modules
-        try:
-            if base_model_name_or_path is not None:
-                policy_config.base_model_name_or_path = base_model_name_or_path
-            # peft keeps "all-linear" resolved as a set, written in hash order: sorted, a rewrite is byte-identical
-            policy_config.target_modules = _sorted_targets(policy_config.target_modules)
-            # non-default adapter names go to a subfolder of that name: directory / "policy". The base's embeddings
-            # are never saved: zopro neither resizes the vocabulary nor changes them (peft's "auto" probes the base's
-            # config.json for a resize, and warns when the base is a folder without one: a GGUF's, SmolLM2's)
-            self.model.save_pretrained(str(directory), selected_adapters=[POLICY], save_embedding_layers=False)
-            base_name = policy_config.base_model_name_or_path  # peft fills it in when it was None
-        finally:
-            policy_config.base_model_name_or_path, policy_config.target_modules = kept
-        if self.external_reward is not None:
-            return [POLICY]
-        config = copy.deepcopy(self.model.peft_config[REWARD])
-        config.task_type, config.modules_to_save, config.inference_mode = "SEQ_CLS", ["score"], True
-        config.base_model_name_or_path = base_name
-        config.target_modules = _sorted_targets(config.target_modules)
-        tensors = get_peft_model_state_dict(self.model, adapter_name=REWARD, save_embedding_layers=False)
-        tensors["base_model.model.score.weight"] = self.score_head.weight  # the key PEFT writes for a saved module
-        folder = directory / REWARD
-        folder.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(folder))
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return [POLICY, REWARD]
-
     # -- forward passes --------------------------------------------------------------------------------------------
 
     def _hidden(self, input_ids, attention_mask) -> torch.Tensor:
@@ -415,7 +322,7 @@ class PolicyRewardModel:
         out = body(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
-            position_ids=_position_ids(attention_mask).to(self.device),
+            position_ids=position_ids(attention_mask).to(self.device),
             use_cache=False,
         )
         return out.last_hidden_state
@@ -440,18 +347,18 @@ class PolicyRewardModel:
         ``temperature`` divides the logits (1.0: the model's own distribution). Runs under ``torch.inference_mode``
         unless ``grad=True``.
         """
-        _check_token_batch(input_ids, attention_mask, response_mask)
+        check_token_batch(input_ids, attention_mask, response_mask)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        with _grad_context(grad), self._using(POLICY):
+        with grad_context(grad), self._using(POLICY):
             return self._token_logprobs(input_ids, attention_mask, response_mask, temperature)
 
     def reference_logprobs(self, input_ids, attention_mask, response_mask, *, grad=False, temperature=1.0):
         """As :meth:`policy_logprobs`, under the reference policy."""
-        _check_token_batch(input_ids, attention_mask, response_mask)
+        check_token_batch(input_ids, attention_mask, response_mask)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        with _grad_context(grad), self.reference():
+        with grad_context(grad), self.reference():
             return self._token_logprobs(input_ids, attention_mask, response_mask, temperature)
 
     def reward_scores(self, input_ids, attention_mask, *, grad=False, prompts=None, completions=None) -> torch.Tensor:
@@ -460,8 +367,8 @@ class PolicyRewardModel:
         With an external reward model that has its own tokenizer, ``prompts`` and ``completions`` (texts, one per
         row) are scored instead of the ids.
         """
-        _check_token_batch(input_ids, attention_mask)
-        with _grad_context(grad):
+        check_token_batch(input_ids, attention_mask)
+        with grad_context(grad):
             if self.external_reward is not None:
                 return self.external_reward.scores(input_ids, attention_mask, prompts, completions)
             with self._using(REWARD):
@@ -485,7 +392,7 @@ class PolicyRewardModel:
             raise ValueError(f"the bundle already has a {VALUE!r} adapter")
         config = copy.deepcopy(self.model.peft_config[POLICY])
         config.inference_mode = False
-        with torch.random.fork_rng(devices=_rng_devices(self.base)):
+        with torch.random.fork_rng(devices=rng_devices(self.base)):
             torch.manual_seed(seed)
             self.model.add_adapter(VALUE, config)
         self._params[VALUE] = self._collect(VALUE)
@@ -503,9 +410,9 @@ class PolicyRewardModel:
 
     def value_hidden_states(self, input_ids, attention_mask, *, grad=False) -> torch.Tensor:
         """Last hidden states ``[B, T, H]`` of the base under the value adapter (positions as in generate)."""
-        _check_token_batch(input_ids, attention_mask)
+        check_token_batch(input_ids, attention_mask)
         self.value_parameters()  # raises if there is no value adapter
-        with _grad_context(grad), self._using(VALUE):
+        with grad_context(grad), self._using(VALUE):
             return self._hidden(input_ids, attention_mask)
 
     # -- sampling --------------------------------------------------------------------------------------------------
@@ -520,7 +427,7 @@ class PolicyRewardModel:
         """
         from transformers import GenerationConfig
 
-        _check_token_batch(prompt_input_ids, prompt_attention_mask)
+        check_token_batch(prompt_input_ids, prompt_attention_mask)
         for name, value in (("k", k), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -546,7 +453,7 @@ class PolicyRewardModel:
         saved = lm.generation_config
         try:
             lm.generation_config = config
-            with torch.inference_mode(), self._using(POLICY), torch.random.fork_rng(devices=_rng_devices(lm)):
+            with torch.inference_mode(), self._using(POLICY), torch.random.fork_rng(devices=rng_devices(lm)):
                 torch.manual_seed(generator_seed)
                 sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from zopro.train.losses import clipped_terms, masked_mean
-from zopro.train.models import PolicyRewardModel, last_true_index
+from zopro.train.models import PolicyRewardModel
 from zopro.train.rollout import Rollout
+from zopro.train.token_batch import last_true_index
 from zopro.train.updaters import FirstOrderUpdater, Update, first_order_step
 
 __all__ = [

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from zopro.seeds import RunSeeds, derive_seed
-from zopro.train import checkpoint, distributed, files, memory, quant_target, rundir, snapshots
+from zopro.train import checkpoint, distributed, files, memory, peft_folders, quant_target, rundir, snapshots
 from zopro.train.config import (
     TrainConfig,
     eval_config,
@@ -379,14 +379,14 @@ def write_curve(out: Path, curve: list[dict]) -> None:
 def save_adapters(bundle, out: Path, base_model_name_or_path: str | None = None):
     """The trained adapters, twice: zopro's flat files (``policy_adapter.safetensors``; ``reward_adapter.safetensors``
     with the score head), which zopro's tools read, and the standard PEFT folders ``policy/`` and ``reward/``
-    (:meth:`PolicyRewardModel.save_pretrained`), each written whole to a scratch folder and then renamed into place,
+    (:func:`zopro.train.peft_folders.save`), each written whole to a scratch folder and then renamed into place,
     so a kill never leaves a half folder and a resume rewrites them."""
     for name, params in (("policy_adapter", bundle.policy_parameters()),
                          ("reward_adapter", reward_tensors(bundle) if bundle.shares_parameter_space else {})):
         if params:
             files.atomic_save_tensors(out / f"{name}.safetensors", params)
     with files.scratch_folder(out / ".adapters.tmp") as scratch:
-        for name in bundle.save_pretrained(scratch, base_model_name_or_path):
+        for name in peft_folders.save(bundle, scratch, base_model_name_or_path):
             files.atomic_publish_dir(scratch / name, out / name)
     shutil.rmtree(scratch)
 

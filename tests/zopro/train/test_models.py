@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from zopro.train import loading
+from zopro.train import loading, peft_folders
 from zopro.train.external_reward import AnyRewardModel
 from zopro.train.loading import TINY_EOS_ID, TINY_PAD_ID, build_tiny_model, build_tiny_tokenizer
 from zopro.train.models import PolicyRewardModel
@@ -570,7 +570,7 @@ def test_adapters_save_without_warnings_for_a_base_folder_without_config(models_
     gguf_folder.mkdir()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        names = models_bundle.save_pretrained(tmp_path / "out", base_model_name_or_path=str(gguf_folder))
+        names = peft_folders.save(models_bundle, tmp_path / "out", base_model_name_or_path=str(gguf_folder))
     assert [str(w.message) for w in caught] == []
     assert names == ["policy", "reward"]
     assert all(not k.startswith("base_model.model.model.embed_tokens") for k in
