@@ -8,7 +8,17 @@ from dataclasses import fields
 import pytest
 
 from zopro.train import main, run
-from zopro.train.config import RANGES, TrainConfig, coerce, from_args, preset, resume_differences, validate
+from zopro.train.config import (
+    FLAG_GROUPS,
+    RANGES,
+    SECTIONS,
+    TrainConfig,
+    coerce,
+    from_args,
+    preset,
+    resume_differences,
+    validate,
+)
 
 
 def _fails(argv, out, capsys, message):
@@ -52,7 +62,25 @@ def test_config_files_are_converted_like_flags(tmp_path):
     assert (type(cfg.zo_lr), type(cfg.d_tau), type(cfg.iterations)) == (float, float, int)
 
 
+def test_a_config_file_nested_by_section_reads_as_the_flat_one(tmp_path):
+    nested, flat = tmp_path / "nested.yaml", tmp_path / "flat.yaml"
+    nested.write_text("run: {preset: smoke, seed: 3}\nzo: {lr: 0.5, eps: 0.01}\neval: {samples: 3}\n"
+                      "reward_model: {lr: 0.002, init_steps: 4}\nbase: {model: tiny, lora_r: 2}\n"
+                      "experimental: {zo_population: 2}\n")
+    flat.write_text("preset: smoke\nseed: 3\nzo_lr: 0.5\nzo_eps: 0.01\neval_samples: 3\nlora_r: 2\n"
+                    "reward_lr: 0.002\nreward_init_steps: 4\nmodel: tiny\nzo_population: 2\n")
+    got, _ = from_args(["--config", str(nested)])
+    assert got == from_args(["--config", str(flat)])[0]
+    assert (got.zo_lr, got.eval_samples, got.reward_init_steps, got.zo_population, got.seed) == (0.5, 3, 4, 2, 3)
+    # every field has exactly one place in a section (the sections are --help's groups)
+    placed = [name for title, _ in SECTIONS.values() for name in FLAG_GROUPS[title]]
+    assert sorted(placed) == sorted(f.name for f in fields(TrainConfig))
+
+
 @pytest.mark.parametrize("name, text, message", [
+    ("cfg.json", '{"zo": {"rate": 1}}', "--config: unknown setting zo.rate in {path} (the section 'zo' holds "),
+    ("cfg.json", '{"zo_lr": 1, "zo": {"lr": 2}}', "--config: zo_lr given twice in {path} (also as zo.lr)"),
+    ("cfg.json", '{"eval": {"zo_lr": 1}}', "--config: unknown setting eval.zo_lr in {path}"),
     ("cfg.json", '{"iterations": 2.5}', "--iterations: expected an integer, got 2.5"),
     ("cfg.json", '{"iterations": true}', "--iterations: expected an integer, got True"),
     ("cfg.json", '{"log_judge_score": "maybe"}', "--log-judge-score: expected true or false"),

@@ -1,9 +1,9 @@
 """Pinned defaults: the training config's default and preset values, and the README's and docs' statements of them.
 
 A default is part of the interface: a run's results depend on it and the README quotes it. The literal tables below
-are the expected values; changing a default means changing it in ``zopro/train/config.py``, here, and (where it is
-documented) in README.md and docs/default-job.md, deliberately, in the same commit. docs/cli.md is generated from the
-config (tests/test_docs.py).
+are the expected values; changing a default means changing it in ``zopro/train/config/schema.py``, here, and (where
+it is documented) in README.md and docs/default-job.md, deliberately, in the same commit. docs/cli.md is generated
+from the config (tests/test_docs.py).
 """
 
 import dataclasses
