@@ -163,9 +163,9 @@ def paired_change(before: list[float], after: list[float]) -> tuple[float | None
 
 
 def _finished_run(run_dir: Path, eval_samples: int, device: str | None):
-    """``(cfg, checkpoint tensors, bundle, tokenizer, judge, held-out prompts)`` of the finished run in ``run_dir``,
-    its config's evaluation set to ``eval_samples`` samples per prompt on ``device`` (default: the run's own); the
-    bundle holds the base policy (adapters at their start)."""
+    """``(cfg, final checkpoint, bundle, tokenizer, judge, held-out prompts)`` of the finished run in ``run_dir``, its
+    config's evaluation set to ``eval_samples`` samples per prompt on ``device`` (default: the run's own); the bundle
+    holds the base policy (adapters at their start)."""
     # runs made before checksums existed load unverified (reading only)
     saved, loaded = checkpoint.load_finished(run_dir, unverified_legacy=True)
     cfg = dataclasses.replace(saved, eval_samples=eval_samples, device=device or saved.device)
@@ -174,16 +174,16 @@ def _finished_run(run_dir: Path, eval_samples: int, device: str | None):
         raise ValueError(f"{run_dir}: the run has no held-out prompts (--n-eval-prompts 0)")
     device = resolve_device(cfg)
     bundle, tokenizer = load_models(cfg, device)
-    return cfg, loaded.tensors, bundle, tokenizer, load_judge(cfg, device), [r.prompt for r in held_out]
+    return cfg, loaded, bundle, tokenizer, load_judge(cfg, device), [r.prompt for r in held_out]
 
 
 def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> dict:
     """Before/after held-out score of the finished run in ``run_dir`` with ``eval_samples`` samples per prompt, on
     ``device`` (default: the run's own)."""
-    cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
+    cfg, loaded, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
     ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
     before = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
-    bundle.load_trainable_state_(tensors["trainable"])
+    bundle.load_trainable_state_(loaded.tensors["trainable"])
     after = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=before.texts)
     change, se = paired_change(before.values, after.values)
     return {"run": str(run_dir), "metric": before.metric, "prompts": len(prompts), "samples": eval_samples,
@@ -198,7 +198,8 @@ def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device
     computed when its last iteration ended). Each row: the distance, the score, and its change against ``a = 0``
     (the same sampling seeds) with the paired standard error. A guide that carries reward shows a rising score for
     small positive ``a``; one that is noise shows changes within their errors at every ``a``."""
-    cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
+    cfg, loaded, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
+    tensors = loaded.tensors
     if "guides_prev" not in tensors:
         raise ValueError(f"{run_dir}: the final checkpoint holds no guide")
     bundle.load_trainable_state_(tensors["trainable"])
@@ -226,12 +227,14 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
     """What the finished run's steps after ``global_step`` added: the held-out score of its snapshot at that step
     (``snapshots/snap-<step>``, checksum verified) and of its final policy, on the same prompts and sampling seeds,
     so the change has a paired standard error over prompts. The question a learning curve on a few prompts cannot
-    settle, e.g. whether the last third of the steps still gains."""
+    settle, e.g. whether the last third of the steps still gains. With the run's own ``--eval-samples`` the final
+    policy's numbers are its own final evaluation's (the same seeds and weights: :func:`reevaluate` reproduces them),
+    so only the snapshot is evaluated."""
     found = {s["global_step"]: s for s in snapshots.listing(run_dir)}
     if global_step not in found:
         raise ValueError(f"{run_dir}: no snapshot of step {global_step} (the run has steps {sorted(found)})")
-    cfg, tensors, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
-    bundle.load_trainable_state_(tensors["trainable"])
+    cfg, loaded, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
+    bundle.load_trainable_state_(loaded.tensors["trainable"])
     params = bundle.policy_parameters()
     earlier = snapshots.load(found[global_step]["path"], "policy")
     if set(earlier) != set(params):
@@ -242,12 +245,17 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
         for n, p in params.items():
             p.copy_(earlier[n])
     then = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(final[n])
-    now = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=then.texts)
-    change, se = paired_change(then.values, now.values)
+    own = loaded.meta["evaluation"]
+    if own.get("samples") == eval_samples and hasattr(judge, "score") and own.get("after_kl") is not None:
+        now_values, now_kl = own["after_per_prompt"], own["after_kl"]
+    else:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(final[n])
+        now = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=then.texts)
+        now_values, now_kl = now.values, now.kl
+    change, se = paired_change(then.values, now_values)
     return {"run": str(run_dir), "metric": then.metric, "prompts": len(prompts), "samples": eval_samples,
-            "step": global_step, "before": statistics.fmean(then.values), "after": statistics.fmean(now.values),
+            "step": global_step, "before": statistics.fmean(then.values), "after": statistics.fmean(now_values),
             "change": change, "change_se": se, "kl_before": statistics.fmean(then.kl) if then.kl else None,
-            "kl": statistics.fmean(now.kl) if now.kl else None}
+            "kl": statistics.fmean(now_kl) if now_kl else None}

@@ -88,12 +88,13 @@ def test_since_step_scores_a_snapshot_against_the_final_policy(tmp_path, capsys)
     run(cfg, progress=False)
     steps = cfg.iterations * cfg.steps_per_iteration
     base = reevaluate(tmp_path / "run", 2)
-    # step 0's snapshot is the adapter as initialised, i.e. the base: the run's whole change, number for number
+    # step 0's snapshot is the adapter as initialised, i.e. the base: the run's whole change, number for number (the
+    # final policy's numbers read from the run's own evaluation, 2 samples a prompt as the run: reevaluate's anew)
     (first,) = evaluate_main([str(tmp_path / "run"), "--eval-samples", "2", "--since-step", "0"])
     assert (first["before"], first["after"], first["change"], first["change_se"]) == (
         base["before"], base["after"], base["change"], base["change_se"])
     assert first["kl_before"] == 0.0 and first["kl"] == base["kl"]
-    last = since_step(tmp_path / "run", steps, 2)  # the final snapshot: the same weights, the same seeds
+    last = since_step(tmp_path / "run", steps, 3)  # the final snapshot, both evaluated: same weights, same seeds
     assert last["change"] == 0.0 and last["change_se"] == 0.0 and last["kl_before"] == last["kl"]
     assert f"| run | {cfg.n_eval_prompts} x 2 | 0 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match=f"no snapshot of step {steps + 1}"):
