@@ -53,21 +53,37 @@ def main(argv=None) -> list[dict]:
         parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
+    n, device = args.eval_samples, args.device
     if args.probe_guide:
-        return _print_probe(parser, args)
+        return _table(parser, args.runs, device, n, "| run | guide norm | distance | score | change vs 0 ± paired SE |",
+                      lambda d: probe_guide(d, args.probe_guide, n, device),
+                      lambda r: f"{r['guide_norm']:.4f} | {r['distance']:g} | {r['score']:.4f} | {_change(r)}")
     if args.since_step is not None:
-        return _print_since(parser, args)
-    print("| run | prompts x samples | before | after | change ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
+        return _table(parser, args.runs, device, n,
+                      "| run | prompts x samples | step | score then | KL then | final score | final KL "
+                      "| change ± paired SE |",
+                      lambda d: [since_step(d, args.since_step, n, device)],
+                      lambda r: f"{r['prompts']} x {r['samples']} | {r['step']} | {r['before']:.4f} | "
+                                f"{_num(r['kl_before'])} | {r['after']:.4f} | {_num(r['kl'])} | {_change(r)}")
+    return _table(parser, args.runs, device, n, "| run | prompts x samples | before | after | change ± paired SE |",
+                  lambda d: [reevaluate(d, n, device)],
+                  lambda r: f"{r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} | {_change(r)}")
+
+
+def _table(parser, runs: list[Path], device, eval_samples: int, header: str, measure, cells) -> list[dict]:
+    """A markdown table with a row per result of ``measure(run_dir)`` for each run (``cells(result)`` after the run's
+    name), printed as each run is done; a run that does not fit or cannot be read ends the command in one line."""
+    print(header + "\n|---|" + "---:|" * (header.count("|") - 2), flush=True)
     rows = []
-    for run_dir in args.runs:
+    for run_dir in runs:
         try:
-            _check_fits(run_dir, args.eval_samples, args.device)
-            r = reevaluate(run_dir, args.eval_samples, args.device)
+            _check_fits(run_dir, eval_samples, device)
+            found = measure(run_dir)
         except ValueError as err:
             parser.error(str(err))
-        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['before']:.4f} | {r['after']:.4f} "
-              f"| {r['change']:+.4f}{_se(r)} |", flush=True)
-        rows.append(r)
+        for r in found:
+            print(f"| {run_dir.name} | {cells(r)} |", flush=True)
+        rows += found
     return rows
 
 
@@ -79,41 +95,12 @@ def _check_fits(run_dir: Path, eval_samples: int, device: str | None) -> None:
     preflight.check_memory(cfg, resolve_device(cfg), *preflight.prompt_counts(cfg))
 
 
-def _se(row) -> str:
-    return f" ± {row['change_se']:.4f}" if row["change_se"] is not None else ""
+def _change(row) -> str:
+    return f"{row['change']:+.4f}" + (f" ± {row['change_se']:.4f}" if row["change_se"] is not None else "")
 
 
-def _print_probe(parser, args) -> list[dict]:
-    print("| run | guide norm | distance | score | change vs 0 ± paired SE |\n|---|---:|---:|---:|---:|", flush=True)
-    rows = []
-    for run_dir in args.runs:
-        try:
-            _check_fits(run_dir, args.eval_samples, args.device)
-            found = probe_guide(run_dir, args.probe_guide, args.eval_samples, args.device)
-        except ValueError as err:
-            parser.error(str(err))
-        for r in found:
-            print(f"| {run_dir.name} | {r['guide_norm']:.4f} | {r['distance']:g} | {r['score']:.4f} "
-                  f"| {r['change']:+.4f}{_se(r)} |", flush=True)
-        rows += found
-    return rows
-
-
-def _print_since(parser, args) -> list[dict]:
-    print("| run | prompts x samples | step | score then | KL then | final score | final KL | change ± paired SE |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    rows = []
-    for run_dir in args.runs:
-        try:
-            _check_fits(run_dir, args.eval_samples, args.device)
-            r = since_step(run_dir, args.since_step, args.eval_samples, args.device)
-        except ValueError as err:
-            parser.error(str(err))
-        kl = [f"{v:.3f}" if v is not None else "-" for v in (r["kl_before"], r["kl"])]
-        print(f"| {run_dir.name} | {r['prompts']} x {r['samples']} | {r['step']} | {r['before']:.4f} | {kl[0]} "
-              f"| {r['after']:.4f} | {kl[1]} | {r['change']:+.4f}{_se(r)} |", flush=True)
-        rows.append(r)
-    return rows
+def _num(value) -> str:
+    return f"{value:.3f}" if value is not None else "-"
 
 
 if __name__ == "__main__":

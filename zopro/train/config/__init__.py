@@ -6,10 +6,11 @@ Config files may be flat (``{"zo_lr": 1.0}``, as every ``config.json`` a run wri
 prefix where it has one); both read the same.
 """
 
-from zopro.train.config.checks import CHOICES, RANGES, RESUME_OVERRIDES, coerce, flag, resume_differences, validate
+from zopro.train.config.checks import RESUME_OVERRIDES, coerce, flag, resume_differences, validate
 from zopro.train.config.parsing import FLAG_GROUPS, LEGACY, SECTIONS, build_parser, from_args, load_file, load_saved
 from zopro.train.config.schema import (
     ALGORITHMS,
+    CHOICES,
     DATASETS,
     DEFAULTS,
     GUIDE_BLOCKS,
@@ -17,6 +18,7 @@ from zopro.train.config.schema import (
     LOSSES,
     PRESETS,
     QUANTIZE,
+    RANGES,
     REWARDS,
     SAMPLERS,
     ZO_FITNESS,

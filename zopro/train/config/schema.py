@@ -315,3 +315,26 @@ def preset(name: str) -> TrainConfig:
     if name not in values:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return TrainConfig(preset=name, **values[name])
+
+
+# Allowed values of every numeric field, in interval notation. Every float field must also be finite, listed or not;
+# an int field not listed must be non-negative. A new numeric field is checked by adding it here.
+RANGES = {
+    "k": "[2, inf)", "seed": "[0, 18446744073709551616)",  # seeds are 64-bit (derive_seed, torch generators)
+    **dict.fromkeys(("prompts_per_step", "max_new_tokens", "eval_curve_prompts", "max_prompt_len", "iterations",
+                     "steps_per_iteration",
+                     "minibatches", "lora_r", "reward_batch", "checkpoint_every", "rank", "ppo_epochs", "eval_samples",
+                     "eval_batch", "zo_epochs", "zo_population"), "[1, inf)"),
+    **dict.fromkeys(("fo_lr", "zo_lr", "zo_eps", "reward_lr", "temperature", "lora_alpha", "d_tau"), "(0, inf)"),
+    **dict.fromkeys(("kl_coef", "weight_decay"), "[0, inf)"),
+    "logprob_temperature": "[0, inf)",  # 0: the sampling --temperature
+    "clip": "(0, 1)", "d0": "[0, 1]", "reward_merge_alpha": "(0, 1]",
+}
+CHOICES = {"zo_target": ZO_TARGETS, "reward": REWARDS, "algorithm": ALGORITHMS, "sampler": SAMPLERS, "loss": LOSSES,
+           "quantize": QUANTIZE,
+           "noise": ("gaussian", "rademacher"), "d_schedule": ("exp", "linear", "constant"),
+           "zo_scale": ("unit", "paper", "numel"), "zo_lr_decay": ("linear", "constant"),
+           "zo_fitness": ZO_FITNESS, "zo_space": ("lora", "core", "singular"),
+           "zo_objective": ("surrogate", "generation"), "guide": GUIDES,
+           "guide_blocks": GUIDE_BLOCKS,
+           "dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
