@@ -11,7 +11,6 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -22,19 +21,7 @@ from zopro.train.config import EvalConfig, eval_config
 from zopro.train.judges import words
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
 from zopro.train.rollout import repeat_each, sample_completions
-
-
-class HeldOut(NamedTuple):
-    """One held-out evaluation: per-prompt values (``values``: the judge's mean score of the prompt's answers, or
-    their win rate), the answers (``texts[prompt][sample]``), and per prompt the mean KL(policy || reference) of its
-    answers, in nats summed over the answer's tokens (``kl``), and their mean length in tokens (``tokens``); both
-    ``None`` where no generation was returned (tests' stand-ins, ranks other than 0)."""
-
-    metric: str | None
-    values: list[float] | None
-    texts: list[list[str]]
-    kl: list[float] | None = None
-    tokens: list[float] | None = None
+from zopro.train.state import HeldOut, Progress
 
 
 def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None,
@@ -245,9 +232,9 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
         for n, p in params.items():
             p.copy_(earlier[n])
     then = evaluate(bundle, tokenizer, judge, prompts, ev, seeds)
-    own = loaded.meta["evaluation"]
-    if own.get("samples") == eval_samples and hasattr(judge, "score") and own.get("after_kl") is not None:
-        now_values, now_kl = own["after_per_prompt"], own["after_kl"]
+    own = Progress.from_meta(loaded.meta).evaluation
+    if own.samples == eval_samples and hasattr(judge, "score") and own.after.kl is not None:
+        now_values, now_kl = own.after.values, own.after.kl
     else:
         with torch.no_grad():
             for n, p in params.items():

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import random
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from zopro.seeds import derive_seed
 from zopro.train import distributed, files, memory, peft_folders, quant_target, snapshots
 from zopro.train.config import eval_config, reward_config, sampling_config
-from zopro.train.heldout import HeldOut, evaluate, paired_change, summarise
+from zopro.train.heldout import evaluate, paired_change, summarise
 from zopro.train.loading import save_tiny_base
 from zopro.train.next_guide import next_guide
 from zopro.train.reward_adapter import (
@@ -39,7 +38,7 @@ from zopro.train.reward_adapter import (
     train_reward,
 )
 from zopro.train.rollout import collect_step
-from zopro.train.state import Guides
+from zopro.train.state import Evaluation, Guides, HeldOut
 from zopro.train.updaters import ZORLOO, logprob_temperature
 
 # the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
@@ -60,7 +59,7 @@ def reward_init(run):
             prompts = random.Random(run.seeds.pairs(0)).sample([r.prompt for r in run.train_records],
                                                                  min(cfg.reward_pairs, len(run.train_records)))
             with run.announce(f"reward model: {len(prompts)} pairs of the base policy's answers, judged by "
-                             f"--judge {cfg.judge}"):
+                              f"--judge {cfg.judge}"):
                 pairs = judged_pairs(run.bundle, run.tokenizer, run.judge, prompts, sampling_config(cfg),
                                      run.seeds.pairs(1), run.ranks)
         with run.announce(f"reward model: {cfg.reward_init_steps} Bradley-Terry steps"):
@@ -70,11 +69,7 @@ def reward_init(run):
         run.progress.reward_losses.append(loss)
     before = held_out(run, [r.prompt for r in run.eval_records], "held-out evaluation of the base policy")
     # the answers themselves are kept: a pairwise judge scores "after" against them, and users read them
-    run.progress.evaluation = {"metric": before.metric,
-                                "before": statistics.fmean(before.values) if before.values else None,
-                                "n": len(run.eval_records), "samples": cfg.eval_samples,
-                                "before_per_prompt": before.values, "before_texts": before.texts,
-                                "before_kl": before.kl, "before_tokens": before.tokens}
+    run.progress.evaluation = Evaluation(before.metric, len(run.eval_records), cfg.eval_samples, before)
     curve_point(run)
     begin_iteration(run, 0)
 
@@ -193,7 +188,7 @@ def end_iteration(run):
         prompts = random.Random(run.seeds.pairs(it, 2)).sample(seen, min(cfg.reward_pairs, len(seen)))
         previous = reward_state(run.bundle)
         with run.announce(f"reward model: {len(prompts)} judged pairs of iteration {it}'s prompts, "
-                         f"{cfg.reward_steps} steps"):
+                          f"{cfg.reward_steps} steps"):
             pairs = judged_pairs(run.bundle, run.tokenizer, run.judge, prompts, sampling_config(cfg),
                                  run.seeds.pairs(it, 3), run.ranks)
             run.progress.reward_losses.append(train_reward(run.bundle, pairs, reward_config(cfg),
@@ -236,23 +231,18 @@ def finish(run):
     ev = run.progress.evaluation
     prompts = [r.prompt for r in run.eval_records]
     if run.progress.phase == "evaluate":
-        after = held_out(run, prompts, "held-out evaluation of the trained policy",
-                              reference_texts=ev["before_texts"])
+        after = held_out(run, prompts, "held-out evaluation of the trained policy", reference_texts=ev.before.texts)
         if not run.ranks.writes:  # rank 0 scores the answers and writes every output
             return
-        ev["after"] = statistics.fmean(after.values) if after.values else None
-        ev["change"], ev["change_se"] = paired_change(ev["before_per_prompt"], after.values)
-        ev["after_per_prompt"], ev["after_texts"] = after.values, after.texts
-        ev["after_kl"], ev["after_tokens"] = after.kl, after.tokens
-        before = HeldOut(ev["metric"], ev["before_per_prompt"], ev["before_texts"], ev.get("before_kl"),
-                         ev.get("before_tokens"))
-        ev["held_out"] = summarise(after, before) if after.values else {}
+        ev.after = after
+        ev.change, ev.change_se = paired_change(ev.before.values, after.values)
+        ev.held_out = summarise(after, ev.before) if after.values else {}
         run.progress.phase = "done"
         run.save()
     assert run.progress.phase == "done", run.progress.phase
     samples = [{"prompt": p, "before": b, "after": a, "before_score": bs, "after_score": as_}
-               for p, b, a, bs, as_ in zip(prompts, ev["before_texts"], ev["after_texts"], ev["before_per_prompt"],
-                                           ev["after_per_prompt"])]
+               for p, b, a, bs, as_ in zip(prompts, ev.before.texts, ev.after.texts, ev.before.values,
+                                           ev.after.values)]
     files.atomic_write_text(run.out / "eval_samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     write_curve(run.out, run.progress.curve)
     base_name = None

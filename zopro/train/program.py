@@ -245,10 +245,9 @@ def _train_and_finish(job: Run, cfg, out, resume, stop_after_steps, pause_after_
     phases.finish(job)  # phase 'evaluate' or 'done': either way every output below is (re)written from the checkpoint
     records = job.metrics.read()
     plot_rewards(records, out / "reward_curve.png")
-    table = summary_table(records, job.progress.evaluation)
+    evaluation = job.progress.evaluation.summary()
+    table = summary_table(records, evaluation)
     files.atomic_write_text(out / "summary.md", table + "\n")
-    evaluation = {k: v for k, v in job.progress.evaluation.items()
-                  if not k.startswith(("before_", "after_")) or k == "after"}
     summary = {"evaluation": evaluation, "steps": len(records), "skipped": job.progress.skipped,
                "reward_losses": job.progress.reward_losses, "output_dir": str(out),
                "wall_seconds": time.perf_counter() - started, "resumed": resume}

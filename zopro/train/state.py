@@ -3,7 +3,8 @@
 
 A checkpoint (:mod:`zopro.train.checkpoint`) is ``meta.json`` plus named tensor files and object files. Here:
 
-* ``meta.json``: :class:`Progress`, where the run stands (phase, iteration, step, the held-out evaluation, ...);
+* ``meta.json``: :class:`Progress`, where the run stands (phase, iteration, step, the held-out
+  :class:`Evaluation`, ...);
 * ``iter_start``, ``guides_prev``, ``guides_delta``: tensors the run owns (:class:`RunState`);
 * ``trainable``, ``value`` and the updater's optimiser state (``fo_optimizer.pt`` or ``zo_optimizer.pt``): the
   state of live models and optimisers at the moment of the save (:class:`LiveState`), which the program takes from
@@ -16,12 +17,83 @@ every earlier run directory, which therefore still resumes.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
 Tensors = dict[str, torch.Tensor]
+
+
+class HeldOut(NamedTuple):
+    """One held-out evaluation: per-prompt values (``values``: the judge's mean score of the prompt's answers, or
+    their win rate), the answers (``texts[prompt][sample]``), and per prompt the mean KL(policy || reference) of its
+    answers, in nats summed over the answer's tokens (``kl``), and their mean length in tokens (``tokens``); both
+    ``None`` where no generation was returned (tests' stand-ins, ranks other than 0)."""
+
+    metric: str | None
+    values: list[float] | None
+    texts: list[list[str]]
+    kl: list[float] | None = None
+    tokens: list[float] | None = None
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+@dataclass
+class Evaluation:
+    """The run's held-out evaluation: the base policy's (``before``, before iteration 0) and, at the end, the trained
+    policy's (``after``) on the same ``n`` prompts, ``samples`` answers each, from the same sampling seeds; the mean
+    per-prompt change with its paired standard error (``change``, ``change_se``) and the headline numbers of
+    :func:`zopro.train.heldout.summarise` (``held_out``). In ``meta.json`` under the keys earlier runs wrote."""
+
+    metric: str | None
+    n: int
+    samples: int
+    before: HeldOut
+    after: HeldOut | None = None
+    change: float | None = None
+    change_se: float | None = None
+    held_out: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """What ``summary.json`` and ``summary.md`` report: the numbers, not the answers."""
+        out = {"metric": self.metric, "before": _mean(self.before.values), "n": self.n, "samples": self.samples}
+        if self.after is not None:
+            out |= {"after": _mean(self.after.values), "change": self.change, "change_se": self.change_se,
+                    "held_out": self.held_out}
+        return out
+
+    def to_meta(self) -> dict:
+        b, meta = self.before, self.summary()
+        meta = {**{k: meta[k] for k in ("metric", "before", "n", "samples")}, "before_per_prompt": b.values,
+                "before_texts": b.texts, "before_kl": b.kl, "before_tokens": b.tokens}
+        if self.after is not None:
+            a = self.after
+            meta |= {"after": _mean(a.values), "change": self.change, "change_se": self.change_se,
+                     "after_per_prompt": a.values, "after_texts": a.texts, "after_kl": a.kl, "after_tokens": a.tokens,
+                     "held_out": self.held_out}
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Evaluation | None:
+        """The inverse of :meth:`to_meta` (None for the empty mapping of a run that has not evaluated yet; a run
+        saved before the KL and lengths were kept reads them as None)."""
+        if not meta:
+            return None
+        try:
+            before = HeldOut(meta["metric"], meta["before_per_prompt"], meta["before_texts"], meta.get("before_kl"),
+                             meta.get("before_tokens"))
+            after = None if "after_per_prompt" not in meta else HeldOut(
+                meta["metric"], meta["after_per_prompt"], meta["after_texts"], meta.get("after_kl"),
+                meta.get("after_tokens"))
+            return cls(meta["metric"], meta["n"], meta["samples"], before, after, meta.get("change"),
+                       meta.get("change_se"), meta.get("held_out") or {})
+        except KeyError as err:
+            raise ValueError(f"meta.json: the held-out evaluation has no {err.args[0]!r}") from None
 
 
 @dataclass
@@ -32,7 +104,7 @@ class Progress:
     iteration: int = 0
     step: int = 0  # within the iteration
     global_step: int = 0
-    evaluation: dict = field(default_factory=dict)  # the held-out evaluation: 'before' at iteration 0, then 'after'
+    evaluation: Evaluation | None = None  # the held-out evaluation: 'before' at iteration 0, then 'after'
     metrics_bytes: int = 0  # the metrics lines this checkpoint vouches for ...
     reward_losses: list = field(default_factory=list)
     skipped: int = 0
@@ -41,14 +113,16 @@ class Progress:
     token_passes: int = 0  # token positions the policy's training passed forward (evaluations not counted)
 
     def to_meta(self) -> dict:
-        return dataclasses.asdict(self)
+        meta = dataclasses.asdict(dataclasses.replace(self, evaluation=None))
+        meta["evaluation"] = self.evaluation.to_meta() if self.evaluation is not None else {}
+        return meta
 
     @classmethod
     def from_meta(cls, meta: dict) -> Progress:
         unknown = set(meta) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"meta.json: unknown keys {sorted(unknown)} (written by another version of zopro?)")
-        return cls(**meta)
+        return cls(**{**meta, "evaluation": Evaluation.from_meta(meta.get("evaluation") or {})})
 
 
 @dataclass

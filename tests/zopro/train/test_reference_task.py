@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from zopro.train import main, run
 from zopro.train.config import LEGACY, TrainConfig, from_args, load_saved, preset
 from zopro.train.data import load_describe
-from zopro.train.heldout import HeldOut, summarise, text_stats
+from zopro.train.heldout import summarise, text_stats
 from zopro.train.judges import FunctionJudge, VaderJudge
 from zopro.train.loading import evenly_spaced, load_judge, load_models, load_prompts
 from zopro.train.reward_adapter import reward_tensors
+from zopro.train.state import HeldOut
 
 
 def _smoke(tmp_path, name="run", **overrides):

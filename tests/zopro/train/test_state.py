@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zopro.train import checkpoint
-from zopro.train.state import Guides, LiveState, Progress, RunState
+from zopro.train.state import Evaluation, Guides, HeldOut, LiveState, Progress, RunState
 
 # meta.json's keys in the order every earlier run wrote them (the initial dict, then metrics_sha256 at the first save)
 LEGACY_META_KEYS = ["phase", "iteration", "step", "global_step", "evaluation", "metrics_bytes", "reward_losses",
@@ -28,7 +28,9 @@ def test_meta_keys_and_order_are_the_legacy_ones():
 
 
 def test_round_trip_through_a_checkpoint(tmp_path):
-    state = RunState(Progress(phase="train", iteration=1, step=2, global_step=4, evaluation={"b": 1, "a": [0.5]},
+    evaluation = Evaluation("mean judge score", 2, 1, HeldOut("mean judge score", [0.25, 0.75], [["a"], ["b c"]],
+                                                               [0.0, 0.0], [1.0, 2.0]))
+    state = RunState(Progress(phase="train", iteration=1, step=2, global_step=4, evaluation=evaluation,
                               metrics_bytes=10, reward_losses=[0.25], skipped=1, metrics_sha256="ab"),
                      iter_start=_tensors("policy.x", "reward.x"))
     state.guides = Guides(prev=_tensors("x", value=2.0), delta=_tensors("x", value=3.0))
@@ -41,7 +43,9 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     assert list(json.loads((tmp_path / name / "meta.json").read_text())) == META_KEYS
     back, live_back = RunState.from_checkpoint(checkpoint.load(tmp_path))
     assert back.progress == state.progress
-    assert list(back.progress.evaluation) == ["b", "a"]
+    # the evaluation under the keys earlier runs wrote, in their order
+    assert list(json.loads((tmp_path / name / "meta.json").read_text())["evaluation"]) == [
+        "metric", "before", "n", "samples", "before_per_prompt", "before_texts", "before_kl", "before_tokens"]
     for got, want in ((back.iter_start, state.iter_start), (back.guides.prev, state.guides.prev),
                       (back.guides.delta, state.guides.delta), (live_back.trainable, live.trainable),
                       (live_back.value, live.value)):
@@ -61,3 +65,21 @@ def test_optional_parts_are_absent_not_empty(tmp_path):
 def test_unknown_meta_key_is_refused():
     with pytest.raises(ValueError, match="unknown keys \\['colour'\\]"):
         Progress.from_meta({**Progress().to_meta(), "colour": "red"})
+
+
+def test_a_finished_evaluation_keeps_the_legacy_keys_and_reads_back():
+    before = HeldOut("mean judge score", [0.0, 0.5], [["a"], ["b"]], [0.0, 0.0], [1.0, 1.0])
+    after = HeldOut("mean judge score", [0.5, 1.0], [["c"], ["d e"]], [0.5, 1.5], [1.0, 2.0])
+    ev = Evaluation("mean judge score", 2, 1, before, after, 0.5, 0.0, {"score": 0.75})
+    meta = ev.to_meta()
+    assert list(meta) == ["metric", "before", "n", "samples", "before_per_prompt", "before_texts", "before_kl",
+                          "before_tokens", "after", "change", "change_se", "after_per_prompt", "after_texts",
+                          "after_kl", "after_tokens", "held_out"]
+    assert (meta["before"], meta["after"]) == (0.25, 0.75)
+    assert Evaluation.from_meta(json.loads(json.dumps(meta))) == ev
+    # summary.json: the numbers without the answers, as before
+    assert ev.summary() == {k: v for k, v in meta.items() if not k.startswith(("before_", "after_"))}
+    legacy = {k: v for k, v in meta.items() if k not in ("before_kl", "before_tokens", "after_kl", "after_tokens")}
+    assert Evaluation.from_meta(legacy).after.kl is None  # a run saved before the KL was kept
+    with pytest.raises(ValueError, match="meta.json: the held-out evaluation has no 'before_texts'"):
+        Evaluation.from_meta({k: v for k, v in meta.items() if k != "before_texts"})
