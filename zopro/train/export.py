@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from zopro.train import checkpoint, files, models
+from zopro.train import checkpoint, files, quiet
 from zopro.train.config import TrainConfig
 from zopro.train.loading import find_smollm2_gguf, load_base
 
@@ -92,7 +92,7 @@ def export_merged(run_dir: Path, out: Path) -> Path:
         _check_out(out)
         with _refusals(run_dir / "base" if cfg.model == "tiny" else cfg.model):
             base, tokenizer = _base(cfg, run_dir)
-        with _refusals(run_dir / "policy"), models._peft_wrapping():
+        with _refusals(run_dir / "policy"), quiet.peft_wrapping():
             merged = PeftModel.from_pretrained(base, str(run_dir / "policy")).merge_and_unload()
         with files.scratch_folder(out.with_name(f".{out.name}.tmp")) as tmp:  # removed if a write fails
             merged.save_pretrained(tmp)  # safetensors

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import pathlib
-import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from zopro.train import quiet
 from zopro.train.external_reward import AnyRewardModel
 from zopro.train.token_batch import (
     Generation,
@@ -45,39 +44,6 @@ POLICY, REWARD, REFERENCE = "policy", "reward", "reference"
 VALUE = "value"  # optional critic adapter for first-order PPO baselines (see add_value_adapter)
 # Targets of "all-linear" for Llama-style models; used when a peft version rejects "all-linear".
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class _DropBnbCpuKernelMessage(logging.Filter):
-    """peft imports bitsandbytes whenever it is installed (``peft/helpers.py``, at ``import peft``), and bitsandbytes
-    0.50 then asks the optional ``kernels`` package for a 4-bit CPU kernel on CPUs with AVX512-BF16; it falls back to
-    its own when that fails, so a run that quantises nothing printed what looked like errors: bitsandbytes' "Failed to
-    load CPU gemm_4bit_forward from kernels-community" and, offline, ``kernels``' (>= 0.19, a dependency of
-    transformers >= 5.25) "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'". Only
-    the message starting with ``prefix`` is dropped."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
-# added before anything here imports peft (imports of peft are lazy, inside functions)
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-    _DropBnbCpuKernelMessage("Failed to load CPU gemm_4bit_forward"))
-logging.getLogger("kernels._internals.hf_hub").addFilter(
-    _DropBnbCpuKernelMessage("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
-
-
-@contextlib.contextmanager
-def _peft_wrapping():
-    """Around our calls that wrap a base in a ``PeftModel``: peft 0.21's ``PeftModel.__init__`` reads transformers'
-    deprecated ``is_gradient_checkpointing`` (a FutureWarning on every run, from peft's line, not ours), so exactly
-    that message is silenced for the call."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,10 +149,10 @@ class PolicyRewardModel:
         from peft import PeftModel, get_peft_model
 
         if sft_adapter is None:
-            with _peft_wrapping():
+            with quiet.peft_wrapping():
                 model = self._get_peft_model(get_peft_model, base, config)
         else:
-            with _peft_wrapping():
+            with quiet.peft_wrapping():
                 model = PeftModel.from_pretrained(base, str(sft_adapter), adapter_name=REFERENCE, is_trainable=False)
             model.load_adapter(str(sft_adapter), adapter_name=POLICY, is_trainable=True)
             config = copy.deepcopy(model.peft_config[REFERENCE])
