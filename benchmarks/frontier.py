@@ -224,6 +224,18 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
     return "\n".join(lines) + "\n"
 
 
+def _job_flags(flags: list[str]) -> list[str]:
+    """The extra flags that make a different job: all but ``--threads N``, which sets how many cores a run uses (each
+    row's config keeps it): the same job, though a reduction split over more threads may round differently."""
+    out, skip = [], False
+    for a in flags:
+        if skip or a == "--threads":
+            skip = not skip
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.frontier")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
@@ -241,7 +253,7 @@ def main(argv=None) -> dict:
             for s in args.seeds for m in args.methods]                        # still has every method
     for path in args.include:
         earlier = json.loads(Path(path).read_text())
-        if earlier.get("extra_flags", []) != extra:
+        if _job_flags(earlier.get("extra_flags", [])) != _job_flags(extra):
             raise ValueError(f"--include {path}: its runs took the extra flags {earlier.get('extra_flags')}, these "
                              f"{extra}: not the same job")
         rows += [r for r in earlier["rows"] if (r["method"], r["seed"]) not in {(x["method"], x["seed"]) for x in rows}]

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
+
 from benchmarks import frontier
 from benchmarks.common import RESULTS_DIR, device_kind
 
@@ -43,3 +45,15 @@ def test_every_method_on_the_frontier_of_the_smoke_task(tmp_path):
     d = [a - b for a, b in zip(after("zopro", 1), after("iter0", 1), strict=True)]
     assert versus["zopro"]["per_seed"][1] == (statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5)
     assert "Against `iter0` on the same seeds" in stem.with_suffix(".md").read_text()
+
+    # earlier results join a sweep of the same job whatever their thread count; another job's are refused
+    flags = ["--", "--preset", "smoke", "--threads", "2", "--eval-every", "1", "--eval-curve-prompts", "2"]
+    joined = frontier.main(["--methods", "rloo", "--seeds", "0", "--tag", "smoke", "--runs-dir", str(tmp_path),
+                            "--results-dir", str(tmp_path / "res"), "--quiet", "--include",
+                            str(stem.with_suffix(".json")), *flags])
+    assert set(joined) == set(methods) and joined["rloo"]["seeds"] == [0, 1]
+    flags[flags.index("--eval-every") + 1] = "2"
+    with pytest.raises(ValueError, match="not the same job"):
+        frontier.main(["--methods", "rloo", "--seeds", "0", "--tag", "smoke", "--runs-dir", str(tmp_path),
+                       "--results-dir", str(tmp_path / "res"), "--quiet", "--include",
+                       str(stem.with_suffix(".json")), *flags])
