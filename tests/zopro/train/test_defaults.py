@@ -98,15 +98,13 @@ def test_the_readme_states_the_defaults_it_documents():
     statements = {
         "README.md": [  # "What the default job shows"
             f"`--judge {d.judge}`",
-            f"The policy optimises the judge's score of its own answers (`--reward {d.reward}`)",
-            f"learns the judge from {d.reward_pairs} pairs of the base policy's answers labelled by VADER "
-            f"(Bradley–Terry, {d.reward_init_steps} steps)",
-            f"first-order RLOO (k = {d.k} samples of {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)}) "
-            f"on LoRA r {d.lora_r} adapters",
-            f"Iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling",
-            f"{d.steps_per_iteration} steps an iteration, {d.iterations * d.steps_per_iteration} in all",
+            f"The policy optimises the judge's score of its own answers (`--reward {d.reward}`",
+            f"first-order RLOO ({d.k} answers to {d.prompts_per_step} prompts a step, AdamW lr {_sci(d.fo_lr)}) on "
+            f"LoRA r {d.lora_r} adapters",
+            f"iterations 1 and {d.iterations - 1}: ZO-RLOO with {d.sampler} sampling along the previous iteration's "
+            f"update; {d.steps_per_iteration} steps an iteration",
             f"answer the {d.n_eval_prompts} held-out prompts {_times(d.eval_samples)}",
-            f"every {d.eval_every} steps, {d.eval_curve_prompts} held-out prompts",
+            f"a learning curve on {d.eval_curve_prompts} of them every {d.eval_every} steps",
         ],
         "docs/default-job.md": [  # "What the job does"
             f"two LoRA adapters (r {d.lora_r}, all linear layers)",
@@ -139,7 +137,7 @@ def test_the_readme_states_the_defaults_it_documents():
 def test_the_readme_states_the_presets_it_documents():
     smoke, llama, assistant = preset("smoke"), preset("hh-rlhf"), preset("assistant")
     statements = {
-        "README.md": [f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps"],
+        "README.md": [f"a tiny random Llama built in code ({smoke.iterations} × {smoke.steps_per_iteration} steps)"],
         "docs/default-job.md": [
             f"a character tokenizer built in code, {smoke.iterations} × {smoke.steps_per_iteration} steps, the "
             f"{smoke.judge} judge",
