@@ -59,24 +59,20 @@ class Evaluation:
     change_se: float | None = None
     held_out: dict = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        """What ``summary.json`` and ``summary.md`` report: the numbers, not the answers."""
-        out = {"metric": self.metric, "before": _mean(self.before.values), "n": self.n, "samples": self.samples}
-        if self.after is not None:
-            out |= {"after": _mean(self.after.values), "change": self.change, "change_se": self.change_se,
-                    "held_out": self.held_out}
-        return out
-
     def to_meta(self) -> dict:
-        b, meta = self.before, self.summary()
-        meta = {**{k: meta[k] for k in ("metric", "before", "n", "samples")}, "before_per_prompt": b.values,
-                "before_texts": b.texts, "before_kl": b.kl, "before_tokens": b.tokens}
+        b = self.before
+        meta = {"metric": self.metric, "before": _mean(b.values), "n": self.n, "samples": self.samples,
+                "before_per_prompt": b.values, "before_texts": b.texts, "before_kl": b.kl, "before_tokens": b.tokens}
         if self.after is not None:
             a = self.after
             meta |= {"after": _mean(a.values), "change": self.change, "change_se": self.change_se,
                      "after_per_prompt": a.values, "after_texts": a.texts, "after_kl": a.kl, "after_tokens": a.tokens,
                      "held_out": self.held_out}
         return meta
+
+    def summary(self) -> dict:
+        """What ``summary.json`` and ``summary.md`` report: the numbers of :meth:`to_meta`, not the answers."""
+        return {k: v for k, v in self.to_meta().items() if not k.startswith(("before_", "after_"))}
 
     @classmethod
     def from_meta(cls, meta: dict) -> Evaluation | None:
