@@ -221,12 +221,10 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
     if global_step not in found:
         raise ValueError(f"{run_dir}: no snapshot of step {global_step} (the run has steps {sorted(found)})")
     cfg, loaded, bundle, tokenizer, judge, prompts = _finished_run(run_dir, eval_samples, device)
-    bundle.load_trainable_state_(loaded.tensors["trainable"])
     params = bundle.policy_parameters()
     earlier = snapshots.load(found[global_step]["path"], "policy")
     if set(earlier) != set(params):
         raise ValueError(f"{found[global_step]['path']}: its policy tensors are not this run's adapter")
-    final = {n: p.detach().clone() for n, p in params.items()}
     ev, seeds = eval_config(cfg), RunSeeds.of(cfg)
     with torch.no_grad():
         for n, p in params.items():
@@ -236,9 +234,7 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
     if own.samples == eval_samples and hasattr(judge, "score") and own.after.kl is not None:
         now_values, now_kl = own.after.values, own.after.kl
     else:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(final[n])
+        bundle.load_trainable_state_(loaded.tensors["trainable"])
         now = evaluate(bundle, tokenizer, judge, prompts, ev, seeds, reference_texts=then.texts)
         now_values, now_kl = now.values, now.kl
     change, se = paired_change(then.values, now_values)
