@@ -53,11 +53,10 @@ def reward_init(run):
         has_pairs = any(r.chosen is not None and r.rejected is not None for r in run.train_records)
         if has_pairs:
             with run.announce("reward model: the dataset's preference pairs"):
-                pairs = dataset_pairs(run.bundle, run.tokenizer, run.train_records, reward_config(cfg),
-                                      run.ranks)
+                pairs = dataset_pairs(run.bundle, run.tokenizer, run.train_records, reward_config(cfg), run.ranks)
         else:
             prompts = random.Random(run.seeds.pairs(0)).sample([r.prompt for r in run.train_records],
-                                                                 min(cfg.reward_pairs, len(run.train_records)))
+                                                                min(cfg.reward_pairs, len(run.train_records)))
             with run.announce(f"reward model: {len(prompts)} pairs of the base policy's answers, judged by "
                               f"--judge {cfg.judge}"):
                 pairs = judged_pairs(run.bundle, run.tokenizer, run.judge, prompts, sampling_config(cfg),
@@ -91,8 +90,8 @@ def held_out(run, prompts: list[str], what: str, reference_texts=None, samples: 
 def count_passes(run) -> int:
     """The forward token-passes of the policy's training so far, every rank's (a collective: every rank calls it
     at the same points), kept in the checkpoint's progress."""
-    local = run.bundle.token_passes - run._passes_seen
-    run._passes_seen = run.bundle.token_passes
+    local = run.bundle.token_passes - run.passes_seen
+    run.passes_seen = run.bundle.token_passes
     run.progress.token_passes += sum(run.ranks.gather_json(local, "the step's token-passes"))
     return run.progress.token_passes
 
@@ -102,8 +101,7 @@ def curve_point(run) -> None:
     sampled with the evaluation's seeds, so every point and every run with the same ``--seed`` draws alike."""
     if not run.cfg.eval_every:
         return
-    result = held_out(run, run.curve_prompts, f"in-run evaluation at step {run.progress.global_step}",
-                           samples=1)
+    result = held_out(run, run.curve_prompts, f"in-run evaluation at step {run.progress.global_step}", samples=1)
     passes = count_passes(run)
     if not run.ranks.writes:
         return
@@ -120,11 +118,11 @@ def begin_iteration(run, it: int):
     run.progress.phase, run.progress.iteration, run.progress.step = "train", it, 0
     if run.cfg.zo_merge_adapter and it >= 1 and run.merged_guide is None:  # before iter_start: B is zeroed
         run.merged_guide = quant_target.merge_adapter_(run.bundle, run.code_space,
-                                                         derive_seed(run.seeds.zo(it), MERGE_STEP))
+                                                        derive_seed(run.seeds.zo(it), MERGE_STEP))
     policy = run.bundle.policy_parameters()
     run.state.iter_start = {**{f"policy.{n}": p.detach().clone() for n, p in policy.items()},
-                             **({f"reward.{n}": p for n, p in reward_state(run.bundle).items()}
-                                if run.bundle.shares_parameter_space else {})}
+                            **({f"reward.{n}": p for n, p in reward_state(run.bundle).items()}
+                               if run.bundle.shares_parameter_space else {})}
     run.updater = run.make_updater(it)
     snapshot(run, "iteration")  # before the checkpoint that moves past it
     count_passes(run)  # the reward model's passes before it: a resume from this checkpoint must not lose them
@@ -133,8 +131,7 @@ def begin_iteration(run, it: int):
 
 def step_prompts(run, it: int, step: int) -> list[str]:
     prompts = [r.prompt for r in run.train_records]
-    return random.Random(run.seeds.batch(it, step)).sample(prompts, min(run.cfg.prompts_per_step,
-                                                                                len(prompts)))
+    return random.Random(run.seeds.batch(it, step)).sample(prompts, min(run.cfg.prompts_per_step, len(prompts)))
 
 
 def train_step(run):
@@ -192,8 +189,8 @@ def end_iteration(run):
             pairs = judged_pairs(run.bundle, run.tokenizer, run.judge, prompts, sampling_config(cfg),
                                  run.seeds.pairs(it, 3), run.ranks)
             run.progress.reward_losses.append(train_reward(run.bundle, pairs, reward_config(cfg),
-                                                            cfg.reward_steps, run.seeds.reward(it + 1),
-                                                            run.ranks))
+                                                           cfg.reward_steps, run.seeds.reward(it + 1),
+                                                           run.ranks))
         if cfg.reward_merge_alpha < 1:
             merge_reward_(run.bundle, previous, cfg.reward_merge_alpha)
         distributed.sync_trainable_(run.bundle, run.ranks)
@@ -201,7 +198,7 @@ def end_iteration(run):
         delta = {n: now[n].detach() - run.state.iter_start[f"reward.{n}"] for n in prev}
     previous = run.state.guides.prev if run.state.guides is not None else None
     run.state.guides = Guides(next_guide(cfg.guide, prev, previous, run.updater.first_order_optimizer,
-                                          run.bundle.policy_parameters(), run.seeds.placebo(it)), delta)
+                                         run.bundle.policy_parameters(), run.seeds.placebo(it)), delta)
     log = run.updater.iteration_log()
     if log is not None and run.ranks.writes:  # the ZO optimiser's log: replays the iteration's updates bit for bit
         files.atomic_torch_save(run.out / f"zo_log_iter{it}.pt", log)

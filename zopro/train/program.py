@@ -63,7 +63,7 @@ class Run:
         # --reward judge: the rollouts are scored by the judge itself instead of the learned reward model
         self.score_fn = self.judge.score if cfg.reward == "judge" else None
         self.curve_prompts = evenly_spaced([r.prompt for r in self.eval_records], cfg.eval_curve_prompts)
-        self._passes_seen = 0  # the bundle's token_passes already added to progress.token_passes
+        self.passes_seen = 0  # the bundle's token_passes already added to progress.token_passes
         self.metrics = MetricsLog(out / "metrics.jsonl") if self.ranks.writes else distributed.NullLog()
         self.state = RunState()  # what the checkpoint holds besides the live models' and optimiser's state
         self.updater = None  # the iteration's (FirstOrderRLOO, ZORLOO or PPOUpdater); None outside phase 'train'

@@ -49,8 +49,8 @@ SECTIONS: dict[str, tuple[str, str]] = dict(zip(
 def _section_names(section: str) -> dict[str, str]:
     """The names a section accepts (a field's short name, and its flat name too) -> the field."""
     title, prefix = SECTIONS[section]
-    return {name.removeprefix(prefix) if prefix else name: name for name in FLAG_GROUPS[title]} | {
-        name: name for name in FLAG_GROUPS[title]}
+    group = FLAG_GROUPS[title]
+    return {name.removeprefix(prefix): name for name in group} | {name: name for name in group}
 
 
 def _flatten(data: dict, path: Path, what: str) -> dict:
