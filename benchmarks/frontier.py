@@ -227,12 +227,11 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
 def _job_flags(flags: list[str]) -> list[str]:
     """The extra flags that make a different job: all but ``--threads N``, which sets how many cores a run uses (each
     row's config keeps it): the same job, though a reduction split over more threads may round differently."""
-    out, skip = [], False
+    out, value_of_threads = [], False
     for a in flags:
-        if skip or a == "--threads":
-            skip = not skip
-            continue
-        out.append(a)
+        if not value_of_threads and a != "--threads" and not a.startswith("--threads="):
+            out.append(a)
+        value_of_threads = a == "--threads"
     return out
 
 

@@ -47,6 +47,7 @@ def test_every_method_on_the_frontier_of_the_smoke_task(tmp_path):
     assert "Against `iter0` on the same seeds" in stem.with_suffix(".md").read_text()
 
     # earlier results join a sweep of the same job whatever their thread count; another job's are refused
+    assert frontier._job_flags(["--threads=2", "--k", "4", "--threads", "1"]) == ["--k", "4"]
     flags = ["--", "--preset", "smoke", "--threads", "2", "--eval-every", "1", "--eval-curve-prompts", "2"]
     joined = frontier.main(["--methods", "rloo", "--seeds", "0", "--tag", "smoke", "--runs-dir", str(tmp_path),
                             "--results-dir", str(tmp_path / "res"), "--quiet", "--include",
