@@ -62,6 +62,9 @@ METHODS = {
                 "--zo-population", "8", "--zo-fitness", "zscore", "--zo-eps", "1e-3", "--zo-lr", "1e-3"],
     "zopro-pop": ["--algorithm", "zopro", "--guide-blocks", "layer", "--zo-population", "8", "--zo-fitness", "zscore",
                   "--zo-lr", "1"],
+    # the same with centred ranks instead of z-scores (the "measure which")
+    "zopro-pop-ranks": ["--algorithm", "zopro", "--guide-blocks", "layer", "--zo-population", "8", "--zo-fitness",
+                        "ranks", "--zo-lr", "1"],
     # ES as Qiu et al.: each member scored by the gold reward of its greedy answers to the step's prompts; eps 3 in
     # the core (mean |delta log p| ~0.15 an answer in the probe) so that greedy answers can change between members
     "es-gen": ["--algorithm", "zopro", "--first-order-iteration0", "false", "--zo-space", "core", "--sampler",
@@ -211,7 +214,7 @@ def markdown(env: dict, tag: str, extra: list[str], rows: list[dict], summary: d
                      f"{h['score_change']:+.4f} ± {h['score_change_se']:.4f} | {h['kl']:.3f} | "
                      f"{r['wall_seconds'] or 0:.0f} |")
     lines += ["", "In the first table ± is the standard error of the mean over seeds."]
-    for baseline in ("iter0", "zopro"):
+    for baseline in ("iter0", "zopro", "zopro-pop"):
         versus = against(rows, baseline)
         if versus:
             lines += ["", f"Against `{baseline}` on the same seeds (final held-out scores, per-prompt differences; per "

@@ -1,0 +1,198 @@
+"""How much of the first-order signal each ZO search space can see: the mechanism behind RESULTS.md section 13.
+
+``python -m benchmarks.zo_capture [--run RUN_DIR] [--rollouts 8] [--population 8] [--seed 0] [--json FILE]``
+
+At a policy (the default job's base, or the final policy of a finished run such as the frontier's ``iter0`` arm),
+it collects ``--rollouts`` independent rollouts of training prompts (no held-out prompt is read), takes the
+surrogate's first-order gradient ``g_i`` on each (the loss every ZO step estimates, at the weights that sampled)
+and, for each search space ``S`` (an orthonormal basis in the LoRA weights; projector ``P``), reports
+
+- ``D``: the space's dimensions;
+- ``signal``: ``|P gbar|^2 / |gbar|^2``, the share of the expected gradient inside ``S``, estimated without bias by
+  the cross products of independent rollouts (``sum_{i<j} <P g_i, P g_j> / sum_{i<j} <g_i, g_j>``), with a
+  jackknife SE over rollouts;
+- ``energy``: ``E|P g|^2 / E|g|^2``, the share of one rollout's gradient (signal and noise) inside ``S``;
+- ``efficiency``: the expected decrease of one ZO step with ``q`` antithetic pairs of unit directions in ``S``
+  (an unbiased estimate ``(D/q) sum_j (u_j . g) u_j``, ``E|ghat|^2 = E|P g|^2 (D + q - 1) / q``) at its best lr,
+  over that of one first-order SGD step, both under the same curvature: ``signal^2 / energy * q / (D + q - 1)``
+  (0 where the signal estimate is negative).
+  Its inverse is how many ZO steps one first-order step is worth. A MODEL-BASED ESTIMATE (SGD, one curvature for
+  every space, no fitness shaping, no clip), not a measured training curve.
+
+Spaces: ``lora`` (every adapter weight, as MeZO), ``lora-B``, ``core`` / ``singular`` (``--zo-space``: the top-r
+left singular vectors of each base weight, LoRA-XS / ESSA), and at a run's policy, from the guide its last iteration
+left (iteration 0's update for the ``iter0`` arm): ``guide-layer`` / ``guide-tensor`` (``--guide-blocks``: one
+dimension per layer / tensor, the guide's parts), ``update-core`` (each B within the column space of its guide part:
+an r x r core between iteration 0's factors), ``update-top1`` / ``update-top2`` (its top 1 / 2 left singular vectors
+only), ``update-sv`` (its singular values, ``u_k w_k^T``); ``guide-whole`` is the paper's one line along the guide.
+``B-<module>`` (every B of one module kind, e.g. ``B-v_proj``) says where in the network the signal lies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import environment
+from zopro.samplers import block_keys
+from zopro.train import checkpoint
+from zopro.train.config import TrainConfig
+from zopro.train.data import load_describe
+from zopro.train.judges import VaderJudge
+from zopro.train.loading import load_models
+from zopro.train.rollout import collect_rollout
+from zopro.train.updaters import core_bases, logprob_temperature, surrogate
+
+
+def policy(run: Path | None):
+    """``(cfg, bundle, tokenizer, guide)`` at the base (``run`` None) or at a finished run's final policy, with the
+    guide its final checkpoint holds (None at the base)."""
+    if run is None:
+        cfg = TrainConfig()
+        bundle, tokenizer = load_models(cfg, torch.device("cpu"))
+        return cfg, bundle, tokenizer, None
+    cfg, loaded = checkpoint.load_finished(run, unverified_legacy=True)
+    bundle, tokenizer = load_models(cfg, torch.device("cpu"))
+    bundle.load_trainable_state_(loaded.tensors["trainable"])
+    params = bundle.policy_parameters()
+    guide = loaded.tensors.get("guides_prev")
+    guide = {n: guide[n].double() for n in params} if guide is not None else None
+    return cfg, bundle, tokenizer, guide
+
+
+def gradients(cfg, bundle, tokenizer, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The surrogate's gradient on ``count`` independent rollouts of the job's size (training prompts only)."""
+    train, _ = load_describe()
+    train = [r.prompt for r in train]
+    params = bundle.policy_parameters()
+    out = []
+    for i in range(count):
+        prompts = random.Random(seed * 1000 + i).sample(train, cfg.prompts_per_step)
+        rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=seed * 1000 + i,
+                                  max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
+                                  score_fn=VaderJudge().score)
+        for p in params.values():
+            p.grad = None
+        rows = torch.arange(len(rollout.sequences))
+        surrogate(bundle, rollout, rows, loss=cfg.loss, clip=cfg.clip, grad=True).backward()
+        out.append({n: p.grad.detach().double().clone() for n, p in params.items()})
+        print(f"rollout {i + 1}/{count}: mean gold score {rollout.scores.float().mean():.3f}", flush=True)
+    for p in params.values():
+        p.grad = None
+    return out
+
+
+def spaces(bundle, guide) -> dict:
+    """Each space as ``(dims, coordinates)``: ``coordinates(g)`` maps a gradient dict to its coordinates in an
+    orthonormal basis of the space (so inner products of coordinates are those of the projections)."""
+    names = list(bundle.policy_parameters())
+    b_names = [n for n in names if ".lora_B." in n]
+    base = {n: u.double() for n, u in core_bases(bundle).items()}
+    out = {
+        "lora": (None, lambda g: torch.cat([g[n].flatten() for n in names])),
+        "lora-B": (None, lambda g: torch.cat([g[n].flatten() for n in b_names])),
+        "core": (None, lambda g: torch.cat([(base[n].T @ g[n]).flatten() for n in b_names])),
+        "singular": (None, lambda g: torch.cat([torch.diagonal(base[n].T @ g[n]) for n in b_names])),
+    }
+    for kind in sorted({n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in b_names}):
+        mine = [n for n in b_names if n.split(".lora_B.")[0].endswith("." + kind)]
+        out[f"B-{kind}"] = (None, lambda g, mine=mine: torch.cat([g[n].flatten() for n in mine]))
+    if guide is None:
+        return out
+    norm = sum(float(v.pow(2).sum()) for v in guide.values()) ** 0.5
+    out["guide-whole"] = (None, lambda g: torch.tensor([sum(float((g[n] * guide[n]).sum()) for n in names) / norm],
+                                                       dtype=torch.float64))
+    for blocks in ("layer", "tensor"):
+        keys = block_keys(names, blocks)
+        groups: dict[str, list[str]] = {}
+        for n, k in zip(names, keys):
+            groups.setdefault(k, []).append(n)
+        norms = {k: sum(float(guide[n].pow(2).sum()) for n in ns) ** 0.5 for k, ns in groups.items()}
+        groups = {k: ns for k, ns in groups.items() if norms[k] > 0}
+
+        def coords(g, groups=groups, norms=norms):
+            return torch.tensor([sum(float((g[n] * guide[n]).sum()) for n in ns) / norms[k]
+                                 for k, ns in groups.items()], dtype=torch.float64)
+        out[f"guide-{blocks}"] = (None, coords)
+    svd = {n: torch.linalg.svd(guide[n], full_matrices=False) for n in b_names}
+    rank = {n: int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 0 for n, (_, s, _) in svd.items()}
+    out["update-core"] = (None, lambda g: torch.cat([(svd[n][0][:, :rank[n]].T @ g[n]).flatten() for n in b_names]))
+    for k in (1, 2):
+        out[f"update-top{k}"] = (None, lambda g, k=k: torch.cat([(svd[n][0][:, :min(k, rank[n])].T @ g[n]).flatten()
+                                                                 for n in b_names]))
+    out["update-sv"] = (None, lambda g: torch.cat([torch.einsum("ok,or,rk->k", svd[n][0][:, :rank[n]], g[n],
+                                                                svd[n][2].T[:, :rank[n]]) for n in b_names]))
+    return out
+
+
+def cross_sum(v: list[torch.Tensor]) -> float:
+    """``sum_{i != j} <v_i, v_j>``: ``n (n - 1) |vbar|^2`` in expectation for independent ``v_i`` of mean ``vbar``."""
+    s = torch.stack(v).sum(0)
+    return float(s @ s) - sum(float(x @ x) for x in v)
+
+
+def capture(coords: list[torch.Tensor], total: list[torch.Tensor]) -> tuple[float, float]:
+    """``(signal, energy)`` shares from the coordinates of each rollout's gradient in a space and in the whole."""
+    return (cross_sum(coords) / cross_sum(total),
+            sum(float(x @ x) for x in coords) / sum(float(x @ x) for x in total))
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zo_capture")
+    parser.add_argument("--run", type=Path, help="a finished run directory (default: the default job's base policy)")
+    parser.add_argument("--rollouts", type=int, default=8)
+    parser.add_argument("--population", type=int, default=8, help="q: antithetic pairs a ZO step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.rollouts < 3:
+        parser.error(f"--rollouts must be at least 3 (a jackknife over rollouts), got {args.rollouts}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg, bundle, tokenizer, guide = policy(args.run)
+    grads = gradients(cfg, bundle, tokenizer, args.rollouts, args.seed)
+    table = spaces(bundle, guide)
+    whole = [table["lora"][1](g) for g in grads]
+    cross = cross_sum(whole)
+    snr = cross / (len(whole) * (len(whole) - 1)) / statistics.fmean(float(x @ x) for x in whole)
+    print(f"first order: |gbar|^2 / E|g|^2 = {snr:.4f} (the share of one rollout's gradient that is signal)")
+    q, rows = args.population, []
+    for name, (_, fn) in table.items():
+        coords = [fn(g) for g in grads]
+        dims = coords[0].numel()
+        signal, energy = capture(coords, whole)
+        loo = [capture(coords[:i] + coords[i + 1:], whole[:i] + whole[i + 1:])[0] for i in range(len(grads))]
+        n = len(loo)
+        se = ((n - 1) / n * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5
+        eff = max(signal, 0.0) ** 2 / energy * q / (dims + q - 1) if energy > 0 else 0.0
+        rows.append({"space": name, "dims": dims, "signal": signal, "signal_se": se, "energy": energy,
+                     "efficiency": eff, "q": q})
+        print(f"{name:13s} D {dims:>9,d}  signal {signal:+.4f} ± {se:.4f}  energy {energy:.4f}  "
+              f"efficiency (q {q}) {eff:.2e}", flush=True)
+    # where the signal lies, tensor by tensor: the fewest tensors whose shares add up to half of it
+    shares = {n: cross_sum([g[n].flatten() for g in grads]) / cross for n in grads[0]}
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    total, half = 0.0, 0
+    for _, share in ranked:
+        total, half = total + share, half + 1
+        if total >= 0.5:
+            break
+    print(f"half the signal lies in {half} of {len(ranked)} tensors; the largest: "
+          + ", ".join(f"{n.split('base_model.model.')[-1]} {v:.3f}" for n, v in ranked[:5]))
+    if args.json:
+        args.json.write_text(json.dumps({**environment(), "run": str(args.run) if args.run else None,
+                                         "rollouts": args.rollouts,
+                                         "seed": args.seed, "first_order_snr": snr, "rows": rows,
+                                         "tensor_signal": dict(ranked), "half_signal_tensors": half}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
