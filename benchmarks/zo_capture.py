@@ -8,16 +8,20 @@ surrogate's first-order gradient ``g_i`` on each (the loss every ZO step estimat
 and, for each search space ``S`` (an orthonormal basis in the LoRA weights; projector ``P``), reports
 
 - ``D``: the space's dimensions;
-- ``signal``: ``|P gbar|^2 / |gbar|^2``, the share of the expected gradient inside ``S``, estimated without bias by
-  the cross products of independent rollouts (``sum_{i<j} <P g_i, P g_j> / sum_{i<j} <g_i, g_j>``), with a
-  jackknife SE over rollouts;
+- ``signal``: ``|P gbar|^2 / |gbar|^2``, the share of the expected gradient inside ``S``, estimated by the cross
+  products of independent rollouts (``sum_{i<j} <P g_i, P g_j> / sum_{i<j} <g_i, g_j>``: each sum is unbiased,
+  their ratio nearly so), with a jackknife SE over rollouts (conservative when noise dominates); its square root,
+  ``slope``, is the steepest slope of the expected loss along any direction of ``S`` as a fraction of the
+  gradient's;
 - ``energy``: ``E|P g|^2 / E|g|^2``, the share of one rollout's gradient (signal and noise) inside ``S``;
 - ``efficiency``: the expected decrease of one ZO step with ``q`` antithetic pairs of unit directions in ``S``
   (an unbiased estimate ``(D/q) sum_j (u_j . g) u_j``, ``E|ghat|^2 = E|P g|^2 (D + q - 1) / q``) at its best lr,
   over that of one first-order SGD step, both under the same curvature: ``signal^2 / energy * q / (D + q - 1)``
   (0 where the signal estimate is negative).
   Its inverse is how many ZO steps one first-order step is worth. A MODEL-BASED ESTIMATE (SGD, one curvature for
-  every space, no fitness shaping, no clip), not a measured training curve.
+  every space, no fitness shaping, no clip), not a measured training curve. The guide's blocks are searched by
+  ``--guide-blocks`` with block weights scaled by the parts' norms, not isotropically: there the model is
+  approximate. ``slope`` and ``efficiency`` are also given at ``signal + 2 SE`` (``*_2se``).
 
 Spaces: ``lora`` (every adapter weight, as MeZO), ``lora-B``, ``core`` / ``singular`` (``--zo-space``: the top-r
 left singular vectors of each base weight, LoRA-XS / ESSA), and at a run's policy, from the guide its last iteration
@@ -88,46 +92,39 @@ def gradients(cfg, bundle, tokenizer, count: int, seed: int) -> list[dict[str, t
     return out
 
 
-def spaces(bundle, guide) -> dict:
-    """Each space as ``(dims, coordinates)``: ``coordinates(g)`` maps a gradient dict to its coordinates in an
-    orthonormal basis of the space (so inner products of coordinates are those of the projections)."""
-    names = list(bundle.policy_parameters())
+def spaces(names: list[str], bases: dict[str, torch.Tensor], guide: dict[str, torch.Tensor] | None) -> dict:
+    """Each space's ``coordinates(g)``: a gradient dict (``names``, the policy's LoRA tensors) to its coordinates in
+    an orthonormal basis of the space, so inner products of coordinates are those of the projections. ``bases``:
+    :func:`~zopro.train.updaters.core_bases`; ``guide``: the run's guide (None at the base: no guide spaces)."""
     b_names = [n for n in names if ".lora_B." in n]
-    base = {n: u.double() for n, u in core_bases(bundle).items()}
-    out = {
-        "lora": (None, lambda g: torch.cat([g[n].flatten() for n in names])),
-        "lora-B": (None, lambda g: torch.cat([g[n].flatten() for n in b_names])),
-        "core": (None, lambda g: torch.cat([(base[n].T @ g[n]).flatten() for n in b_names])),
-        "singular": (None, lambda g: torch.cat([torch.diagonal(base[n].T @ g[n]) for n in b_names])),
-    }
+    base = {n: u.double() for n, u in bases.items()}
+
+    def flat(chosen):
+        return lambda g: torch.cat([g[n].flatten() for n in chosen])
+    out = {"lora": flat(names), "lora-B": flat(b_names),
+           "core": lambda g: torch.cat([(base[n].T @ g[n]).flatten() for n in b_names]),
+           "singular": lambda g: torch.cat([torch.diagonal(base[n].T @ g[n]) for n in b_names])}
     for kind in sorted({n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in b_names}):
-        mine = [n for n in b_names if n.split(".lora_B.")[0].endswith("." + kind)]
-        out[f"B-{kind}"] = (None, lambda g, mine=mine: torch.cat([g[n].flatten() for n in mine]))
+        out[f"B-{kind}"] = flat([n for n in b_names if n.split(".lora_B.")[0].endswith("." + kind)])
     if guide is None:
         return out
-    norm = sum(float(v.pow(2).sum()) for v in guide.values()) ** 0.5
-    out["guide-whole"] = (None, lambda g: torch.tensor([sum(float((g[n] * guide[n]).sum()) for n in names) / norm],
-                                                       dtype=torch.float64))
-    for blocks in ("layer", "tensor"):
-        keys = block_keys(names, blocks)
+    for blocks in ("whole", "layer", "tensor"):  # one dimension a block: the block's part of the guide, normalised
         groups: dict[str, list[str]] = {}
-        for n, k in zip(names, keys):
+        for n, k in zip(names, block_keys(names, blocks)):
             groups.setdefault(k, []).append(n)
         norms = {k: sum(float(guide[n].pow(2).sum()) for n in ns) ** 0.5 for k, ns in groups.items()}
         groups = {k: ns for k, ns in groups.items() if norms[k] > 0}
-
-        def coords(g, groups=groups, norms=norms):
-            return torch.tensor([sum(float((g[n] * guide[n]).sum()) for n in ns) / norms[k]
-                                 for k, ns in groups.items()], dtype=torch.float64)
-        out[f"guide-{blocks}"] = (None, coords)
+        out[f"guide-{blocks}"] = lambda g, groups=groups, norms=norms: torch.tensor(
+            [sum(float((g[n] * guide[n]).sum()) for n in ns) / norms[k] for k, ns in groups.items()],
+            dtype=torch.float64)
     svd = {n: torch.linalg.svd(guide[n], full_matrices=False) for n in b_names}
     rank = {n: int((s > s[0] * 1e-6).sum()) if s[0] > 0 else 0 for n, (_, s, _) in svd.items()}
-    out["update-core"] = (None, lambda g: torch.cat([(svd[n][0][:, :rank[n]].T @ g[n]).flatten() for n in b_names]))
-    for k in (1, 2):
-        out[f"update-top{k}"] = (None, lambda g, k=k: torch.cat([(svd[n][0][:, :min(k, rank[n])].T @ g[n]).flatten()
-                                                                 for n in b_names]))
-    out["update-sv"] = (None, lambda g: torch.cat([torch.einsum("ok,or,rk->k", svd[n][0][:, :rank[n]], g[n],
-                                                                svd[n][2].T[:, :rank[n]]) for n in b_names]))
+
+    def left(k=None):
+        return lambda g: torch.cat([(svd[n][0][:, :min(k or rank[n], rank[n])].T @ g[n]).flatten() for n in b_names])
+    out["update-core"], out["update-top1"], out["update-top2"] = left(), left(1), left(2)
+    out["update-sv"] = lambda g: torch.cat([torch.einsum("ok,or,rk->k", svd[n][0][:, :rank[n]], g[n],
+                                                         svd[n][2].T[:, :rank[n]]) for n in b_names])
     return out
 
 
@@ -143,6 +140,17 @@ def capture(coords: list[torch.Tensor], total: list[torch.Tensor]) -> tuple[floa
             sum(float(x @ x) for x in coords) / sum(float(x @ x) for x in total))
 
 
+def row_of(space: str, dims: int, signal: float, se: float, energy: float, q: int) -> dict:
+    """A space's line: its shares, the best slope ``sqrt(signal)`` and the model efficiency, each also at ``signal +
+    2 SE`` (an upper bound at about 97.5 %: a negative estimate says "no slope measured", not "none")."""
+    def eff(share):
+        return max(share, 0.0) ** 2 / energy * q / (dims + q - 1) if energy > 0 else 0.0
+    upper = signal + 2 * se
+    return {"space": space, "dims": dims, "signal": signal, "signal_se": se, "energy": energy,
+            "slope": max(signal, 0.0) ** 0.5, "slope_2se": max(upper, 0.0) ** 0.5,
+            "efficiency": eff(signal), "efficiency_2se": eff(upper), "q": q}
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zo_capture")
     parser.add_argument("--run", type=Path, help="a finished run directory (default: the default job's base policy)")
@@ -156,26 +164,27 @@ def main(argv=None) -> list[dict]:
         parser.error(f"--rollouts must be at least 3 (a jackknife over rollouts), got {args.rollouts}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    env = environment()  # the date and load at the start
     cfg, bundle, tokenizer, guide = policy(args.run)
     grads = gradients(cfg, bundle, tokenizer, args.rollouts, args.seed)
-    table = spaces(bundle, guide)
-    whole = [table["lora"][1](g) for g in grads]
+    table = spaces(list(bundle.policy_parameters()), core_bases(bundle), guide)
+    whole = [table["lora"](g) for g in grads]
     cross = cross_sum(whole)
     snr = cross / (len(whole) * (len(whole) - 1)) / statistics.fmean(float(x @ x) for x in whole)
     print(f"first order: |gbar|^2 / E|g|^2 = {snr:.4f} (the share of one rollout's gradient that is signal)")
     q, rows = args.population, []
-    for name, (_, fn) in table.items():
+    for name, fn in table.items():
         coords = [fn(g) for g in grads]
         dims = coords[0].numel()
         signal, energy = capture(coords, whole)
         loo = [capture(coords[:i] + coords[i + 1:], whole[:i] + whole[i + 1:])[0] for i in range(len(grads))]
         n = len(loo)
         se = ((n - 1) / n * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5
-        eff = max(signal, 0.0) ** 2 / energy * q / (dims + q - 1) if energy > 0 else 0.0
-        rows.append({"space": name, "dims": dims, "signal": signal, "signal_se": se, "energy": energy,
-                     "efficiency": eff, "q": q})
-        print(f"{name:13s} D {dims:>9,d}  signal {signal:+.4f} ± {se:.4f}  energy {energy:.4f}  "
-              f"efficiency (q {q}) {eff:.2e}", flush=True)
+        row = row_of(name, dims, signal, se, energy, q)
+        rows.append(row)
+        print(f"{name:13s} D {dims:>9,d}  signal {signal:+.4f} ± {se:.4f}  energy {energy:.4f}  best slope "
+              f"{row['slope']:.3f} (< {row['slope_2se']:.3f})  efficiency (q {q}) {row['efficiency']:.2e} "
+              f"(< {row['efficiency_2se']:.2e})", flush=True)
     # where the signal lies, tensor by tensor: the fewest tensors whose shares add up to half of it
     shares = {n: cross_sum([g[n].flatten() for g in grads]) / cross for n in grads[0]}
     ranked = sorted(shares.items(), key=lambda kv: -kv[1])
@@ -187,7 +196,7 @@ def main(argv=None) -> list[dict]:
     print(f"half the signal lies in {half} of {len(ranked)} tensors; the largest: "
           + ", ".join(f"{n.split('base_model.model.')[-1]} {v:.3f}" for n, v in ranked[:5]))
     if args.json:
-        args.json.write_text(json.dumps({**environment(), "run": str(args.run) if args.run else None,
+        args.json.write_text(json.dumps({**env, "run": str(args.run.resolve()) if args.run else None,
                                          "rollouts": args.rollouts,
                                          "seed": args.seed, "first_order_snr": snr, "rows": rows,
                                          "tensor_signal": dict(ranked), "half_signal_tensors": half}, indent=1))
