@@ -26,6 +26,12 @@ def test_capture_removes_independent_noise_from_the_signal():
     signal, energy = zo_capture.capture([g[:100] for g in grads], grads)
     # energy ~ (100 + 900) / (100 + 3600) = 0.27; signal ~ 1: the cross products cancel the noise
     assert abs(energy - 1000 / 3700) < 0.02 and abs(signal - 1.0) < 0.15
+    # the jackknife's leave-one-out shares from the sums equal those recomputed without each rollout
+    loo = torch.tensor([zo_capture.capture([g[:100] for g in grads[:i] + grads[i + 1:]], grads[:i] + grads[i + 1:])[0]
+                        for i in range(len(grads))], dtype=torch.float64)
+    expected = float(((len(loo) - 1) / len(loo) * (loo - loo.mean()).pow(2).sum()) ** 0.5)
+    se = zo_capture.jackknife_se(zo_capture.Sums.of([g[:100] for g in grads]), zo_capture.Sums.of(grads))
+    assert se == pytest.approx(expected, rel=1e-9) and 0 < se < 0.5
 
 
 def test_every_space_is_an_orthonormal_basis_of_the_lora_weights():

@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -128,16 +128,37 @@ def spaces(names: list[str], bases: dict[str, torch.Tensor], guide: dict[str, to
     return out
 
 
-def cross_sum(v: list[torch.Tensor]) -> float:
-    """``sum_{i != j} <v_i, v_j>``: ``n (n - 1) |vbar|^2`` in expectation for independent ``v_i`` of mean ``vbar``."""
-    s = torch.stack(v).sum(0)
-    return float(s @ s) - sum(float(x @ x) for x in v)
+class Sums(NamedTuple):
+    """What the shares need of ``n`` rollouts' coordinates ``v_i`` in a space: ``cross = sum_{i != j} <v_i, v_j>``
+    (``n (n - 1) |vbar|^2`` in expectation for independent ``v_i``), the same without each rollout (``loo[i]``, for
+    the jackknife) and ``energy = sum_i |v_i|^2``."""
+
+    cross: float
+    loo: torch.Tensor
+    energy: float
+
+    @classmethod
+    def of(cls, v: list[torch.Tensor] | torch.Tensor) -> Sums:
+        v = torch.stack(list(v)) if not isinstance(v, torch.Tensor) else v
+        total, norms = v.sum(0), v.pow(2).sum(1)
+        cross = float(total @ total - norms.sum())
+        # without rollout i: |total - v_i|^2 - (sum |v|^2 - |v_i|^2) = cross - 2 <total, v_i> + 2 |v_i|^2
+        return cls(cross, cross - 2 * (v @ total) + 2 * norms, float(norms.sum()))
 
 
-def capture(coords: list[torch.Tensor], total: list[torch.Tensor]) -> tuple[float, float]:
-    """``(signal, energy)`` shares from the coordinates of each rollout's gradient in a space and in the whole."""
-    return (cross_sum(coords) / cross_sum(total),
-            sum(float(x @ x) for x in coords) / sum(float(x @ x) for x in total))
+def capture(coords, total) -> tuple[float, float]:
+    """``(signal, energy)`` shares from the coordinates of each rollout's gradient in a space and in the whole
+    (lists of vectors, or their :class:`Sums`)."""
+    c = coords if isinstance(coords, Sums) else Sums.of(coords)
+    t = total if isinstance(total, Sums) else Sums.of(total)
+    return c.cross / t.cross, c.energy / t.energy
+
+
+def jackknife_se(coords: Sums, total: Sums) -> float:
+    """The jackknife SE over rollouts of the signal share ``coords.cross / total.cross``."""
+    loo = coords.loo / total.loo
+    n = len(loo)
+    return float(((n - 1) / n * (loo - loo.mean()).pow(2).sum()) ** 0.5)
 
 
 def row_of(space: str, dims: int, signal: float, se: float, energy: float, q: int) -> dict:
@@ -168,25 +189,25 @@ def main(argv=None) -> list[dict]:
     cfg, bundle, tokenizer, guide = policy(args.run)
     grads = gradients(cfg, bundle, tokenizer, args.rollouts, args.seed)
     table = spaces(list(bundle.policy_parameters()), core_bases(bundle), guide)
-    whole = [table["lora"](g) for g in grads]
-    cross = cross_sum(whole)
-    snr = cross / (len(whole) * (len(whole) - 1)) / statistics.fmean(float(x @ x) for x in whole)
+    whole = Sums.of([table["lora"](g) for g in grads])
+    n = len(grads)
+    snr = whole.cross / (n * (n - 1)) / (whole.energy / n)
     print(f"first order: |gbar|^2 / E|g|^2 = {snr:.4f} (the share of one rollout's gradient that is signal)")
     q, rows = args.population, []
     for name, fn in table.items():
-        coords = [fn(g) for g in grads]
-        dims = coords[0].numel()
-        signal, energy = capture(coords, whole)
-        loo = [capture(coords[:i] + coords[i + 1:], whole[:i] + whole[i + 1:])[0] for i in range(len(grads))]
-        n = len(loo)
-        se = ((n - 1) / n * sum((x - statistics.fmean(loo)) ** 2 for x in loo)) ** 0.5
+        coords = torch.stack([fn(g) for g in grads])
+        dims = coords.shape[1]
+        sums = Sums.of(coords)
+        del coords
+        signal, energy = capture(sums, whole)
+        se = jackknife_se(sums, whole)
         row = row_of(name, dims, signal, se, energy, q)
         rows.append(row)
         print(f"{name:13s} D {dims:>9,d}  signal {signal:+.4f} ± {se:.4f}  energy {energy:.4f}  best slope "
               f"{row['slope']:.3f} (< {row['slope_2se']:.3f})  efficiency (q {q}) {row['efficiency']:.2e} "
               f"(< {row['efficiency_2se']:.2e})", flush=True)
     # where the signal lies, tensor by tensor: the fewest tensors whose shares add up to half of it
-    shares = {n: cross_sum([g[n].flatten() for g in grads]) / cross for n in grads[0]}
+    shares = {t: Sums.of([g[t].flatten() for g in grads]).cross / whole.cross for t in grads[0]}
     ranked = sorted(shares.items(), key=lambda kv: -kv[1])
     total, half = 0.0, 0
     for _, share in ranked:
