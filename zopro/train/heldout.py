@@ -21,7 +21,7 @@ from zopro.train.config import EvalConfig, eval_config
 from zopro.train.judges import words
 from zopro.train.loading import load_judge, load_models, load_prompts, resolve_device
 from zopro.train.rollout import repeat_each, sample_completions
-from zopro.train.state import HeldOut, Progress
+from zopro.train.state import HeldOut, Progress, mean_or_none
 
 
 def evaluate(bundle, tokenizer, judge, prompts, ev: EvalConfig, seeds: RunSeeds, reference_texts=None,
@@ -175,7 +175,7 @@ def reevaluate(run_dir: Path, eval_samples: int, device: str | None = None) -> d
     change, se = paired_change(before.values, after.values)
     return {"run": str(run_dir), "metric": before.metric, "prompts": len(prompts), "samples": eval_samples,
             "before": statistics.fmean(before.values), "after": statistics.fmean(after.values), "change": change,
-            "change_se": se, "kl": statistics.fmean(after.kl) if after.kl else None}
+            "change_se": se, "kl": mean_or_none(after.kl)}
 
 
 def probe_guide(run_dir: Path, distances: list[float], eval_samples: int, device: str | None = None) -> list[dict]:
@@ -240,5 +240,5 @@ def since_step(run_dir: Path, global_step: int, eval_samples: int, device: str |
     change, se = paired_change(then.values, now_values)
     return {"run": str(run_dir), "metric": then.metric, "prompts": len(prompts), "samples": eval_samples,
             "step": global_step, "before": statistics.fmean(then.values), "after": statistics.fmean(now_values),
-            "change": change, "change_se": se, "kl_before": statistics.fmean(then.kl) if then.kl else None,
-            "kl": statistics.fmean(now_kl) if now_kl else None}
+            "change": change, "change_se": se, "kl_before": mean_or_none(then.kl),
+            "kl": mean_or_none(now_kl)}

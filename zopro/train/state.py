@@ -39,7 +39,8 @@ class HeldOut(NamedTuple):
     tokens: list[float] | None = None
 
 
-def _mean(values: list[float] | None) -> float | None:
+def mean_or_none(values: list[float] | None) -> float | None:
+    """The mean, or None for no values (a run without KL or without an evaluation)."""
     return statistics.fmean(values) if values else None
 
 
@@ -61,11 +62,11 @@ class Evaluation:
 
     def to_meta(self) -> dict:
         b = self.before
-        meta = {"metric": self.metric, "before": _mean(b.values), "n": self.n, "samples": self.samples,
+        meta = {"metric": self.metric, "before": mean_or_none(b.values), "n": self.n, "samples": self.samples,
                 "before_per_prompt": b.values, "before_texts": b.texts, "before_kl": b.kl, "before_tokens": b.tokens}
         if self.after is not None:
             a = self.after
-            meta |= {"after": _mean(a.values), "change": self.change, "change_se": self.change_se,
+            meta |= {"after": mean_or_none(a.values), "change": self.change, "change_se": self.change_se,
                      "after_per_prompt": a.values, "after_texts": a.texts, "after_kl": a.kl, "after_tokens": a.tokens,
                      "held_out": self.held_out}
         return meta
