@@ -3,7 +3,8 @@
 ``python -m benchmarks.zo_capture [--run RUN_DIR] [--rollouts 8] [--population 8] [--seed 0] [--json FILE]``
 
 At a policy (the default job's base, or the final policy of a finished run such as the frontier's ``iter0`` arm),
-it collects ``--rollouts`` independent rollouts of training prompts (no held-out prompt is read), takes the
+it collects ``--rollouts`` independent rollouts of the job's training prompts (no held-out prompt is read), scored
+by the job's judge (the reward of ``--reward judge``, the frontier's), takes the
 surrogate's first-order gradient ``g_i`` on each (the loss every ZO step estimates, at the weights that sampled)
 and, for each search space ``S`` (an orthonormal basis in the LoRA weights; projector ``P``), reports
 
@@ -46,9 +47,7 @@ from benchmarks.common import environment
 from zopro.samplers import block_keys
 from zopro.train import checkpoint
 from zopro.train.config import TrainConfig
-from zopro.train.data import load_describe
-from zopro.train.judges import VaderJudge
-from zopro.train.loading import load_models
+from zopro.train.loading import load_judge, load_models, load_prompts
 from zopro.train.rollout import collect_rollout
 from zopro.train.updaters import core_bases, logprob_temperature, surrogate
 
@@ -70,9 +69,10 @@ def policy(run: Path | None):
 
 
 def gradients(cfg, bundle, tokenizer, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """The surrogate's gradient on ``count`` independent rollouts of the job's size (training prompts only)."""
-    train, _ = load_describe()
-    train = [r.prompt for r in train]
+    """The surrogate's gradient on ``count`` independent rollouts of the job's size: its training prompts only, its
+    judge's rewards (the job under ``--reward judge``, as the frontier runs it)."""
+    train = [r.prompt for r in load_prompts(cfg)[0]]
+    score = load_judge(cfg, torch.device("cpu")).score
     params = bundle.policy_parameters()
     out = []
     for i in range(count):
@@ -80,7 +80,7 @@ def gradients(cfg, bundle, tokenizer, count: int, seed: int) -> list[dict[str, t
         rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=seed * 1000 + i,
                                   max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
-                                  score_fn=VaderJudge().score)
+                                  score_fn=score)
         for p in params.values():
             p.grad = None
         rows = torch.arange(len(rollout.sequences))
