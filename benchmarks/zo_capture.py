@@ -49,7 +49,7 @@ from zopro.train import checkpoint
 from zopro.train.config import TrainConfig
 from zopro.train.loading import load_judge, load_models, load_prompts
 from zopro.train.rollout import collect_rollout
-from zopro.train.updaters import core_bases, logprob_temperature, surrogate
+from zopro.train.updaters import core_bases, rollout_options, surrogate
 
 
 def policy(run: Path | None):
@@ -77,10 +77,8 @@ def gradients(cfg, bundle, tokenizer, count: int, seed: int) -> list[dict[str, t
     out = []
     for i in range(count):
         prompts = random.Random(seed * 1000 + i).sample(train, cfg.prompts_per_step)
-        rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=seed * 1000 + i,
-                                  max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
-                                  score_fn=score)
+        rollout = collect_rollout(bundle, tokenizer, prompts, seed=seed * 1000 + i, score_fn=score,
+                                  **rollout_options(cfg))
         for p in params.values():
             p.grad = None
         rows = torch.arange(len(rollout.sequences))
@@ -104,8 +102,11 @@ def spaces(names: list[str], bases: dict[str, torch.Tensor], guide: dict[str, to
     out = {"lora": flat(names), "lora-B": flat(b_names),
            "core": lambda g: torch.cat([(base[n].T @ g[n]).flatten() for n in b_names]),
            "singular": lambda g: torch.cat([torch.diagonal(base[n].T @ g[n]) for n in b_names])}
-    for kind in sorted({n.split(".lora_B.")[0].rsplit(".", 1)[-1] for n in b_names}):
-        out[f"B-{kind}"] = flat([n for n in b_names if n.split(".lora_B.")[0].endswith("." + kind)])
+    kinds: dict[str, list[str]] = {}
+    for n in b_names:  # the module's kind: the last name before .lora_B. (v_proj, down_proj, ...)
+        kinds.setdefault(n.split(".lora_B.")[0].rsplit(".", 1)[-1], []).append(n)
+    for kind in sorted(kinds):
+        out[f"B-{kind}"] = flat(kinds[kind])
     if guide is None:
         return out
     for blocks in ("whole", "layer", "tensor"):  # one dimension a block: the block's part of the guide, normalised

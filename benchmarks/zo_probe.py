@@ -22,7 +22,7 @@ from zopro.train.data import load_describe
 from zopro.train.judges import VaderJudge
 from zopro.train.loading import load_models
 from zopro.train.rollout import collect_rollout
-from zopro.train.updaters import core_bases, surrogate_terms
+from zopro.train.updaters import core_bases, rollout_options, surrogate_terms
 
 DEFAULT_EPS = {"core": [0.3, 1.0, 3.0, 10.0], "singular": [0.3, 1.0, 3.0, 10.0], "lora": [1e-3, 3e-3, 1e-2]}
 
@@ -34,10 +34,8 @@ def training_rollout(seed: int = 0):
     bundle, tokenizer = load_models(cfg, torch.device("cpu"))
     train, _ = load_describe()
     prompts = random.Random(seed).sample([r.prompt for r in train], cfg.prompts_per_step)
-    rollout = collect_rollout(bundle, tokenizer, prompts, k=cfg.k, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, kl_coef=cfg.kl_coef, seed=seed,
-                              max_prompt_len=cfg.max_prompt_len, logprob_temperature=cfg.temperature,
-                              score_fn=VaderJudge().score)
+    rollout = collect_rollout(bundle, tokenizer, prompts, seed=seed, score_fn=VaderJudge().score,
+                              **rollout_options(cfg))
     return cfg, bundle, rollout
 
 

@@ -39,7 +39,7 @@ from zopro.train.reward_adapter import (
 )
 from zopro.train.rollout import collect_step
 from zopro.train.state import Evaluation, Guides, HeldOut
-from zopro.train.updaters import ZORLOO, logprob_temperature
+from zopro.train.updaters import ZORLOO, rollout_options
 
 # the merge's rounding seed: derive_seed(ZO seed of the iteration, MERGE_STEP), a step no optimiser reaches
 MERGE_STEP = 1 << 40
@@ -138,11 +138,8 @@ def train_step(run):
     cfg, it, step = run.cfg, run.progress.iteration, run.progress.step
     t0 = time.perf_counter()
     memory.reset_peak(run.device)
-    rollout = collect_step(run.bundle, run.tokenizer, step_prompts(run, it, step), run.ranks, k=cfg.k,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           kl_coef=cfg.kl_coef, seed=run.seeds.rollout(it, step),
-                           max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg),
-                           score_fn=run.score_fn)
+    rollout = collect_step(run.bundle, run.tokenizer, step_prompts(run, it, step), run.ranks,
+                           seed=run.seeds.rollout(it, step), score_fn=run.score_fn, **rollout_options(cfg))
     peak_rollout = memory.peak_bytes(run.device)
     memory.reset_peak(run.device)
     zo = run.updater.optimizer if isinstance(run.updater, ZORLOO) else None

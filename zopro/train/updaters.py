@@ -36,6 +36,13 @@ def logprob_temperature(cfg) -> float:
     return cfg.logprob_temperature or cfg.temperature
 
 
+def rollout_options(cfg) -> dict:
+    """The job's arguments of :func:`~zopro.train.rollout.collect_rollout` (and ``collect_step``) besides the
+    prompts, the seed and the scorer: answers a prompt, sampling, the KL coefficient, the log-prob temperature."""
+    return dict(k=cfg.k, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, kl_coef=cfg.kl_coef,
+                max_prompt_len=cfg.max_prompt_len, logprob_temperature=logprob_temperature(cfg))
+
+
 def surrogate(bundle, rollout, rows, *, loss: str = "sequence", clip: float = 0.2, grad=False):
     """The PPO-clip surrogate of ``rows`` of a rollout under the current policy weights, at the rollout's log-prob
     temperature (so the ratio is exactly 1 at the weights that sampled). ``loss``: ``"sequence"`` (summed log-probs,
